@@ -1,0 +1,146 @@
+"""Per-token policy loss, KL estimators, entropy and loss aggregation.
+
+All tensors are `[B, T]` over completion positions; `mask` marks the tokens the
+policy sampled (the only ones trained on). Positions outside the mask may hold
+anything: every input is replaced by a constant there with `torch.where` before
+any arithmetic, so they receive exactly zero gradient and cannot turn the loss
+into inf or nan.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from thinkling.errors import ThinklingError
+
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+
+def _k1(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    return logp - ref_logp
+
+
+def _k2(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (logp - ref_logp) ** 2
+
+
+def _k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+KL_ESTIMATORS = {"k1": _k1, "k2": _k2, "k3": _k3}
+
+
+def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
+    """Per-token estimate of KL(π_θ ‖ π_ref) from the sampled tokens' log-probs.
+
+    k1 = log π_θ − log π_ref (unbiased, can be negative);
+    k2 = ½(log π_θ − log π_ref)²;
+    k3 = exp(log π_ref − log π_θ) − (log π_ref − log π_θ) − 1 (unbiased and ≥ 0).
+    """
+    if estimator not in KL_ESTIMATORS:
+        raise ThinklingError(f"unknown kl_estimator '{estimator}'; known: {', '.join(KL_ESTIMATORS)}")
+    return KL_ESTIMATORS[estimator](logp, ref_logp)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax(logits) over the last dim; -inf logits (banned tokens) count as p = 0."""
+    logp = torch.log_softmax(logits, dim=-1)
+    p = logp.exp()
+    # 0·log 0 = 0; masking logp first keeps -inf out of the backward pass as well.
+    return -(p * torch.where(p > 0, logp, 0.0)).sum(dim=-1)
+
+
+def agg_loss(loss_mat: torch.Tensor, mask: torch.Tensor, mode: str, max_len: int | None = None) -> torch.Tensor:
+    """Reduce a per-token loss `[B, T]` to a scalar over the masked tokens.
+
+    - `token-mean` (DAPO): every loss token weighs the same, long or short sequence.
+    - `seq-mean-token-mean` (GRPO): mean per sequence, then mean over sequences.
+    - `seq-mean-token-sum-norm` (Dr.GRPO): per-sequence sum / `max_len` (a constant,
+      so no length bias), then mean over sequences.
+    Sequence means run over sequences with at least one loss token; a batch
+    without any loss token gives 0.
+    """
+    if mode not in AGGREGATIONS:
+        raise ThinklingError(f"unknown aggregation '{mode}'; known: {', '.join(AGGREGATIONS)}")
+    mask = mask != 0
+    loss_mat = torch.where(mask, loss_mat, 0.0)
+    if mode == "token-mean":
+        return loss_mat.sum() / mask.sum().clamp(min=1)
+    tokens = mask.sum(dim=-1)
+    if mode == "seq-mean-token-mean":
+        per_seq = loss_mat.sum(dim=-1) / tokens.clamp(min=1)
+    else:
+        if max_len is None or max_len <= 0:
+            raise ThinklingError("aggregation 'seq-mean-token-sum-norm' needs max_len > 0 (the max completion length)")
+        per_seq = loss_mat.sum(dim=-1) / max_len
+    return per_seq.sum() / (tokens > 0).sum().clamp(min=1)
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
+    return (torch.where(mask, x.detach(), 0.0).sum() / mask.sum().clamp(min=1)).item()
+
+
+def policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    eps_low: float,
+    eps_high: float,
+    aggregation: str,
+    ref_logp: torch.Tensor | None = None,
+    beta: float = 0.0,
+    kl_estimator: str = "k3",
+    entropy: torch.Tensor | None = None,
+    entropy_coef: float = 0.0,
+    max_len: int | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Clipped surrogate loss with separate lower/upper clip, optional KL and entropy terms.
+
+    Per token: ℓ_t = −min(ρ_t·A, clip(ρ_t, 1−eps_low, 1+eps_high)·A) + β·KL_t − entropy_coef·H_t,
+    ρ_t = exp(logp − old_logp), then `agg_loss(ℓ, mask, aggregation, max_len)`.
+    `advantages` is `[B]` (one value per sequence); `old_logp`, `ref_logp` and the
+    advantages are treated as constants. `ref_logp` is only needed when beta > 0;
+    when given, its KL is reported in the stats even at beta = 0.
+
+    Stats (floats, token means over the mask): `clip_frac` (tokens where the
+    clipped term won and differs from the unclipped one), split into
+    `clip_frac_low` (ρ < 1−eps_low, A < 0) and `clip_frac_high` (ρ > 1+eps_high,
+    A > 0); `ratio_mean`; `kl_mean` when ref_logp is given; `entropy_mean` when
+    entropy is given.
+    """
+    if beta > 0 and ref_logp is None:
+        raise ThinklingError("beta > 0 needs ref_logp (log-probs of a reference policy)")
+    if entropy_coef != 0 and entropy is None:
+        raise ThinklingError("entropy_coef != 0 needs the per-token entropy")
+    mask = mask != 0
+    logp = torch.where(mask, logp, 0.0)
+    old_logp = torch.where(mask, old_logp.detach(), 0.0)
+    adv = advantages.detach().reshape(-1, 1)
+
+    ratio = torch.exp(logp - old_logp)
+    unclipped = -ratio * adv
+    clipped = -ratio.clamp(1 - eps_low, 1 + eps_high) * adv
+    loss_mat = torch.maximum(unclipped, clipped)
+
+    clip_active = mask & (clipped > unclipped)
+    stats = {
+        "clip_frac": _masked_mean(clip_active.float(), mask),
+        "clip_frac_low": _masked_mean((clip_active & (ratio < 1 - eps_low)).float(), mask),
+        "clip_frac_high": _masked_mean((clip_active & (ratio > 1 + eps_high)).float(), mask),
+        "ratio_mean": _masked_mean(ratio, mask),
+    }
+    if ref_logp is not None:
+        kl = kl_penalty(logp, torch.where(mask, ref_logp.detach(), 0.0), kl_estimator)
+        stats["kl_mean"] = _masked_mean(kl, mask)
+        if beta > 0:
+            loss_mat = loss_mat + beta * kl
+    if entropy is not None:
+        entropy = torch.where(mask, entropy, 0.0)
+        stats["entropy_mean"] = _masked_mean(entropy, mask)
+        if entropy_coef != 0:
+            loss_mat = loss_mat - entropy_coef * entropy
+    return agg_loss(loss_mat, mask, aggregation, max_len), stats

@@ -1,0 +1,142 @@
+"""`thinkling <verb>`: recipes in, run folders out. Errors are one line, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from thinkling.errors import ThinklingError
+
+
+def _recipe_parser(sub, name: str, help: str):
+    p = sub.add_parser(name, help=help)
+    p.add_argument("recipe", help="YAML recipe (see recipes/)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sft.steps=200 output_dir=runs/x")
+    p.add_argument("--resume", action="store_true", help="continue the run in output_dir from its latest checkpoint")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="thinkling", description="Post-train small models to reason.")
+    sub = parser.add_subparsers(dest="verb", required=True)
+    _recipe_parser(sub, "sft", "supervised fine-tuning on chain-of-thought data")
+    _recipe_parser(sub, "rl", "GRPO-family RL (GRPO, Dr.GRPO, DAPO, CLGRPO, BREAD, TLDR)")
+    _recipe_parser(sub, "pipeline", "a staged pipeline (e.g. CLGRPO: SFT -> GRPO format -> GRPO -> clip-low)")
+
+    demo = sub.add_parser("demo", help="quick-start: SFT -> GRPO vs BREAD on hard chain problems -> report")
+    demo.add_argument("--out", default="runs/demo", help="folder for the three runs and the report")
+    demo.add_argument("--resume", action="store_true")
+    demo.add_argument("overrides", nargs="*", help="dotted overrides applied to all three recipes")
+
+    ev = sub.add_parser("eval", help="evaluate a saved policy or a model alias on a task/benchmark")
+    ev.add_argument("--model", required=True, help="run folder, policy folder, model alias or hub id")
+    ev.add_argument("--task", "--bench", dest="task", default="chain", help="task or benchmark name")
+    ev.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="task option (repeatable)")
+    ev.add_argument("--limit", type=int, default=200, help="number of problems (0 = all)")
+    ev.add_argument("--difficulty", default=None, help="difficulty or comma list, e.g. 2,3,4,5,6,7,8")
+    ev.add_argument("--seed", type=int, default=1)
+    ev.add_argument("--samples", type=int, default=1, help="sampled completions per problem for pass@k")
+    ev.add_argument("--temperature", type=float, default=1.0)
+    ev.add_argument("--max-new-tokens", type=int, default=64)
+    ev.add_argument("--batch-size", type=int, default=64)
+    ev.add_argument("--ts-alpha", type=float, default=1.0, help="temperature-scaled stopping factor α (1 = off)")
+    ev.add_argument("--budget", type=int, default=None, help="budget forcing: end thinking after B tokens")
+    ev.add_argument("--level", default=None, help="TLDR length level tag for the prompt (short|medium|long)")
+    ev.add_argument("--out", default=None, help="write the summary JSON here (and every completion to .jsonl)")
+
+    tasks = sub.add_parser("tasks", help="list the tasks or show examples of one")
+    tsub = tasks.add_subparsers(dest="action", required=True)
+    tsub.add_parser("list")
+    show = tsub.add_parser("show")
+    show.add_argument("name")
+    show.add_argument("--n", type=int, default=3)
+    show.add_argument("--difficulty", default=None)
+    show.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _parse_difficulty(text: str | None):
+    if text is None:
+        return None
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise ThinklingError(f"--difficulty: expected an integer or a comma list of integers, got '{text}'") from None
+    return values[0] if len(values) == 1 else values
+
+
+def _parse_options(items: list[str]) -> dict:
+    import yaml
+
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ThinklingError(f"--option '{item}' must look like key=value")
+        k, v = item.split("=", 1)
+        out[k] = yaml.safe_load(v)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args) or 0
+    except ThinklingError as e:
+        print(f"thinkling: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("thinkling: interrupted (the latest checkpoint is kept; rerun with --resume)", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args) -> int:
+    from thinkling import jobs
+    from thinkling.config import EvalConfig, TaskConfig, load_recipe
+
+    if args.verb == "sft":
+        jobs.run_sft(load_recipe(args.recipe, args.overrides), resume=args.resume)
+    elif args.verb == "rl":
+        jobs.run_rl(load_recipe(args.recipe, args.overrides), resume=args.resume)
+    elif args.verb == "pipeline":
+        from thinkling.train.pipeline import run_pipeline
+
+        run_pipeline(args.recipe, args.overrides, resume=args.resume)
+    elif args.verb == "demo":
+        from thinkling.demo import run_demo
+
+        run_demo(args.out, args.overrides, resume=args.resume)
+    elif args.verb == "eval":
+        task_cfg = TaskConfig(name=args.task, options=_parse_options(args.option), size=args.limit or None,
+                              difficulty=_parse_difficulty(args.difficulty), seed=args.seed)
+        eval_cfg = EvalConfig(max_new_tokens=args.max_new_tokens, samples=args.samples, temperature=args.temperature,
+                              batch_size=args.batch_size, ts_alpha=args.ts_alpha, budget=args.budget)
+        jobs.run_eval(args.model, task_cfg, eval_cfg, args.out, seed=args.seed, level=args.level)
+    elif args.verb == "tasks":
+        _tasks(args)
+    return 0
+
+
+def _tasks(args) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    from thinkling.progress import console
+    from thinkling.tasks.base import get_task, list_tasks
+
+    if args.action == "list":
+        table = Table(title="tasks")
+        table.add_column("name")
+        table.add_column("description")
+        for name, factory in list_tasks().items():
+            table.add_row(name, (factory.__doc__ or "").strip().splitlines()[0] if factory.__doc__ else "")
+        console.print(table)
+        return
+    task = get_task(args.name)
+    for p in task.generate(args.n, args.seed, _parse_difficulty(args.difficulty)):
+        console.rule(f"{p.id}  difficulty={p.difficulty}  tags={list(p.tags)}")
+        console.print("[bold]prompt[/]", escape(p.prompt), sep="\n", highlight=False)
+        console.print("[bold]target[/]", escape(task.target(p)), sep="\n", highlight=False)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Evaluation: accuracy, pass@k, token counts, breakdowns, reports."""

@@ -1,0 +1,187 @@
+"""The jobs behind the CLI verbs: each builds its run folder, trains or evaluates, and reports."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.table import Table
+
+from thinkling.errors import ThinklingError
+from thinkling.models import build_policy, load_policy
+from thinkling.progress import bar, console
+from thinkling.runs import RunDir, atomic_write_text
+from thinkling.tasks.base import get_task
+from thinkling.train.common import load_optimizer_state, make_optimizer, seed_everything
+
+
+def problems_for(task_cfg, what: str):
+    task = get_task(task_cfg.name, **task_cfg.options)
+    problems = task.generate(task_cfg.size, task_cfg.seed, task_cfg.difficulty)
+    if not problems:
+        raise ThinklingError(f"config section '{what}': task '{task_cfg.name}' produced no problems")
+    return task, problems
+
+
+def stop_processor(policy, task, ts_alpha: float, budget: int | None):
+    """The logits processor for temperature-scaled stopping and/or budget forcing (None if neither)."""
+    from thinkling.rollout.stopping import make_stop_processor
+
+    return make_stop_processor(policy, task, ts_alpha=ts_alpha, budget=budget)
+
+
+def evaluate_policy(policy, task, problems, eval_cfg, seed=0, level=None, description="eval"):
+    from thinkling.eval.evaluate import evaluate
+
+    total = len(problems) * (1 + (eval_cfg.samples if eval_cfg.samples > 1 else 0))
+    with bar(description, total) as advance:
+        return evaluate(policy, task, problems, eval_cfg, seed=seed, level=level, progress=advance,
+                        stop_processor=stop_processor(policy, task, eval_cfg.ts_alpha, eval_cfg.budget))
+
+
+def _resume_policy(run: RunDir, cfg, resume: bool):
+    """The policy and the step to continue from (0 and a fresh policy for a new run)."""
+    ckpt = run.latest_checkpoint() if resume else None
+    if ckpt is None:
+        return build_policy(cfg.model, cfg.seed), None, 0
+    state = run.load_state(ckpt)
+    run.truncate_metrics(state["step"])
+    console.print(f"resuming {run.path} from {ckpt.name}")
+    return load_policy(ckpt / "policy"), ckpt, state["step"]
+
+
+# --------------------------------------------------------------------- SFT
+def run_sft(cfg, resume: bool = False) -> dict:
+    from thinkling.train.sft import sft_examples, train_sft
+
+    validate_sft(cfg)
+    seed_everything(cfg.seed)
+    train_task, train_problems = problems_for(cfg.train, "train")
+    eval_task, eval_problems = problems_for(cfg.eval, "eval")
+    run = RunDir(cfg.output_dir, cfg, resume=resume)
+    policy, ckpt, start = _resume_policy(run, cfg, resume)
+    examples = sft_examples(policy, train_task, train_problems)
+    optimizer = make_optimizer(policy.model, cfg.sft.lr, cfg.sft.weight_decay)
+    if ckpt is not None:
+        load_optimizer_state(optimizer, ckpt / "optimizer.pt")
+
+    def on_eval(step):
+        summary, _ = evaluate_policy(policy, eval_task, eval_problems, cfg.evaluation, cfg.seed, description=f"eval@{step}")
+        run.log(step, {"eval/accuracy": summary["accuracy"], "eval/mean_tokens": summary["mean_tokens"]})
+
+    n_params = sum(p.numel() for p in policy.model.parameters())
+    console.print(f"SFT: {n_params / 1e6:.2f} M parameters, {len(examples)} examples, {cfg.sft.steps} steps -> {run.path}")
+    with bar("sft", cfg.sft.steps - start) as advance:
+        train_sft(policy, examples, cfg.sft, seed=cfg.seed, run=run, start_step=start, optimizer=optimizer,
+                  on_eval=on_eval, eval_every=cfg.evaluation.every,
+                  progress=lambda step, loss: advance(1, info=f"loss {loss:.3f}"))
+    return finish(run, policy, eval_task, eval_problems, cfg, step=cfg.sft.steps)
+
+
+def validate_sft(cfg) -> None:
+    s = cfg.sft
+    for key in ("steps", "batch_size", "log_every", "save_every"):
+        if getattr(s, key) < 1:
+            raise ThinklingError(f"config key 'sft.{key}' must be >= 1, got {getattr(s, key)}")
+    if s.lr <= 0:
+        raise ThinklingError(f"config key 'sft.lr' must be > 0, got {s.lr}")
+
+
+def finish(run: RunDir, policy, eval_task, eval_problems, cfg, step: int, extra: dict | None = None) -> dict:
+    """Save the final policy, evaluate it, write eval.json + samples, print the table."""
+    final = run.path / "final"
+    tmp = run.path / ".final_tmp"
+    policy.save(str(tmp))
+    if final.exists():
+        import shutil
+
+        shutil.rmtree(final)
+    tmp.rename(final)
+    summary, rows = evaluate_policy(policy, eval_task, eval_problems, cfg.evaluation, cfg.seed, description="final eval")
+    run.log(step, {"eval/accuracy": summary["accuracy"], "eval/mean_tokens": summary["mean_tokens"], **(extra or {})})
+    atomic_write_text(run.path / "eval.json", json.dumps(summary, indent=2))
+    run.write_samples(step, rows[:200])
+    run.close()
+    print_summary(summary, title=f"{run.path} — {eval_task.name} ({len(eval_problems)} problems)")
+    return summary
+
+
+def print_summary(summary: dict, title: str) -> None:
+    table = Table(title=title)
+    for col in ("difficulty", "n", "accuracy", "mean tokens", *[k for k in next(iter(summary["by_difficulty"].values()), {}) if k.startswith("pass@")]):
+        table.add_column(col, justify="right")
+    for d, e in summary["by_difficulty"].items():
+        extra = [f"{v:.3f}" for k, v in e.items() if k.startswith("pass@")]
+        table.add_row(d, str(e["n"]), f"{e['accuracy']:.3f}", f"{e['mean_tokens']:.1f}", *extra)
+    extra = [f"{summary[k]:.3f}" for k in summary if k.startswith("pass@") and k != "pass@1"][-1:]
+    table.add_row("all", str(summary["n"]), f"{summary['accuracy']:.3f}", f"{summary['mean_tokens']:.1f}", *extra)
+    console.print(table)
+
+
+# -------------------------------------------------------------------- eval
+def run_eval(model: str, task_cfg, eval_cfg, out: str | None, seed: int = 0, level: str | None = None) -> dict:
+    """Evaluate a saved policy / model alias on a task; optionally write JSON summary + JSONL rows."""
+    policy = _policy_for_eval(model)
+    task, problems = problems_for(task_cfg, "eval")
+    summary, rows = evaluate_policy(policy, task, problems, eval_cfg, seed, level=level)
+    if out:
+        out_path = Path(out)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out_path, json.dumps(summary, indent=2))
+        atomic_write_text(out_path.with_suffix(".jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
+    print_summary(summary, title=f"{model} — {task.name} ({len(problems)} problems)")
+    return summary
+
+
+def _policy_for_eval(model: str):
+    path = Path(model)
+    if path.exists():
+        return load_policy(path)
+    from thinkling.config import ModelConfig
+
+    return build_policy(ModelConfig(backend="hf", name=model), seed=0)
+
+
+# ---------------------------------------------------------------------- RL
+def run_rl(cfg, resume: bool = False) -> dict:
+    from thinkling.train.rl import RLTrainer, validate_rl
+
+    seed_everything(cfg.seed)
+    task, problems = problems_for(cfg.train, "train")
+    eval_task, eval_problems = problems_for(cfg.eval, "eval")
+    knobs = validate_rl(cfg, problems)
+    run = RunDir(cfg.output_dir, cfg, resume=resume)
+    policy, ckpt, start = _resume_policy(run, cfg, resume)
+    optimizer = make_optimizer(policy.model, cfg.rl.lr, cfg.rl.weight_decay)
+    trainer = RLTrainer(policy, task, problems, cfg.rl, knobs, optimizer, seed=cfg.seed)
+    if ckpt is not None:
+        load_optimizer_state(optimizer, ckpt / "optimizer.pt")
+        trainer.load_state(run.load_state(ckpt))
+    policy.model.eval()
+
+    def evaluate_now(step):
+        summary, _ = evaluate_policy(policy, eval_task, eval_problems, cfg.evaluation, cfg.seed, description=f"eval@{step}")
+        run.log(step, {"eval/accuracy": summary["accuracy"], "eval/mean_tokens": summary["mean_tokens"],
+                       "total/generated_tokens": trainer.totals["generated_tokens"]})
+
+    bread = " + BREAD" if cfg.rl.bread.enabled else ""
+    console.print(f"RL ({cfg.rl.algorithm}{bread}): {cfg.rl.steps} steps × {cfg.rl.prompts_per_step} prompts × G={cfg.rl.group_size} -> {run.path}")
+    if start == 0 and cfg.evaluation.every:
+        evaluate_now(0)
+    with bar("rl", cfg.rl.steps - start) as advance:
+        for step in range(start, cfg.rl.steps):
+            metrics, groups = trainer.step(step, cfg.rl.steps)
+            done = step + 1
+            if done % cfg.rl.log_every == 0 or done == cfg.rl.steps:
+                run.log(done, metrics)
+            if cfg.rl.samples_every and done % cfg.rl.samples_every == 0:
+                run.write_samples(done, [{"id": g.problem.id, "anchor_steps": g.anchor_steps, "reward": r,
+                                          "correct": c.correct, "completion": c.text}
+                                         for g in groups[:4] for c, r in zip(g.completions, g.rewards)])
+            if cfg.evaluation.every and done % cfg.evaluation.every == 0 and done != cfg.rl.steps:
+                evaluate_now(done)
+            if done % cfg.rl.save_every == 0 or done == cfg.rl.steps:
+                run.save_checkpoint(done, policy, optimizer, trainer.state())
+            advance(1, info=f"reward {metrics.get('reward_mean', 0):.2f} acc {metrics.get('accuracy', 0):.2f}")
+    return finish(run, policy, eval_task, eval_problems, cfg, step=cfg.rl.steps,
+                  extra={"total/generated_tokens": trainer.totals["generated_tokens"]})

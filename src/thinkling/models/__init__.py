@@ -1,0 +1,59 @@
+"""Model backends behind one `Policy` interface (see `base.py`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from thinkling.errors import ThinklingError
+from thinkling.models.base import Policy, SamplingParams
+
+__all__ = ["Policy", "SamplingParams", "build_policy", "load_policy"]
+
+
+def load_policy(directory: str | Path) -> Policy:
+    """Load a policy saved by `Policy.save` (a run folder means its final policy)."""
+    path = Path(directory)
+    if (path / "final" / "policy.json").exists():
+        path = path / "final"
+    meta_file = path / "policy.json"
+    if not meta_file.exists():
+        raise ThinklingError(f"{path}: not a saved policy (no policy.json); pass a run folder or a checkpoint's policy folder")
+    try:
+        backend = json.loads(meta_file.read_text())["backend"]
+    except (ValueError, KeyError):
+        raise ThinklingError(f"{meta_file}: corrupt policy.json") from None
+    if backend == "tiny":
+        from thinkling.models.tiny import TinyPolicy
+
+        return TinyPolicy.load(str(path))
+    if backend == "hf":
+        from thinkling.models.hf import HFPolicy
+
+        return HFPolicy.load(str(path))
+    raise ThinklingError(f"{meta_file}: unknown backend '{backend}'")
+
+
+def build_policy(cfg, seed: int) -> Policy:
+    """The policy a run starts from: a saved one (`model.init`), a fresh tiny model, or an HF model."""
+    if cfg.init:
+        return load_policy(cfg.init)
+    if cfg.backend == "tiny":
+        from thinkling.models.tiny import TinyPolicy
+
+        return TinyPolicy.create(dict(cfg.tiny), seed=seed)
+    if cfg.backend == "hf":
+        from thinkling.models.hf import HFPolicy
+        from thinkling.models.registry import resolve_model
+
+        if not cfg.name:
+            raise ThinklingError("config key 'model.name' is required for model.backend=hf (an alias, a local path or a hub id)")
+        return HFPolicy.load(
+            resolve_model(cfg.name),
+            dtype=cfg.dtype,
+            lora=cfg.lora,
+            trust_remote_code=cfg.trust_remote_code,
+            chat_template=cfg.chat_template,
+            system_prompt=cfg.system_prompt,
+        )
+    raise ThinklingError(f"config key 'model.backend': unknown backend '{cfg.backend}' (tiny | hf)")

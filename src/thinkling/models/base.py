@@ -1,0 +1,60 @@
+"""The policy interface every model backend implements.
+
+Trainers, rollouts, rewards and evaluation only talk to this interface, so the
+tiny from-scratch transformer and a Hugging Face model are a swap, not a fork.
+
+Conventions:
+- token ids are plain `list[int]` outside the model; batches are right-padded
+  `LongTensor[B, T]` with an `attention_mask` of 1 on real tokens;
+- a training sequence is `encode_prompt(prompt) + encode_text(completion) + [eos_id]`;
+  only completion tokens (and the eos) are ever trained on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol, runtime_checkable
+
+import torch
+
+# (next-token logits [B, V], completion ids generated so far [B, t]) -> new logits [B, V].
+# Rows are the sequences still being generated; `t` is the same for every row
+# (rows that already stopped are not passed). Used for temperature-scaled
+# stopping and budget forcing, which need the history.
+LogitsProcessor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    logits_processor: LogitsProcessor | None = None
+    seed: int | None = None  # seeds a private torch.Generator when set
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """A trainable language model with its tokenizer."""
+
+    model: torch.nn.Module  # parameters the optimizer trains
+    eos_id: int
+    pad_id: int
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        """Token ids that condition generation (BOS / chat template included)."""
+
+    def encode_text(self, text: str) -> list[int]:
+        """Token ids of raw continuation text (no special tokens)."""
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of completion ids, special tokens dropped."""
+
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Next-token logits `[B, T, V]` for a right-padded batch."""
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
+        """One completion per prompt: generated ids, ending with eos_id if it was emitted."""
+
+    def save(self, directory: str) -> None:
+        """Write weights + config + tokenizer so `load_policy(directory)` restores it."""

@@ -1,0 +1,322 @@
+"""A Hugging Face causal LM behind the `Policy` protocol.
+
+Any `AutoModelForCausalLM` works; LoRA comes from peft. The trainers never see
+transformers: they get ids in, logits and completion ids out.
+
+`save(directory)` writes the model (or only its LoRA adapters), the tokenizer
+and `policy.json`, which holds what `HFPolicy.load(directory)` needs to rebuild
+the same policy (for adapters: where their base model comes from).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+
+from thinkling.errors import ThinklingError
+from thinkling.models.base import LogitsProcessor, SamplingParams
+from thinkling.models.registry import gguf_load_kwargs, load_from_hub, resolve_model
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+# Attention and MLP projections of Llama-family models (Llama, Qwen2, Mistral, SmolLM2, Gemma).
+LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LORA_DEFAULTS = {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": None}
+
+
+class _CompletionOnlyProcessor(transformers.LogitsProcessor):
+    """Adapts our `LogitsProcessor` to transformers' interface.
+
+    transformers passes the whole sequence (left-padded prompt + completion) for
+    every row, including rows that already emitted eos; our processors want only
+    the completion ids of the rows still generating.
+    """
+
+    def __init__(self, fn: LogitsProcessor, prompt_len: int, eos_id: int):
+        self.fn, self.prompt_len, self.eos_id = fn, prompt_len, eos_id
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        completion = input_ids[:, self.prompt_len :]
+        active = ~(completion == self.eos_id).any(dim=1)
+        if not active.any():
+            return scores
+        scores = scores.clone()
+        scores[active] = self.fn(scores[active], completion[active])
+        return scores
+
+
+def _check_dtype(dtype: str) -> torch.dtype:
+    if dtype not in DTYPES:
+        raise ThinklingError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _lora_config(lora: dict, model: torch.nn.Module) -> dict:
+    """Fill defaults; targets default to the Llama projections the model has, else every linear layer."""
+    unknown = set(lora) - set(LORA_DEFAULTS)
+    if unknown:
+        raise ThinklingError(f"unknown lora key {sorted(unknown)[0]!r}; allowed: {', '.join(LORA_DEFAULTS)}")
+    cfg = {**LORA_DEFAULTS, **lora}
+    if cfg["target_modules"] is None:
+        linear = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        cfg["target_modules"] = [p for p in LLAMA_PROJECTIONS if p in linear] or "all-linear"
+    return cfg
+
+
+def _apply_lora(model: torch.nn.Module, cfg: dict) -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=cfg["r"],
+        lora_alpha=cfg["alpha"],
+        lora_dropout=cfg["dropout"],
+        target_modules=cfg["target_modules"],
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+class HFPolicy:
+    """A transformers causal LM (optionally LoRA-wrapped) with its tokenizer."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        *,
+        chat_template: bool = True,
+        system_prompt: str | None = None,
+        source: dict | None = None,
+    ):
+        """`source` records how the base model was loaded ({"base", "gguf_file",
+        "trust_remote_code"}): LoRA adapters are saved without their base, so
+        `load` needs to find it again."""
+        self.model = model
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template
+        self.system_prompt = system_prompt
+        self.source = source or {}
+        self.lora: dict | None = None
+        if tokenizer.eos_token_id is None:
+            raise ThinklingError("the tokenizer has no eos token; set tokenizer.eos_token before building the policy")
+        self.eos_id = int(tokenizer.eos_token_id)
+        self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id)
+        # The checkpoint's own sampling defaults (top_k, repetition_penalty, ...)
+        # must not leak into generation: SamplingParams is the only source.
+        model.generation_config = transformers.GenerationConfig(
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=self.eos_id, pad_token_id=self.pad_id
+        )
+
+    # ----------------------------------------------------------------- loading
+
+    @classmethod
+    def load(
+        cls,
+        name_or_path: str,
+        *,
+        dtype: str | None = None,
+        lora: dict | None = None,
+        trust_remote_code: bool = False,
+        chat_template: bool | None = None,
+        system_prompt: str | None = None,
+        gguf_file: str | None = None,
+        device: str | None = None,
+    ) -> HFPolicy:
+        """Load an alias, a local folder, a GGUF, a hub id, or a folder written by `save`.
+
+        For a saved policy, arguments left at None take the saved value. `device`
+        defaults to CUDA when available.
+        """
+        path = resolve_model(name_or_path)
+        meta_file = Path(path) / "policy.json"
+        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+        if meta and meta.get("backend") != "hf":
+            raise ThinklingError(f"{meta_file}: backend is {meta.get('backend')!r}, not 'hf'")
+        dtype = dtype or meta.get("dtype", "float32")
+        torch_dtype = _check_dtype(dtype)
+        chat_template = meta.get("chat_template", True) if chat_template is None else chat_template
+        system_prompt = meta.get("system_prompt") if system_prompt is None else system_prompt
+        trust_remote_code = trust_remote_code or meta.get("trust_remote_code", False)
+        gguf_file = gguf_file or meta.get("gguf_file")
+        adapters = meta.get("lora")
+        if adapters and lora:
+            raise ThinklingError(f"{path} already holds LoRA adapters; load it without lora=")
+
+        # Adapters are saved without their base: it is reloaded from where it came from.
+        base = meta["base"] if adapters else name_or_path
+        source = {"base": base, "gguf_file": gguf_file, "trust_remote_code": trust_remote_code}
+        model = _from_pretrained(
+            transformers.AutoModelForCausalLM,
+            resolve_model(base) if adapters else path,
+            gguf_file,
+            dtype=torch_dtype,
+            trust_remote_code=trust_remote_code,
+        )
+        # A saved policy folder has its own tokenizer files; a GGUF carries its tokenizer.
+        tokenizer_gguf = None if meta else gguf_file
+        tokenizer = _from_pretrained(
+            transformers.AutoTokenizer, path, tokenizer_gguf, trust_remote_code=trust_remote_code
+        )
+        model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if adapters:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, path, is_trainable=True)
+        elif lora is not None:
+            adapters = _lora_config(lora, model)
+            model = _apply_lora(model, adapters)
+        policy = cls(model, tokenizer, chat_template=chat_template, system_prompt=system_prompt, source=source)
+        policy.lora = adapters
+        return policy
+
+    # -------------------------------------------------------------- tokenizing
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        """The chat template's user turn + assistant header when the tokenizer has one, else BOS + text."""
+        if self.chat_template and self.tokenizer.chat_template:
+            messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+            messages.append({"role": "user", "content": prompt})
+            out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            # transformers 5 returns a BatchEncoding here, 4.x a plain list.
+            return list(out["input_ids"] if isinstance(out, Mapping) else out)
+        bos = self.tokenizer.bos_token_id
+        return ([bos] if bos is not None else []) + self.encode_text(prompt)
+
+    def encode_text(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    # ------------------------------------------------------------------- model
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Logits `[B, T, V]` in the model's dtype; positions count real tokens only."""
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        out = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        )
+        return out.logits
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
+        """Batched generation with left padding; completions end at the first eos (kept)."""
+        if not prompts:
+            return []
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            if prompt:
+                input_ids[row, width - len(prompt) :] = torch.tensor(prompt)
+                attention_mask[row, width - len(prompt) :] = 1
+        kwargs: dict[str, Any] = {"do_sample": params.temperature > 0}
+        if params.temperature > 0:
+            # top_k=0: transformers otherwise applies its global default top_k=50.
+            kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
+        if params.logits_processor is not None:
+            kwargs["logits_processor"] = transformers.LogitsProcessorList(
+                [_CompletionOnlyProcessor(params.logits_processor, width, self.eos_id)]
+            )
+        was_training = self.model.training
+        self.model.eval()
+        device = self.device
+        try:
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                if params.seed is not None:
+                    torch.manual_seed(params.seed)
+                out = self.model.generate(
+                    input_ids=input_ids.to(device),
+                    attention_mask=attention_mask.to(device),
+                    max_new_tokens=params.max_new_tokens,
+                    eos_token_id=self.eos_id,
+                    pad_token_id=self.pad_id,
+                    **kwargs,
+                )
+        finally:
+            self.model.train(was_training)
+        completions = []
+        for row in out[:, width:].tolist():
+            if self.eos_id in row:
+                row = row[: row.index(self.eos_id) + 1]
+            completions.append(row)
+        return completions
+
+    # ------------------------------------------------------------------ saving
+
+    def merge_lora(self) -> HFPolicy:
+        """Fold the LoRA adapters into the base weights (in place) for export.
+
+        The model object changes: an optimizer built on the old parameters must be rebuilt.
+        """
+        if self.lora is not None:
+            self.model = self.model.merge_and_unload()
+            self.lora = None
+        return self
+
+    def save(self, directory: str, *, merge: bool = False) -> None:
+        """Write weights, tokenizer and policy.json.
+
+        With LoRA, only the adapters are written (the base is found again from
+        `source`), unless `merge=True`, which writes a plain merged model and
+        leaves this policy's adapters untouched.
+        """
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        adapters = self.lora is not None and not merge
+        if adapters:
+            if not self.source.get("base"):
+                raise ThinklingError(
+                    f"cannot save LoRA adapters to {directory}: the base model has no path; use save(..., merge=True)"
+                )
+            self.model.save_pretrained(out)
+        elif self.lora is not None:
+            copy.deepcopy(self.model).merge_and_unload().save_pretrained(out)
+        else:
+            self.model.save_pretrained(out)
+        self.tokenizer.save_pretrained(out)
+        meta = {
+            "backend": "hf",
+            "dtype": _dtype_name(self.model),
+            "chat_template": self.chat_template,
+            "system_prompt": self.system_prompt,
+            "trust_remote_code": bool(self.source.get("trust_remote_code")),
+            "lora": self.lora if adapters else None,
+            "base": _portable(self.source.get("base")) if adapters else None,
+            "gguf_file": self.source.get("gguf_file") if adapters else None,
+        }
+        (out / "policy.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def _dtype_name(model: torch.nn.Module) -> str:
+    dtype = next(model.parameters()).dtype
+    return next((name for name, d in DTYPES.items() if d == dtype), "float32")
+
+
+def _portable(base: str | None) -> str | None:
+    """Local bases are stored as absolute paths so the saved folder can move; aliases and hub ids as given."""
+    return os.path.abspath(base) if base and os.path.exists(base) else base
+
+
+def _from_pretrained(auto: Any, name: str, gguf_file: str | None, **kwargs: Any) -> Any:
+    """`auto.from_pretrained` for a local folder, a GGUF in a folder, or a hub id."""
+    if gguf_file:
+        gguf = gguf_load_kwargs(gguf_file)
+        kwargs.update(gguf if auto is transformers.AutoModelForCausalLM else {"gguf_file": gguf_file})
+    if os.path.isdir(name):
+        try:
+            return auto.from_pretrained(name, **kwargs)
+        except (OSError, ValueError) as e:
+            raise ThinklingError(f"cannot load model from {name}: {str(e).strip().splitlines()[0]}") from e
+    return load_from_hub(auto.from_pretrained, name, **kwargs)

@@ -1,0 +1,1 @@
+"""Generation for training and evaluation: prompts, groups, BREAD branching, stopping control."""

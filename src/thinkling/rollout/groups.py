@@ -1,0 +1,63 @@
+"""Group sampling for GRPO and BREAD's branched probes.
+
+A `Group` is G completions of one problem from one prefix. The prefix is the
+prompt, plus — for a BREAD branch — the first k expert steps; prefix tokens are
+always context, never actions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from thinkling.eval.evaluate import Completion, score
+from thinkling.models.base import SamplingParams
+from thinkling.rollout.prompts import anchor_text, prompt_ids
+from thinkling.tasks.base import Problem
+
+
+@dataclass
+class Group:
+    problem: Problem
+    prefix: list[int]
+    completions: list[Completion]
+    level: str | None = None
+    anchor_steps: int = 0
+    anchor_tokens: int = 0
+    rewards: list[float] = field(default_factory=list)
+
+    @property
+    def has_success(self) -> bool:
+        return any(c.correct for c in self.completions)
+
+
+def branch_prefix(policy, problem: Problem, level: str | None, k: int) -> tuple[list[int], int]:
+    """Prompt ids followed by the first k expert steps; returns (ids, number of anchor tokens)."""
+    base = prompt_ids(policy, problem, level)
+    anchor = policy.encode_text(anchor_text(problem, k)) if k > 0 else []
+    return base + anchor, len(anchor)
+
+
+def sample_groups(policy, task, requests: list[tuple[Problem, str | None, int]], group_size: int,
+                  params: SamplingParams) -> list[Group]:
+    """One group per (problem, level, anchor steps) request, all generated in one batch.
+
+    Each prefix is repeated G times consecutively so the engine can prefill it once.
+    """
+    prefixes = [branch_prefix(policy, p, level, k) for p, level, k in requests]
+    batch = [ids for ids, _ in prefixes for _ in range(group_size)]
+    outputs = policy.generate(batch, params)
+    groups = []
+    for i, ((problem, level, k), (ids, n_anchor)) in enumerate(zip(requests, prefixes)):
+        outs = outputs[i * group_size : (i + 1) * group_size]
+        comps = [_score_branch(policy, task, problem, k, o) for o in outs]
+        groups.append(Group(problem, ids, comps, level, k, n_anchor))
+    return groups
+
+
+def _score_branch(policy, task, problem: Problem, k: int, ids: list[int]) -> Completion:
+    """Score the full solution (anchor + continuation); the completion ids stay the model's own."""
+    if k == 0:
+        return score(policy, task, problem, ids)
+    text = anchor_text(problem, k) + policy.decode(ids)
+    verdict = task.verify(problem, text)
+    return Completion(text, ids, verdict.correct, verdict.extracted, task.format_ok(text))

@@ -1,0 +1,116 @@
+"""The problem type every task produces, and the registry recipes name tasks by."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable
+
+from thinkling.errors import ThinklingError
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One reasoning problem.
+
+    `steps` is the expert solution split into steps (empty when there is none);
+    BREAD uses them as anchors and SFT renders them as the target completion.
+    """
+
+    id: str
+    prompt: str
+    answer: str
+    steps: tuple[str, ...] = ()
+    difficulty: float = 0.0
+    tags: tuple[str, ...] = ()
+    meta: dict = field(default_factory=dict, compare=False, hash=False)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    correct: bool
+    extracted: str | None
+
+
+# The synthetic tasks share one completion format: one step per line, then a
+# final line "A:<answer>". "A:" doubles as the end-of-thinking marker that
+# temperature scaling and budget forcing act on.
+ANSWER_PREFIX = "A:"
+_ANSWER_LINE = re.compile(r"(?:^|\n)A:([^\n]*)\s*$")
+
+
+def render_completion(steps: tuple[str, ...] | list[str], answer: str) -> str:
+    """The target text of a synthetic problem: its steps, then the answer line."""
+    return "".join(f"{s}\n" for s in steps) + f"{ANSWER_PREFIX}{answer}"
+
+
+def extract_final_answer(completion: str) -> str | None:
+    """The answer on the final `A:` line, or None when the format is broken."""
+    m = _ANSWER_LINE.search(completion.rstrip())
+    return m.group(1).strip() if m else None
+
+
+class Task:
+    """A family of problems with a verifier.
+
+    Subclasses implement `generate` (deterministic in `seed`) and may override
+    `verify` / `format_ok` when their answers are not plain strings.
+    """
+
+    name: str = ""
+    description: str = ""
+    # Text that ends the thinking part of a completion (TS / budget forcing act on it).
+    end_of_thinking: str = ANSWER_PREFIX
+
+    def generate(self, n: int | None, seed: int, difficulty=None) -> list[Problem]:
+        """`n` problems (all of a fixed benchmark when None), deterministic in `seed`.
+
+        `difficulty` is an int, a list of ints (each problem draws one uniformly),
+        or None for the task's default.
+        """
+        raise NotImplementedError
+
+    def verify(self, problem: Problem, completion: str) -> Verdict:
+        got = extract_final_answer(completion)
+        return Verdict(correct=got is not None and got == problem.answer, extracted=got)
+
+    def format_ok(self, completion: str) -> bool:
+        return extract_final_answer(completion) is not None
+
+    def target(self, problem: Problem) -> str:
+        """The SFT completion for a problem."""
+        return render_completion(problem.steps, problem.answer)
+
+
+_REGISTRY: dict[str, Callable[..., Task]] = {}
+
+
+def register_task(name: str):
+    """Class decorator: make a task constructible by name from a recipe."""
+
+    def deco(factory):
+        _REGISTRY[name] = factory
+        factory.name = name
+        return factory
+
+    return deco
+
+
+def get_task(name: str, **options) -> Task:
+    _load_builtin_tasks()
+    if name not in _REGISTRY:
+        raise ThinklingError(f"unknown task '{name}'; known tasks: {', '.join(sorted(_REGISTRY))}")
+    try:
+        return _REGISTRY[name](**options)
+    except TypeError as e:
+        raise ThinklingError(f"task '{name}': bad options {options}: {e}") from None
+
+
+def list_tasks() -> dict[str, Callable[..., Task]]:
+    _load_builtin_tasks()
+    return dict(sorted(_REGISTRY.items()))
+
+
+def _load_builtin_tasks() -> None:
+    # Imported lazily so that `thinkling.tasks.base` has no import cycle.
+    import thinkling.tasks  # noqa: F401

@@ -1,0 +1,116 @@
+"""`jsonl`: GSM8K- or MATH-style problems from a local JSONL file.
+
+One record a line: `question` or `problem`; a worked solution in `solution`
+or `answer`; optionally a bare final `answer`. The final answer is the text
+after `#### ` (GSM8K), else the solution's last `\\boxed{}` (MATH), else the
+`answer` field. The solution, minus GSM8K's `<<calculator>>` annotations and
+its `####` line, is split into steps (paragraphs, else lines) for SFT and
+BREAD. The benchmark loaders reuse `parse_record` for their records.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from thinkling.errors import ThinklingError
+from thinkling.tasks.base import Problem, register_task
+from thinkling.tasks.mathverify import MathTask, last_boxed
+
+_CALCULATOR = re.compile(r"<<[^<>]*>>")
+_THOUSANDS = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
+_LEVEL = re.compile(r"(?:Level\s*)?(\d+)")
+
+
+def solution_steps(solution: str) -> tuple[str, ...]:
+    """A worked solution as steps: paragraphs when it has blank lines, else lines."""
+    text = _CALCULATOR.sub("", solution.split("####")[0])
+    parts = text.split("\n\n") if "\n\n" in text.strip() else text.split("\n")
+    return tuple(p.strip() for p in parts if p.strip())
+
+
+def final_answer(solution: str | None, answer) -> str | None:
+    """`#### N` (thousands commas dropped), else the last `\\boxed{}`, else the answer field."""
+    if solution and "####" in solution:
+        got = solution.split("####")[-1].strip()
+        return got.replace(",", "") if _THOUSANDS.fullmatch(got) else got
+    boxed = last_boxed(solution) if solution else None
+    if boxed:
+        return boxed
+    return str(answer).strip() if answer is not None and str(answer).strip() else None
+
+
+def _subject(name: str) -> str:
+    """'Counting & Probability' -> 'counting_and_probability', the olmo folder naming."""
+    return name.strip().lower().replace("&", "and").replace(" ", "_")
+
+
+def _difficulty(record: dict) -> float:
+    """A numeric `difficulty`/`level`, or MATH's 'Level 3'; 0 when absent."""
+    value = record.get("level", record.get("difficulty"))
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    level = _LEVEL.fullmatch(value.strip()) if isinstance(value, str) else None
+    return float(level[1]) if level else 0.0
+
+
+def parse_record(record, where: str, id: str) -> Problem:
+    """One GSM8K/MATH-style record as a Problem; `where` (file:line) names it in errors."""
+    if not isinstance(record, dict):
+        raise ThinklingError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    question = record.get("question", record.get("problem"))
+    if not isinstance(question, str) or not question.strip():
+        raise ThinklingError(f"{where}: no 'question' or 'problem' text")
+    solution, answer = record.get("solution"), record.get("answer")
+    if solution is None and isinstance(answer, str) and ("####" in answer or last_boxed(answer)):
+        solution, answer = answer, None
+    if solution is not None and not isinstance(solution, str):
+        raise ThinklingError(f"{where}: 'solution' must be a string")
+    final = final_answer(solution, answer)
+    if final is None:
+        raise ThinklingError(f"{where}: no final answer (need '#### N', a \\boxed{{}} or an 'answer' field)")
+    subject = record.get("subject") or record.get("type")
+    return Problem(
+        id=id,
+        prompt=question.strip(),
+        answer=final,
+        steps=solution_steps(solution) if solution else (),
+        difficulty=_difficulty(record),
+        tags=(_subject(subject),) if isinstance(subject, str) and subject.strip() else (),
+    )
+
+
+def load_jsonl(path) -> list[Problem]:
+    """Every record of a JSONL file; a bad line raises an error naming `file:line`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ThinklingError(f"{path}: no such file")
+    problems = []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ThinklingError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+            own_id = record.get("id", record.get("unique_id")) if isinstance(record, dict) else None
+            problem_id = str(own_id) if own_id is not None else f"{path.stem}-{number}"
+            problems.append(parse_record(record, f"{path}:{number}", problem_id))
+    if not problems:
+        raise ThinklingError(f"{path}: no problems in the file")
+    return problems
+
+
+@register_task("jsonl")
+class JsonlTask(MathTask):
+    """GSM8K/MATH-style problems from a local JSONL file (option: path)."""
+
+    description = "GSM8K/MATH-style problems from a local JSONL file (option: path)"
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def load(self):
+        return load_jsonl(self.path)

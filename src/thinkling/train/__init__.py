@@ -1,0 +1,1 @@
+"""Trainers: SFT, the RL loop, staged pipelines."""

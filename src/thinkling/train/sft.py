@@ -1,0 +1,105 @@
+"""Supervised fine-tuning on (prompt, completion) pairs with loss on completion tokens only."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from thinkling.errors import ThinklingError
+from thinkling.rollout.prompts import prompt_ids
+from thinkling.train.common import lr_at, make_optimizer, set_lr, step_generator
+
+
+@dataclass
+class Example:
+    """One training sequence; `weights[t]` > 0 marks token t as a target (0 = context)."""
+
+    ids: list[int]
+    weights: list[float]
+
+
+def make_example(policy, prompt: list[int], completion: str, token_weights: list[float] | None = None) -> Example:
+    """prompt ids + completion ids + eos; targets are the completion and the eos."""
+    comp = policy.encode_text(completion) + [policy.eos_id]
+    w = list(token_weights) + [1.0] if token_weights is not None else [1.0] * len(comp)
+    if len(w) != len(comp):
+        raise ValueError("token_weights must have one weight per completion token")
+    return Example(prompt + comp, [0.0] * len(prompt) + w)
+
+
+def collate(examples: list[Example], pad_id: int):
+    """Right-pad a batch: input ids, attention mask, per-token target weights."""
+    T = max(len(e.ids) for e in examples)
+    ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), T), dtype=torch.long)
+    weights = torch.zeros((len(examples), T))
+    for i, e in enumerate(examples):
+        n = len(e.ids)
+        ids[i, :n] = torch.tensor(e.ids)
+        mask[i, :n] = 1
+        weights[i, :n] = torch.tensor(e.weights)
+    return ids, mask, weights
+
+
+def weighted_ce(logits: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Σ_t w_t·CE_t / Σ_t w_t over next-token targets; weight 0 (prompt, padding) means no loss."""
+    targets = ids[:, 1:]
+    w = weights[:, 1:].to(logits.dtype)
+    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="none")
+    ce = ce.view_as(targets)
+    return (torch.where(w > 0, ce, 0.0) * w).sum() / w.sum().clamp_min(1e-8)
+
+
+def sft_examples(policy, task, problems) -> list[Example]:
+    return [make_example(policy, prompt_ids(policy, p), task.target(p)) for p in problems]
+
+
+def train_sft(policy, examples: list[Example], cfg, *, seed: int, run=None, start_step: int = 0,
+              optimizer=None, on_eval=None, eval_every: int = 0, progress=None) -> dict:
+    """Train for `cfg.steps` steps (continuing from `start_step`).
+
+    Batches are drawn from a per-step random stream, so step N sees the same
+    batch with or without an interruption before it; together with the saved
+    optimizer state this makes resume exact.
+    """
+    if not examples:
+        raise ThinklingError("SFT: the training set is empty")
+    model = policy.model
+    model.train()
+    optimizer = optimizer or make_optimizer(model, cfg.lr, cfg.weight_decay)
+    device = next(model.parameters()).device
+    last = {}
+    t0 = time.time()
+    tokens = 0
+    for step in range(start_step, cfg.steps):
+        g = step_generator(seed, step)
+        idx = torch.randint(len(examples), (cfg.batch_size,), generator=g).tolist()
+        ids, mask, weights = (t.to(device) for t in collate([examples[i] for i in idx], policy.pad_id))
+        lr = lr_at(step, base_lr=cfg.lr, warmup=cfg.warmup_steps, total=cfg.steps, min_ratio=cfg.min_lr_ratio)
+        set_lr(optimizer, lr)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            logits = policy.logits(ids, mask)
+        loss = weighted_ce(logits, ids, weights)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        tokens += int(mask.sum())
+        done = step + 1
+        if progress is not None:
+            progress(done, loss.item())
+        if run is not None and (done % cfg.log_every == 0 or done == cfg.steps):
+            last = {"loss": loss.item(), "lr": lr, "grad_norm": float(grad_norm),
+                    "tokens_per_s": tokens / max(1e-9, time.time() - t0)}
+            run.log(done, last)
+        if on_eval is not None and eval_every and (done % eval_every == 0) and done != cfg.steps:
+            model.eval()
+            on_eval(done)
+            model.train()
+        if run is not None and (done % cfg.save_every == 0 or done == cfg.steps):
+            run.save_checkpoint(done, policy, optimizer, {})
+    model.eval()
+    return last

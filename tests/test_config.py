@@ -1,0 +1,48 @@
+import pytest
+
+from thinkling.config import RunConfig, apply_overrides, build, load_recipe
+from thinkling.errors import ThinklingError
+
+
+def test_overrides_reach_nested_sections():
+    cfg = load_recipe(None, ["rl.steps=5", "sft.lr=1e-3", "rl.bread.enabled=true", "train.difficulty=[2,3]"])
+    assert cfg.rl.steps == 5 and cfg.sft.lr == 1e-3 and cfg.rl.bread.enabled and cfg.train.difficulty == [2, 3]
+
+
+@pytest.mark.parametrize("override, key", [
+    ("rl.stepz=5", "rl.stepz"),
+    ("rl.steps=abc", "rl.steps"),
+    ("model=3", "model"),
+    ("rl.bread.enabled=3", "rl.bread.enabled"),
+    ("sft.lr=fast", "sft.lr"),
+])
+def test_bad_values_name_the_key(override, key):
+    with pytest.raises(ThinklingError, match=f"'{key}'"):
+        load_recipe(None, [override])
+
+
+def test_override_must_have_equals():
+    with pytest.raises(ThinklingError, match="key=value"):
+        apply_overrides({}, ["rl.steps"])
+
+
+def test_missing_recipe_and_bad_yaml(tmp_path):
+    with pytest.raises(ThinklingError, match="not found"):
+        load_recipe(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("seed: 1\nrl: [unclosed\n")
+    with pytest.raises(ThinklingError, match=r"bad.yaml:\d+"):
+        load_recipe(bad)
+
+
+def test_shipped_recipes_validate():
+    from pathlib import Path
+
+    for path in sorted(Path(__file__).parents[1].glob("recipes/**/*.yaml")):
+        data = __import__("yaml").safe_load(path.read_text())
+        if "stages" in data:
+            from thinkling.train.pipeline import stage_configs
+
+            stage_configs(data)
+        else:
+            build(RunConfig, data)

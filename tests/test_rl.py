@@ -1,0 +1,185 @@
+import json
+
+import pytest
+import torch
+
+from thinkling.config import load_recipe
+from thinkling.errors import ThinklingError
+from thinkling.rollout.bread import anchor_failed_groups
+from thinkling.rollout.groups import Group, branch_prefix, sample_groups
+from thinkling.rollout.prompts import anchor_text, prompt_text
+from thinkling.tasks.base import get_task
+from thinkling.train.rl import build_batch, minibatch_loss, resolve_knobs
+
+TINY = "model.tiny={d_model: 32, n_layers: 1, n_heads: 2, max_seq_len: 160}"
+
+
+class AnchorNeedingPolicy:
+    """Wraps a tiny policy; answers correctly iff the prefix holds >= `need` expert steps."""
+
+    def __init__(self, base, problems, need):
+        self.base, self.need = base, need
+        self.answers = {prompt_text(p): p.answer for p in problems}
+        self.calls = 0
+        for name in ("encode_prompt", "encode_text", "decode", "eos_id", "pad_id", "model"):
+            setattr(self, name, getattr(base, name))
+
+    def generate(self, prompts, params):
+        self.calls += 1
+        out = []
+        for ids in prompts:
+            text = self.base.decode(ids)
+            prompt, _, anchor = text.partition("\n")
+            steps = anchor.count("\n")
+            answer = self.answers[prompt + "\n"] if steps >= self.need else "x"
+            out.append(self.base.encode_text(f"A:{answer}") + [self.base.eos_id])
+        return out
+
+
+def test_bread_finds_the_shortest_successful_anchor(tiny_policy):
+    task = get_task("chain")
+    problems = task.generate(3, 0, 8)
+    policy = AnchorNeedingPolicy(tiny_policy, problems, need=5)
+    failed = sample_groups(policy, task, [(p, None, 0) for p in problems], 2, None)
+    assert not any(g.has_success for g in failed)
+    memory = {}
+    kept, stats = anchor_failed_groups(policy, task, failed, 2, lambda r: None, None, memory)
+    assert [g.anchor_steps for g in kept] == [5, 5, 5]
+    assert all(g.has_success for g in kept)
+    assert stats["bread/probe_groups"] <= 3 * 4  # ceil(log2 8) + 1 probes per problem at most
+    assert stats["bread/probe_rounds"] == policy.calls - 1  # probes of all groups share one batch per round
+    assert memory == {p.id: 5 for p in problems}
+    # the anchor is exactly the first k expert steps after the prompt, as context
+    g = kept[0]
+    assert policy.decode(g.prefix).endswith(anchor_text(g.problem, 5))
+    assert g.anchor_tokens == len(policy.encode_text(anchor_text(g.problem, 5)))
+
+
+def test_bread_drops_problems_without_traces_or_unsolved(tiny_policy):
+    task = get_task("chain")
+    problems = task.generate(2, 0, 4)
+    policy = AnchorNeedingPolicy(tiny_policy, problems, need=99)  # never solvable
+    failed = sample_groups(policy, task, [(p, None, 0) for p in problems], 2, None)
+    kept, stats = anchor_failed_groups(policy, task, failed, 2, lambda r: None, 2, None)
+    assert kept == [] and stats["bread/dropped_unsolved"] == 2 and stats["bread/probe_groups"] == 4
+
+
+def _knobs(**over):
+    from thinkling.config import RLConfig
+
+    return resolve_knobs(RLConfig(**over))
+
+
+def test_prompt_and_anchor_tokens_get_exactly_zero_gradient(tiny_policy):
+    """Regression: hint/anchor tokens must never enter the loss (a known bug elsewhere trained on them)."""
+    task = get_task("chain")
+    p = task.generate(1, 0, 4)[0]
+    prefix, n_anchor = branch_prefix(tiny_policy, p, None, 2)
+    completion = tiny_policy.encode_text("A:" + p.answer) + [tiny_policy.eos_id]
+    from thinkling.eval.evaluate import score
+
+    comps = [score(tiny_policy, task, p, completion), score(tiny_policy, task, p, completion[:3])]
+    group = Group(p, prefix, comps, anchor_steps=2, anchor_tokens=n_anchor, rewards=[1.0, 0.0])
+    batch = build_batch([group], torch.tensor([[1.0, -1.0]]), tiny_policy.pad_id)
+    for algorithm in ("grpo", "dapo", "dr_grpo", "clgrpo"):
+        knobs = _knobs(algorithm=algorithm, entropy_coef=0.01)
+        loss, stats, logits = minibatch_loss(tiny_policy, batch, slice(None), knobs, max_len=16)
+        logits.retain_grad()
+        loss.backward()
+        g = logits.grad
+        # logits at position t score token t+1: positions before len(prefix)-1 score prompt/anchor tokens
+        assert torch.all(g[:, : len(prefix) - 1] == 0), algorithm
+        assert torch.any(g[0, len(prefix) - 1 : len(prefix) + len(completion) - 1] != 0), algorithm
+        # padding after the short completion gets nothing either
+        assert torch.all(g[1, len(prefix) + 2 :] == 0), algorithm
+        assert stats["ratio_mean"] == 1.0 and stats["clip_frac"] == 0.0
+        tiny_policy.model.zero_grad()
+
+
+def test_mu1_gradient_is_reinforce_with_baseline(tiny_policy):
+    """With μ = 1 the clipped loss has the REINFORCE gradient: -Σ A·∇log π / tokens."""
+    task = get_task("chain")
+    p = task.generate(1, 0, 2)[0]
+    prefix = branch_prefix(tiny_policy, p, None, 0)[0]
+    from thinkling.eval.evaluate import score
+
+    ids_a = tiny_policy.encode_text("A:1") + [tiny_policy.eos_id]
+    ids_b = tiny_policy.encode_text("A:22") + [tiny_policy.eos_id]
+    group = Group(p, prefix, [score(tiny_policy, task, p, ids_a), score(tiny_policy, task, p, ids_b)])
+    adv = torch.tensor([[0.7, -0.7]])
+    batch = build_batch([group], adv, tiny_policy.pad_id)
+    knobs = _knobs(algorithm="dapo")  # token-mean
+    loss, _, _ = minibatch_loss(tiny_policy, batch, slice(None), knobs, max_len=16)
+    grads = torch.autograd.grad(loss, list(tiny_policy.model.parameters()))
+    from thinkling.models.logprobs import sequence_logprobs
+
+    logp = sequence_logprobs(tiny_policy, batch.ids, batch.attention_mask)
+    m = batch.loss_mask
+    reinforce = -(logp * m * batch.advantages[:, None]).sum() / m.sum()
+    ref = torch.autograd.grad(reinforce, list(tiny_policy.model.parameters()))
+    for a, b in zip(grads, ref):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def _rl_overrides(tmp, name, extra=()):
+    return [f"output_dir={tmp}/{name}", TINY, "train.size=32", "train.difficulty=[2]", "eval.size=4",
+            "eval.difficulty=2", "rl.steps=4", "rl.prompts_per_step=2", "rl.group_size=3", "rl.max_new_tokens=12",
+            "rl.save_every=2", "rl.lr=1e-3", "evaluation.max_new_tokens=12", *extra]
+
+
+def test_rl_resume_equals_uninterrupted_run(tmp_path):
+    import shutil
+
+    from thinkling import jobs
+    from thinkling.models import load_policy
+
+    extra = ["rl.bread.enabled=true", "rl.ppo_epochs=2", "rl.minibatches=2"]
+    jobs.run_rl(load_recipe("recipes/quickstart/grpo.yaml", _rl_overrides(tmp_path, "a", extra)))
+    jobs.run_rl(load_recipe("recipes/quickstart/grpo.yaml", _rl_overrides(tmp_path, "b", extra)))
+    b = tmp_path / "b"
+    shutil.rmtree(b / "checkpoints" / "step_000004")
+    shutil.rmtree(b / "final")
+    (b / "checkpoints" / "latest").write_text("step_000002")
+    jobs.run_rl(load_recipe("recipes/quickstart/grpo.yaml", _rl_overrides(tmp_path, "b", extra)), resume=True)
+    wa, wb = load_policy(tmp_path / "a").model.state_dict(), load_policy(b).model.state_dict()
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), name
+    rows_a = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    rows_b = [json.loads(x) for x in (b / "metrics.jsonl").read_text().splitlines()]
+    key = lambda rows: [(r["step"], r.get("reward_mean"), r.get("bread/probe_groups")) for r in rows]  # noqa: E731
+    assert key(rows_a) == key(rows_b)
+
+
+def test_dynamic_sampling_drops_groups_with_equal_rewards(tmp_path, tiny_policy):
+    from thinkling.config import RLConfig
+    from thinkling.train.rl import RLTrainer
+
+    task = get_task("chain")
+    cfg = RLConfig(algorithm="dapo", prompts_per_step=3, group_size=2, max_new_tokens=4)
+    trainer = RLTrainer(tiny_policy, task, task.generate(8, 0, 6), cfg, resolve_knobs(cfg), None, seed=0)
+    groups, stats = trainer.collect(0)  # an untrained model fails everything: every group has equal rewards
+    assert groups == [] and stats["groups_dropped_equal"] == stats["groups_sampled"] == 3
+
+
+@pytest.mark.parametrize("override, message", [
+    ("rl.eps_low=-0.1", "rl.eps_low"),
+    ("rl.group_size=1", "rl.group_size"),
+    ("rl.advantage=ppo", "rl.advantage"),
+    ("rl.algorithm=ppo", "rl.algorithm"),
+    ("rl.rewards={accuracy: 1, speed: 2}", "rl.rewards"),
+])
+def test_bad_rl_values_fail_at_start(tmp_path, override, message):
+    from thinkling import jobs
+
+    with pytest.raises(ThinklingError, match=message.replace(".", r"\.")):
+        jobs.run_rl(load_recipe("recipes/quickstart/grpo.yaml", [*_rl_overrides(tmp_path, "x"), override]))
+    assert not (tmp_path / "x").exists(), "nothing is written when the recipe is bad"
+
+
+def test_bread_needs_expert_traces(tmp_path):
+    from thinkling import jobs
+
+    over = [*_rl_overrides(tmp_path, "x"), "rl.bread.enabled=true", "train.name=gym",
+            "train.options={dataset: basic_arithmetic}", "train.difficulty=null"]
+    with pytest.raises(ThinklingError, match="expert traces"):
+        jobs.run_rl(load_recipe("recipes/quickstart/grpo.yaml", over))

@@ -1,0 +1,282 @@
+"""Synthetic tasks, the reasoning-gym adapter, the JSONL loader and math answer checking."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from itertools import product
+
+import pytest
+
+from thinkling.errors import ThinklingError
+from thinkling.tasks import get_task, list_tasks
+from thinkling.tasks.base import render_completion
+from thinkling.tasks.countdown import steps_reach
+from thinkling.tasks.gym import gym_answer, metadata_difficulty
+from thinkling.tasks.jsonl import load_jsonl
+from thinkling.tasks.mathverify import extract_math_answer, last_boxed, math_equal, verify_math
+from thinkling.tasks.mnns import optimal_traces
+
+SYNTHETIC = {"chain": range(1, 9), "mnns": range(1, 9), "countdown": range(2, 6)}
+
+
+def fingerprint(problems):
+    return [(p.id, p.prompt, p.answer, p.steps, p.difficulty) for p in problems]
+
+
+def test_registry_has_every_builtin_task():
+    assert {"chain", "mnns", "countdown", "gym", "jsonl", "gsm8k", "math500", "math"} <= set(list_tasks())
+    with pytest.raises(ThinklingError, match="chain"):
+        get_task("chain", nonsense=1)
+
+
+@pytest.mark.parametrize("name", sorted(SYNTHETIC))
+def test_generators_are_deterministic_in_the_seed(name):
+    task = get_task(name)
+    assert fingerprint(task.generate(20, seed=3)) == fingerprint(task.generate(20, seed=3))
+    assert [p.prompt for p in task.generate(20, seed=3)] != [p.prompt for p in task.generate(20, seed=4)]
+
+
+@pytest.mark.parametrize("name", sorted(SYNTHETIC))
+def test_expert_traces_verify_and_wrong_answers_fail(name):
+    task = get_task(name)
+    for level in SYNTHETIC[name]:
+        for p in task.generate(25, seed=level, difficulty=level):
+            assert p.difficulty == level and p.prompt.isascii()
+            assert task.verify(p, task.target(p)).correct, (p.prompt, p.steps)
+            assert task.format_ok(task.target(p))
+            wrong = str(int(p.answer) + 1)
+            assert not task.verify(p, render_completion(p.steps, wrong)).correct
+            assert not task.verify(p, "\n".join(p.steps)).correct  # no answer line
+
+
+@pytest.mark.parametrize("name", sorted(SYNTHETIC))
+def test_bad_difficulty_and_count_are_user_errors(name):
+    task = get_task(name)
+    for bad in (0, -1, "3", [], 2.5):
+        with pytest.raises(ThinklingError, match="difficulty"):
+            task.generate(2, seed=0, difficulty=bad)
+    with pytest.raises(ThinklingError, match="n must be"):
+        task.generate(None, seed=0)
+
+
+def test_difficulty_list_mixes_levels():
+    problems = get_task("chain").generate(60, seed=0, difficulty=[2, 5])
+    assert {p.difficulty for p in problems} == {2.0, 5.0}
+    assert all(len(p.steps) == p.difficulty for p in problems)
+
+
+@pytest.mark.parametrize("digits", [1, 2])
+def test_chain_steps_stay_in_range_and_chain_left_to_right(digits):
+    top = 10 ** (digits + 1) - 1
+    for p in get_task("chain", digits=digits).generate(200, seed=1, difficulty=6):
+        tokens = p.prompt.split()
+        value = int(tokens[0])
+        assert 0 <= value <= top
+        for op, step in zip(tokens[1:], p.steps):
+            assert 1 <= int(op[1:]) < 10**digits
+            new = value + int(op)
+            assert 0 <= new <= top and step == f"{value}{op}={new}"
+            value = new
+        assert p.answer == str(value)
+    with pytest.raises(ThinklingError, match="digits"):
+        get_task("chain", digits=0)
+
+
+def test_chain_example_format():
+    p = get_task("chain").generate(1, seed=0, difficulty=3)[0]
+    start, *ops = p.prompt.split(" ")
+    assert len(ops) == 3 and all(op[0] in "+-" and op[1:].isdigit() for op in ops)
+    assert p.steps[0].startswith(start + ops[0] + "=")
+
+
+def signed_totals(digits):
+    return [sum(s * d for s, d in zip(signs, digits)) for signs in product((1, -1), repeat=len(digits))]
+
+
+def test_mnns_answer_is_the_brute_force_minimum_and_all_optimal_traces_are_listed():
+    task = get_task("mnns")
+    for p in task.generate(200, seed=0, difficulty=[1, 2, 3, 4, 5, 6]):
+        digits = p.meta["digits"]
+        assert p.prompt == " ".join(map(str, digits)) and all(1 <= d <= 9 for d in digits)
+        totals = signed_totals(digits)
+        assert int(p.answer) == min(t for t in totals if t >= 0)
+        traces = optimal_traces(digits)
+        assert len(traces) == len(set(traces)) == totals.count(int(p.answer))
+        assert p.steps in traces
+        for trace in traces:  # any optimal trace is a correct completion
+            assert trace[-1].endswith(f"={p.answer}")
+            assert task.verify(p, render_completion(trace, p.answer)).correct
+
+
+def test_mnns_example():
+    # 3 5 2 8: the total is 18 and no subset sums to 9, so the minimum is 2 (negate {8} or {3, 5}).
+    assert optimal_traces([3, 5, 2, 8]) == [("+3=3", "+5=8", "+2=10", "-8=2"), ("-3=-3", "-5=-8", "+2=-6", "+8=2")]
+
+
+def test_countdown_accepts_any_valid_route_and_rejects_cheats():
+    numbers = [3, 7, 5]
+    assert steps_reach(numbers, 26, ["7*3=21", "21+5=26"])
+    assert steps_reach(numbers, 26, ["3 * 7 = 21", "5+21=26"])  # spaces, other order
+    assert steps_reach([2, 2, 6], 10, ["6+2=8", "8+2=10"])  # a repeated given number used twice
+    assert steps_reach([4, 2, 9], 11, ["4/2=2", "9+2=11"])  # exact division
+    assert not steps_reach(numbers, 26, ["7*3=21", "21+5=27"])  # wrong arithmetic
+    assert not steps_reach(numbers, 26, ["7*3=21", "21+7=28", "28-2=26"])  # 7 reused, 2 not given
+    assert not steps_reach([7, 2, 1], 4, ["7/2=3", "3+1=4"])  # division with remainder
+    assert not steps_reach([3, 5], 2, ["3-5=2"])  # negative result
+    assert not steps_reach(numbers, 26, ["7*3=21"])  # does not reach the target
+    assert not steps_reach(numbers, 26, ["so 7*3=21", "21+5=26"])  # not a step line
+    assert not steps_reach(numbers, 26, ["7*3=21", "21+5=26", "26+0=26"])  # 0 is not available
+
+
+def test_countdown_verifier_uses_the_steps_and_the_answer_line():
+    task = get_task("countdown")
+    p = task.generate(1, seed=0)[0]
+    numbers, target = p.prompt.split(" -> ")
+    assert task.verify(p, task.target(p)).correct
+    assert not task.verify(p, f"A:{target}").correct  # the answer alone proves nothing
+    assert not task.verify(p, render_completion(p.steps, str(int(target) + 1))).correct
+    assert int(target) not in map(int, numbers.split())  # the target is never given
+
+
+def test_gym_adapter_scores_with_the_dataset_scorer():
+    task = get_task("gym", dataset="basic_arithmetic")
+    problems = task.generate(6, seed=0)
+    assert fingerprint(problems) == fingerprint(task.generate(6, seed=0))
+    assert [p.prompt for p in problems] != [p.prompt for p in task.generate(6, seed=1)]
+    for p in problems:
+        assert p.steps == () and 0.0 <= p.difficulty <= 1.0
+        assert task.verify(p, "thinking...\n" + task.target(p)).correct
+        assert not task.verify(p, f"A:{p.answer}0").correct
+        assert not task.verify(p, p.answer).correct  # no A: line
+    leveled = task.generate(10, seed=0, difficulty=[0, 3])
+    assert {p.difficulty for p in leveled} <= {0.0, 3.0}
+
+
+def test_gym_multiline_answers_and_metadata_difficulty():
+    assert gym_answer("work\nA:1 2\n3 4\n") == "1 2\n3 4"
+    assert gym_answer("A:7") == "7" and gym_answer("no answer") is None
+    meta = {"numbers": [1, 2, 3, 4, 5], "difficulty": {"numbers": (4, 6)}}
+    assert metadata_difficulty(meta) == 0.5
+    assert metadata_difficulty({"difficulty": 2.0}) == 2.0 and metadata_difficulty({}) == 0.0
+    with pytest.raises(ThinklingError, match="unknown reasoning-gym dataset"):
+        get_task("gym", dataset="nope")
+    with pytest.raises(ThinklingError, match="bad options"):
+        get_task("gym", dataset="countdown", no_such_knob=1)
+
+
+def write(tmp_path, lines):
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_jsonl_reads_gsm8k_and_math_records(tmp_path):
+    gsm = {"question": "Q1?", "answer": "She has 2 + 3 = <<2+3=5>>5 apples.\nThen 5 * 2 = <<5*2=10>>10.\n#### 1,000"}
+    solution = "First.\n\nSo $\\boxed{\\frac{1}{\\sqrt{2}}}$."
+    math = {"problem": "Q2?", "solution": solution, "answer": "bad", "level": "Level 4", "type": "Number Theory"}
+    bare = {"question": "Q3?", "answer": 7, "id": "mine"}
+    path = write(tmp_path, [json.dumps(gsm), "", json.dumps(math), json.dumps(bare)])
+    gsm, math, bare = get_task("jsonl", path=str(path)).generate(None, seed=0)
+    assert gsm.answer == "1000" and gsm.steps == ("She has 2 + 3 = 5 apples.", "Then 5 * 2 = 10.")
+    assert math.answer == "\\frac{1}{\\sqrt{2}}" and math.steps == ("First.", "So $\\boxed{\\frac{1}{\\sqrt{2}}}$.")
+    assert math.difficulty == 4.0 and math.tags == ("number_theory",) and math.id == "data-3"
+    assert bare.answer == "7" and bare.steps == () and bare.id == "mine"
+    task = get_task("jsonl", path=str(path))
+    for p in (gsm, math, bare):
+        assert task.verify(p, task.target(p)).correct
+    assert task.end_of_thinking is None
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ("{not json", "not valid JSON"),
+        ('{"answer": "#### 3"}', "no 'question' or 'problem'"),
+        ('{"question": "Q?", "solution": "no final answer here"}', "no final answer"),
+        ("[1, 2]", "expected a JSON object"),
+    ],
+)
+def test_jsonl_bad_line_names_file_and_line(tmp_path, bad, message):
+    path = write(tmp_path, ['{"question": "ok?", "answer": "#### 1"}', bad])
+    with pytest.raises(ThinklingError, match=f"data.jsonl:2: {message}"):
+        load_jsonl(path)
+    with pytest.raises(ThinklingError, match="no such file"):
+        load_jsonl(tmp_path / "missing.jsonl")
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("so $\\boxed{\\frac{1}{2}}$ and more", "\\frac{1}{2}"),
+        ("\\boxed{1} then \\boxed{\\{a, b\\}}", "\\{a, b\\}"),
+        ("The answer is $18.", "$18"),
+        ("the answer is: 3.5.", "3.5"),
+        ("She pays 1,234 dollars in total.", "1,234"),
+        ("5 - 3 = 2, so x-4", "4"),
+        ("the change is -7 now", "-7"),
+        ("no numbers", None),
+    ],
+)
+def test_math_answer_extraction(text, expected):
+    assert extract_math_answer(text) == expected
+
+
+def test_last_boxed_balances_braces():
+    assert last_boxed("\\boxed{\\frac{a}{b}} x") == "\\frac{a}{b}"
+    assert last_boxed("\\boxed 5$") == "5"
+    assert last_boxed("\\boxed{open") is None and last_boxed("none") is None
+
+
+@pytest.mark.parametrize(
+    "reference, completion",
+    [
+        ("0.5", "\\boxed{\\frac{1}{2}}"),
+        ("\\frac{1}{2}", "The answer is 0.5"),
+        ("1234", "The answer is 1,234."),
+        ("1,234", "\\boxed{1234}"),
+        ("-3", "\\boxed{-3}"),
+        ("18", "The answer is $18."),
+        ("18", "\\boxed{\\$18}"),
+        ("18", "The answer is 18 dollars."),
+        ("18", "\\boxed{18 \\text{ dollars}}"),
+        ("18", "She earns $18.00 a day."),
+        ("\\left( 3, \\frac{\\pi}{2} \\right)", "\\boxed{(3, \\frac{\\pi}{2})}"),
+        ("2\\sqrt{2}", "\\boxed{\\sqrt{8}}"),
+    ],
+)
+def test_math_equivalent_answers_verify(reference, completion):
+    assert verify_math(reference, completion).correct
+
+
+@pytest.mark.parametrize(
+    "reference, completion",
+    [
+        ("18", "\\boxed{-18}"),
+        ("0.5", "\\boxed{\\frac{1}{3}}"),
+        ("1234", "The answer is 1,235."),
+        ("7", "no number"),
+        ("3", ""),
+    ],
+)
+def test_math_wrong_answers_fail(reference, completion):
+    assert not verify_math(reference, completion).correct
+
+
+def test_math_check_off_the_main_thread_and_under_a_time_limit():
+    results = {}
+
+    def run():
+        results["right"] = math_equal("0.5", "\\frac{1}{2}")
+        start = time.perf_counter()
+        results["huge"] = math_equal("5", "9^{9^{9^{9}}}", timeout=1)
+        results["seconds"] = time.perf_counter() - start
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join(60)
+    assert results["right"] is True and results["huge"] is False and results["seconds"] < 10
+    start = time.perf_counter()
+    assert not math_equal("5", "9^{9^{9^{9}}}", timeout=1)  # main thread: math-verify's own timer
+    assert time.perf_counter() - start < 10

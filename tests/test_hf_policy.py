@@ -199,7 +199,7 @@ def test_save_and_load_plain_policy(policy, tmp_path):
 
 
 def test_lora_save_load_and_merge(base_dir, tmp_path):
-    lora = HFPolicy.load(base_dir, device="cpu", lora={"r": 4, "alpha": 8, "dropout": 0.0})
+    lora = HFPolicy.load(base_dir, device="cpu", lora={"r": 4, "alpha": 8})  # default dropout: eval mode matters
     assert lora.lora["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     trainable = [n for n, p in lora.model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
@@ -227,6 +227,9 @@ def test_lora_save_load_and_merge(base_dir, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(restored.logits(ids, mask), expected)
         torch.testing.assert_close(merged.logits(ids, mask), expected, atol=1e-5, rtol=1e-4)
+    greedy = SamplingParams(max_new_tokens=4, temperature=0)
+    assert restored.generate(seqs, greedy) == lora.generate(seqs, greedy)
+    with torch.no_grad():
         torch.testing.assert_close(lora.merge_lora().logits(ids, mask), expected, atol=1e-5, rtol=1e-4)
     assert lora.lora is None
 

@@ -70,7 +70,7 @@ def test_difficulty_list_mixes_levels():
 @pytest.mark.parametrize("digits", [1, 2])
 def test_chain_steps_stay_in_range_and_chain_left_to_right(digits):
     top = 10 ** (digits + 1) - 1
-    for p in get_task("chain", digits=digits).generate(200, seed=1, difficulty=6):
+    for p in get_task("chain", digits=digits, trace="equation").generate(200, seed=1, difficulty=6):
         tokens = p.prompt.split()
         value = int(tokens[0])
         assert 0 <= value <= top
@@ -85,10 +85,24 @@ def test_chain_steps_stay_in_range_and_chain_left_to_right(digits):
 
 
 def test_chain_example_format():
-    p = get_task("chain").generate(1, seed=0, difficulty=3)[0]
+    p = get_task("chain", trace="equation").generate(1, seed=0, difficulty=3)[0]
     start, *ops = p.prompt.split(" ")
     assert len(ops) == 3 and all(op[0] in "+-" and op[1:].isdigit() for op in ops)
     assert p.steps[0].startswith(start + ops[0] + "=")
+    with pytest.raises(ThinklingError, match="trace"):
+        get_task("chain", trace="prose")
+
+
+def test_chain_rewrite_trace_turns_an_anchor_into_a_shorter_problem():
+    """After k rewrite steps, what is left is exactly an (n-k)-step chain prompt with the same answer."""
+    task = get_task("chain")
+    for p in task.generate(50, seed=3, difficulty=6):
+        start, *ops = p.prompt.split(" ")
+        for k, step in enumerate(p.steps, start=1):
+            equation, *rest = step.split(" ")
+            assert rest == ops[k:]
+            assert int(equation.split("=")[1]) == int(start) + sum(int(op) for op in ops[:k])
+        assert p.steps[-1].endswith("=" + p.answer)
 
 
 def signed_totals(digits):
@@ -195,6 +209,7 @@ def test_jsonl_reads_gsm8k_and_math_records(tmp_path):
         ("{not json", "not valid JSON"),
         ('{"answer": "#### 3"}', "no 'question' or 'problem'"),
         ('{"question": "Q?", "solution": "no final answer here"}', "no final answer"),
+        ('{"question": "Q?", "answer": "work\\n#### "}', "no final answer"),
         ("[1, 2]", "expected a JSON object"),
     ],
 )

@@ -128,7 +128,7 @@ def _tasks(args) -> None:
         table.add_column("name")
         table.add_column("description")
         for name, factory in list_tasks().items():
-            table.add_row(name, (factory.__doc__ or "").strip().splitlines()[0] if factory.__doc__ else "")
+            table.add_row(name, getattr(factory, "description", ""))
         console.print(table)
         return
     task = get_task(args.name)

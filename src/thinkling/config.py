@@ -109,6 +109,7 @@ class RLConfig:
 class RunConfig:
     output_dir: str = "runs/run"
     seed: int = 0
+    threads: int | None = None  # torch CPU threads; None = 1 for the tiny backend (fastest), torch's default otherwise
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TaskConfig = field(default_factory=TaskConfig)
     eval: TaskConfig = field(default_factory=lambda: TaskConfig(size=200, seed=1))

@@ -39,6 +39,24 @@ def evaluate_policy(policy, task, problems, eval_cfg, seed=0, level=None, descri
                         stop_processor=stop_processor(policy, task, eval_cfg.ts_alpha, eval_cfg.budget))
 
 
+def configure_threads(cfg) -> None:
+    """Tiny models run fastest on one thread: more threads cost sync overhead, and under any
+    other load on the machine they are many times slower."""
+    import torch
+
+    threads = cfg.threads if cfg.threads is not None else (1 if cfg.model.backend == "tiny" and not cfg.model.init else None)
+    if cfg.model.init and cfg.threads is None:
+        import json as _json
+
+        meta = Path(cfg.model.init) / "policy.json"
+        if meta.exists() and _json.loads(meta.read_text()).get("backend") == "tiny":
+            threads = 1
+    if threads is not None:
+        if threads < 1:
+            raise ThinklingError(f"config key 'threads' must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+
+
 def _resume_policy(run: RunDir, cfg, resume: bool):
     """The policy and the step to continue from (0 and a fresh policy for a new run)."""
     ckpt = run.latest_checkpoint() if resume else None
@@ -55,6 +73,7 @@ def run_sft(cfg, resume: bool = False) -> dict:
     from thinkling.train.sft import sft_examples, train_sft
 
     validate_sft(cfg)
+    configure_threads(cfg)
     seed_everything(cfg.seed)
     train_task, train_problems = problems_for(cfg.train, "train")
     eval_task, eval_problems = problems_for(cfg.eval, "eval")
@@ -146,6 +165,7 @@ def _policy_for_eval(model: str):
 def run_rl(cfg, resume: bool = False) -> dict:
     from thinkling.train.rl import RLTrainer, validate_rl
 
+    configure_threads(cfg)
     seed_everything(cfg.seed)
     task, problems = problems_for(cfg.train, "train")
     eval_task, eval_problems = problems_for(cfg.eval, "eval")

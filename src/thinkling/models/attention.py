@@ -74,7 +74,7 @@ class CausalSelfAttention(nn.Module):
 
     def new_state(self, batch: int, capacity: int, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
         shape = (batch, self.n_heads, capacity, self.head_dim)
-        return {"k": torch.zeros(shape, dtype=dtype, device=device), "v": torch.zeros(shape, dtype=dtype, device=device)}
+        return {name: torch.zeros(shape, dtype=dtype, device=device) for name in ("k", "v")}
 
     def qkv(self, x: torch.Tensor, positions: torch.Tensor, state: dict | None) -> tuple[torch.Tensor, ...]:
         """q, k, v `[B, T, d_model]` for inputs `x [B, T, d_model]` at `positions [B, T]`."""
@@ -130,3 +130,114 @@ def check_attention(name: str, options: dict) -> type[CausalSelfAttention]:
 def build_attention(name: str, options: dict, d_model: int, n_heads: int) -> CausalSelfAttention:
     cls = check_attention(name, options)
     return cls(d_model, n_heads, **{**cls.options, **options})
+
+
+def _check_flags(variant: str, **flags) -> None:
+    for key, value in flags.items():
+        if not isinstance(value, bool):
+            raise ThinklingError(f"attention_options {key!r}: must be true or false for attention {variant!r} (got {value!r})")
+
+
+class SelectiveSelfAttention(CausalSelfAttention):
+    """SSA (arXiv 2411.12892): per-token, per-position temperatures on queries and values.
+
+    `Attn = softmax((τ_q ⊙ Q)Kᵀ/√d)·(τ_v ⊙ V)` per head, with
+    `τ_q = tanh(u_qᵀ q) + 1 + σ(α)·ln i` and `τ_v = 1 + tanh(u_vᵀ v)`. The token
+    part reads the head's own query (value) vector, so it shares the projection
+    with the attention weights and costs one head_dim vector per head: 2·d_model
+    + n_heads parameters per layer. The position part (queries only) sharpens
+    attention as the number of keys grows, countering the ln i dilution of the
+    softmax. `u` starts at zero and `α` low, so training starts from (almost)
+    standard attention; these parameters carry `lr_scale` for their own
+    learning rate, as in the reference code.
+    """
+
+    options: ClassVar[dict[str, Any]] = {"query": True, "value": True, "position": True, "lr_scale": 10.0}
+    POSITION_INIT = -4.0  # σ(-4) ≈ 0.018: τ_pos ≈ 1.08 at i = 100
+
+    def __init__(self, d_model: int, n_heads: int, query: bool, value: bool, position: bool, lr_scale: float):
+        super().__init__(d_model, n_heads)
+        _check_flags("ssa", query=query, value=value, position=position)
+        if isinstance(lr_scale, bool) or not isinstance(lr_scale, (int, float)) or lr_scale <= 0:
+            raise ThinklingError(f"attention_options 'lr_scale': must be a number > 0 for attention 'ssa' (got {lr_scale!r})")
+        zeros = lambda: nn.Parameter(torch.zeros(n_heads, self.head_dim))  # noqa: E731
+        self.query_temp = zeros() if query else None
+        self.value_temp = zeros() if value else None
+        self.position_temp = nn.Parameter(torch.full((n_heads,), self.POSITION_INIT)) if position else None
+        for p in self.parameters(recurse=False):
+            p.lr_scale = float(lr_scale)
+
+    def qkv(self, x, positions, state):
+        B, T, _ = x.shape
+        q, k, v = (t.view(B, T, self.n_heads, self.head_dim) for t in super().qkv(x, positions, state))
+        tau_q = torch.ones(B, T, self.n_heads, dtype=x.dtype, device=x.device)
+        if self.query_temp is not None:
+            tau_q = tau_q + torch.tanh((q * self.query_temp).sum(-1))
+        if self.position_temp is not None:
+            log_i = torch.log1p(positions.to(x.dtype))[..., None]  # positions are 0-based: ln i with i = pos + 1
+            tau_q = tau_q + torch.sigmoid(self.position_temp) * log_i
+        q = q * tau_q[..., None]
+        if self.value_temp is not None:
+            v = v * (1 + torch.tanh((v * self.value_temp).sum(-1)))[..., None]
+        return q.flatten(2), k.flatten(2), v.flatten(2)
+
+
+class ConvolutionAugmentedAttention(CausalSelfAttention):
+    """CAT (arXiv 2407.05591): causal depthwise 1-D convolutions on the Q, K, V inputs.
+
+    `Q = (X ∗ F_q)W_q`, `K = (X ∗ F_k)W_k`, `V = (X ∗ F_v)W_v`, each `F` a
+    `kernel_size`-tap filter per channel over the current and previous inputs,
+    then causal softmax attention. A key that mixes in the previous token lets
+    one layer match "the token after the query" (associative recall, copying),
+    which plain attention needs two layers for. Filters start as running sums
+    (every tap 1) so each lag gets gradient from the first step; identity
+    filters (standard attention) learned the useful lags far more slowly on
+    recall. `rope: false` leaves order to the convolutions, which helps length
+    generalisation. Decoding keeps the last kernel_size-1 inputs in the layer
+    state ("conv") so the cache path sees the same windows.
+    """
+
+    options: ClassVar[dict[str, Any]] = {"kernel_size": 4, "query": True, "key": True, "value": True, "rope": True}
+    PROJECTIONS = ("query", "key", "value")
+
+    def __init__(self, d_model: int, n_heads: int, kernel_size: int, query: bool, key: bool, value: bool, rope: bool):
+        super().__init__(d_model, n_heads)
+        _check_flags("cat", query=query, key=key, value=value, rope=rope)
+        self.rope = rope
+        if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1:
+            raise ThinklingError(f"attention_options 'kernel_size': must be an integer >= 1 for attention 'cat' (got {kernel_size!r})")
+        self.kernel_size = kernel_size
+        enabled = dict(zip(self.PROJECTIONS, (query, key, value)))
+        self.filters = nn.ParameterDict(  # [d_model, kernel]; the last tap multiplies the current input
+            {n: nn.Parameter(torch.ones(d_model, kernel_size)) for n in self.PROJECTIONS if enabled[n]}
+        )
+
+    def forward(self, x, rope, positions, attn_mask, state=None, start=0):
+        if not self.rope:  # angle 0 everywhere: the convolutions are the only source of order
+            rope = (torch.ones_like(rope[0]), torch.zeros_like(rope[1]))
+        return super().forward(x, rope, positions, attn_mask, state, start)
+
+    def new_state(self, batch, capacity, dtype, device):
+        state = super().new_state(batch, capacity, dtype, device)
+        width = self.qkv_proj.in_features
+        state["conv"] = torch.zeros(batch, self.kernel_size - 1, width, dtype=dtype, device=device)
+        return state
+
+    def qkv(self, x, positions, state):
+        B, T, D = x.shape
+        past = state["conv"] if state is not None else x.new_zeros(B, self.kernel_size - 1, D)
+        window = torch.cat((past, x), dim=1)  # [B, kernel-1+T, D]
+        if state is not None:
+            state["conv"] = window[:, window.shape[1] - (self.kernel_size - 1) :]
+        out = []
+        for name, w in zip(self.PROJECTIONS, self.qkv_proj.weight.chunk(3)):
+            inp = x
+            if name in self.filters:
+                kernel = self.filters[name].to(x.dtype)[:, None, :]
+                inp = F.conv1d(window.transpose(1, 2), kernel, groups=D).transpose(1, 2)
+            out.append(F.linear(inp, w))
+        return tuple(out)
+
+
+ATTENTION_VARIANTS["ssa"] = SelectiveSelfAttention
+ATTENTION_VARIANTS["cat"] = ConvolutionAugmentedAttention

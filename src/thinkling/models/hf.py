@@ -172,6 +172,9 @@ class HFPolicy:
         elif lora is not None:
             adapters = _lora_config(lora, model)
             model = _apply_lora(model, adapters)
+        # peft leaves its wrapper in train mode, transformers in eval mode: hand
+        # out one state (trainers switch to train() themselves).
+        model.eval()
         policy = cls(model, tokenizer, chat_template=chat_template, system_prompt=system_prompt, source=source)
         policy.lora = adapters
         return policy

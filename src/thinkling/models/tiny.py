@@ -150,15 +150,10 @@ class TinyTransformer(nn.Module):
 
     def forward(self, input_ids=None, *, inputs_embeds=None, attention_mask=None, position_ids=None, cache=None):
         """Logits `[B, T, V]`; see `hidden`."""
-        return self.lm_head(
-            self.hidden(
-                input_ids,
-                inputs_embeds=inputs_embeds,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                cache=cache,
-            )
+        h = self.hidden(
+            input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, cache=cache
         )
+        return self.lm_head(h)
 
     def hidden(
         self,
@@ -199,7 +194,7 @@ class TinyTransformer(nn.Module):
         plain = keys is None or ((start == 0 or T == 1) and bool(keys.all()))
         attn_mask = None if plain else _attention_mask(keys, start, T)
         token_mask = None if valid is None or bool(valid.all()) else valid[..., None].to(x.dtype)
-        rope = (self.rope_cos[position_ids].unsqueeze(1).to(x.dtype), self.rope_sin[position_ids].unsqueeze(1).to(x.dtype))
+        rope = tuple(t[position_ids].unsqueeze(1).to(x.dtype) for t in (self.rope_cos, self.rope_sin))
         for i, block in enumerate(self.blocks):
             state = None if cache is None else cache.layers[i]
             x = block(x, rope, position_ids, attn_mask, token_mask, state, start)
@@ -208,7 +203,7 @@ class TinyTransformer(nn.Module):
         return self.norm(x)
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None = None):
     """One token id per row of `logits [B, V]`: argmax at temperature 0, else nucleus sampling."""
     if temperature == 0:
         return logits.argmax(dim=-1)
@@ -271,7 +266,8 @@ class TinyPolicy:
             raise ThinklingError(f"model config: expected a mapping (got {type(config).__name__})")
         if config.vocab_size != tokenizer.vocab_size:
             raise ThinklingError(
-                f"model config 'vocab_size': must be {tokenizer.vocab_size}, the character tokenizer's (got {config.vocab_size})"
+                f"model config 'vocab_size': must be {tokenizer.vocab_size} for the character tokenizer "
+                f"(got {config.vocab_size})"
             )
         with torch.random.fork_rng(devices=[]):  # deterministic, and the caller's RNG stream is untouched
             torch.manual_seed(seed)

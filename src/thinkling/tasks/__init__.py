@@ -3,7 +3,7 @@
 Importing this package registers every built-in task with `get_task`.
 """
 
-from thinkling.tasks import benchmarks, chain, countdown, gym, jsonl, mnns  # noqa: F401
+from thinkling.tasks import benchmarks, chain, copying, countdown, gym, jsonl, mnns, recall  # noqa: F401
 from thinkling.tasks.base import Problem, Task, Verdict, get_task, list_tasks, register_task
 
 __all__ = ["Problem", "Task", "Verdict", "get_task", "list_tasks", "register_task"]

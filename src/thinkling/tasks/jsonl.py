@@ -16,10 +16,9 @@ from pathlib import Path
 
 from thinkling.errors import ThinklingError
 from thinkling.tasks.base import Problem, register_task
-from thinkling.tasks.mathverify import MathTask, last_boxed
+from thinkling.tasks.mathverify import MathTask, last_boxed, normalize
 
 _CALCULATOR = re.compile(r"<<[^<>]*>>")
-_THOUSANDS = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 _LEVEL = re.compile(r"(?:Level\s*)?(\d+)")
 
 
@@ -31,10 +30,9 @@ def solution_steps(solution: str) -> tuple[str, ...]:
 
 
 def final_answer(solution: str | None, answer) -> str | None:
-    """`#### N` (thousands commas dropped), else the last `\\boxed{}`, else the answer field."""
+    """`#### N` (as a plain number: '1,600' -> '1600'), else the last `\\boxed{}`, else the answer field."""
     if solution and "####" in solution:
-        got = solution.split("####")[-1].strip()
-        return got.replace(",", "") if _THOUSANDS.fullmatch(got) else got
+        return normalize(solution.split("####")[-1]) or None
     boxed = last_boxed(solution) if solution else None
     if boxed:
         return boxed

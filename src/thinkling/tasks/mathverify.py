@@ -101,7 +101,9 @@ def math_equal(reference: str, answer: str, timeout: float = 5.0) -> bool:
 
 # Off the main thread math-verify cannot arm its SIGALRM timer, and a thread
 # cannot be stopped (a huge power holds the GIL), so the check runs untimed in
-# a worker process that is killed when it overruns.
+# a worker process that is killed when it overruns. It is a "spawn" process
+# (forking a threaded process is unsafe), so scripts need the usual
+# `if __name__ == "__main__":` guard, as with any multiprocessing code.
 _worker = None
 _worker_lock = threading.Lock()
 
@@ -115,10 +117,10 @@ def _ready() -> bool:
 def _equal_in_worker(ref: str, ans: str, timeout: float) -> bool:
     global _worker
     with _worker_lock:
-        if _worker is None:
-            _worker = multiprocessing.get_context("spawn").Pool(1)
-            _worker.apply(_ready)
         try:
+            if _worker is None:
+                _worker = multiprocessing.get_context("spawn").Pool(1)
+                _worker.apply(_ready)
             return bool(_worker.apply_async(_sympy_equal, (ref, ans, None)).get(timeout))
         except multiprocessing.TimeoutError:
             _worker.terminate()

@@ -82,11 +82,26 @@ def test_gsm8k_solutions_without_the_answer_line_mostly_verify_by_their_last_num
 
 
 @needs_olmo
+def test_limit_is_the_first_n_in_file_order_and_skip_makes_disjoint_splits(gsm8k):
+    task = get_task("gsm8k")
+    first = task.generate(200, seed=1)
+    assert first == gsm8k[:200] == task.generate(200, seed=2)  # a prefix, whatever the seed
+    rest = get_task("gsm8k", skip=200).generate(None, seed=0)
+    assert rest == gsm8k[200:] and len(rest) == 1119
+    assert not {p.id for p in first} & {p.id for p in rest}
+    assert get_task("gsm8k", skip=200).generate(3, seed=0) == gsm8k[200:203]
+    hard = get_task("math500").generate(5, seed=0, difficulty=5)  # filter first, then the first n
+    assert [p.difficulty for p in hard] == [5.0] * 5
+    for bad in (-1, "200", True):
+        with pytest.raises(ThinklingError, match="skip"):
+            get_task("gsm8k", skip=bad)
+    with pytest.raises(ThinklingError, match="leaves no problem"):
+        get_task("gsm8k", skip=1319).generate(None, seed=0)
+
+
+@needs_olmo
 def test_sampling_filters_and_options():
     task = get_task("math")
-    sample = task.generate(20, seed=1)
-    assert [p.id for p in sample] == [p.id for p in task.generate(20, seed=1)]
-    assert [p.id for p in sample] != [p.id for p in task.generate(20, seed=2)]
     hard = task.generate(None, seed=0, difficulty=5)
     assert hard and all(p.difficulty == 5 for p in hard)
     assert {p.difficulty for p in task.generate(None, seed=0, difficulty=[1, 2])} == {1.0, 2.0}

@@ -95,7 +95,7 @@ def test_chain_example_format():
 
 def test_chain_rewrite_trace_turns_an_anchor_into_a_shorter_problem():
     """After k rewrite steps, what is left is exactly an (n-k)-step chain prompt with the same answer."""
-    task = get_task("chain")
+    task = get_task("chain", trace="rewrite")
     for p in task.generate(50, seed=3, difficulty=6):
         start, *ops = p.prompt.split(" ")
         for k, step in enumerate(p.steps, start=1):

@@ -1,5 +1,5 @@
-"""The quick-start: SFT on easy `chain` problems, then GRPO and BREAD from the same
-checkpoint on hard ones, same budget and seeds, and a report comparing them.
+"""The quick-start: a light SFT on `chain` problems, then GRPO and BREAD from the same
+checkpoint on long (hard) ones, same budget and seeds, and a report comparing them.
 
 Recipes live in `recipes/quickstart/`; the demo only wires their folders together.
 """
@@ -38,14 +38,14 @@ def run_demo(out: str = "runs/demo", overrides: list[str] = (), resume: bool = F
     sft_dir, grpo_dir, bread_dir = root / "sft", root / "grpo", root / "bread"
     timings = {}
     if not (sft_dir / "final" / "policy.json").exists():
-        console.rule("1/3  SFT on easy chain problems")
+        console.rule("1/3  light SFT on 1-8-step chain problems")
         t = time.time()
         jobs.run_sft(load_recipe(_recipe("sft.yaml"), [f"output_dir={sft_dir}", *overrides]), resume=sft_dir.exists())
         timings["sft"] = time.time() - t
     for i, (name, folder) in enumerate((("grpo", grpo_dir), ("bread", bread_dir)), start=2):
         if (folder / "eval.json").exists():
             continue
-        console.rule(f"{i}/3  {name.upper()} on hard chain problems, from the SFT checkpoint")
+        console.rule(f"{i}/3  {name.upper()} on long chain problems, from the SFT checkpoint")
         t = time.time()
         cfg = load_recipe(_recipe(f"{name}.yaml"), [f"output_dir={folder}", f"model.init={sft_dir / 'final'}", *overrides])
         jobs.run_rl(cfg, resume=folder.exists())
@@ -84,7 +84,7 @@ def write_report(root: Path, runs: dict[str, Path], sft_dir: Path) -> dict:
     md = [
         "# thinkling quick-start: GRPO vs BREAD on hard `chain` problems",
         "",
-        f"Both runs start from the SFT checkpoint `{sft_dir / 'final'}` (trained on easy problems) with the same",
+        f"Both runs start from the SFT checkpoint `{sft_dir / 'final'}` (a light SFT) with the same",
         "seeds, prompts per step, group size and number of steps. Accuracy is greedy, on held-out hard problems.",
         "",
         table,

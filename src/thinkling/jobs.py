@@ -30,12 +30,12 @@ def stop_processor(policy, task, ts_alpha: float, budget: int | None):
     return make_stop_processor(policy, task, ts_alpha=ts_alpha, budget=budget)
 
 
-def evaluate_policy(policy, task, problems, eval_cfg, seed=0, level=None, description="eval"):
+def evaluate_policy(policy, task, problems, eval_cfg, seed=0, level=None, description="eval", log=None):
     from thinkling.eval.evaluate import evaluate
 
     total = len(problems) * (1 + (eval_cfg.samples if eval_cfg.samples > 1 else 0))
     with bar(description, total) as advance:
-        return evaluate(policy, task, problems, eval_cfg, seed=seed, level=level, progress=advance,
+        return evaluate(policy, task, problems, eval_cfg, seed=seed, level=level, progress=advance, log=log,
                         stop_processor=stop_processor(policy, task, eval_cfg.ts_alpha, eval_cfg.budget))
 
 
@@ -139,15 +139,25 @@ def print_summary(summary: dict, title: str) -> None:
 
 # -------------------------------------------------------------------- eval
 def run_eval(model: str, task_cfg, eval_cfg, out: str | None, seed: int = 0, level: str | None = None) -> dict:
-    """Evaluate a saved policy / model alias on a task; optionally write JSON summary + JSONL rows."""
-    policy = _policy_for_eval(model)
+    """Evaluate a saved policy / model alias on a task.
+
+    With `out`, the summary goes to `out` (JSON) and every completion to `out`'s `.jsonl`
+    as it is produced; rerunning the same command continues an interrupted evaluation.
+    """
+    from thinkling.eval.evaluate import RowLog
+
     task, problems = problems_for(task_cfg, "eval")
-    summary, rows = evaluate_policy(policy, task, problems, eval_cfg, seed, level=level)
+    log = None
     if out:
         out_path = Path(out)
         out_path.parent.mkdir(parents=True, exist_ok=True)
+        log = RowLog(out_path.with_suffix(".jsonl"))
+        if log.rows:
+            console.print(f"continuing: {len(log.rows)} completions already in {log.path}")
+    policy = _policy_for_eval(model)
+    summary, rows = evaluate_policy(policy, task, problems, eval_cfg, seed, level=level, log=log)
+    if out:
         atomic_write_text(out_path, json.dumps(summary, indent=2))
-        atomic_write_text(out_path.with_suffix(".jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
     print_summary(summary, title=f"{model} — {task.name} ({len(problems)} problems)")
     return summary
 

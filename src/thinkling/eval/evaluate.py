@@ -1,15 +1,19 @@
 """Run a policy on a problem set and score it.
 
 One greedy pass gives accuracy and token counts; `samples` sampled completions
-per problem give pass@1 and unbiased pass@k. Every completion is kept as a row
-so reports and JSONL dumps read the same objects.
+per problem give pass@1 and unbiased pass@k. Every completion becomes a row;
+with a `RowLog` the rows are appended to a JSONL file as each batch finishes,
+so an interrupted evaluation continues where it stopped.
 """
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 
+from thinkling.errors import ThinklingError
 from thinkling.eval.metrics import pass_at_k
 from thinkling.models.base import SamplingParams
 from thinkling.rollout.prompts import prompt_ids
@@ -29,83 +33,112 @@ class Completion:
         return len(self.ids)
 
 
-def complete(policy, task: Task, problems: list[Problem], params: SamplingParams, *,
-             batch_size: int = 256, level: str | None = None, progress=None) -> list[Completion]:
-    """One scored completion per problem, generated in batches."""
-    out: list[Completion] = []
-    for start in range(0, len(problems), batch_size):
-        chunk = problems[start : start + batch_size]
-        prompts = [prompt_ids(policy, p, level) for p in chunk]
-        chunk_params = params
-        if params.seed is not None:  # each batch its own stream, independent of batch size changes elsewhere
-            chunk_params = SamplingParams(**{**vars(params), "seed": params.seed + start})
-        for p, ids in zip(chunk, policy.generate(prompts, chunk_params)):
-            out.append(score(policy, task, p, ids))
-        if progress is not None:
-            progress(len(chunk))
-    return out
-
-
 def score(policy, task: Task, problem: Problem, ids: list[int]) -> Completion:
     text = policy.decode(ids)
     verdict = task.verify(problem, text)
     return Completion(text, ids, verdict.correct, verdict.extracted, task.format_ok(text))
 
 
-def evaluate(policy, task: Task, problems: list[Problem], cfg, *, seed: int = 0,
-             stop_processor=None, level: str | None = None, progress=None) -> tuple[dict, list[dict]]:
-    """Score `problems` greedily (and with `cfg.samples` samples when > 1).
+def complete(policy, task: Task, problems: list[Problem], params: SamplingParams, *,
+             batch_size: int = 256, level: str | None = None, on_batch=None) -> list[Completion]:
+    """One scored completion per problem, generated in batches; `on_batch(problems, completions)` after each."""
+    out: list[Completion] = []
+    for start in range(0, len(problems), batch_size):
+        chunk = problems[start : start + batch_size]
+        chunk_params = params
+        if params.seed is not None:  # each batch its own stream
+            chunk_params = SamplingParams(**{**vars(params), "seed": params.seed + start})
+        done = [score(policy, task, p, ids) for p, ids in
+                zip(chunk, policy.generate([prompt_ids(policy, p, level) for p in chunk], chunk_params))]
+        out += done
+        if on_batch is not None:
+            on_batch(chunk, done)
+    return out
 
-    Returns a summary dict and one row per completion.
-    """
-    greedy = complete(policy, task, problems,
-                      SamplingParams(cfg.max_new_tokens, 0.0, 1.0, stop_processor),
-                      batch_size=cfg.batch_size, level=level, progress=progress)
-    rows = [_row(p, c, "greedy") for p, c in zip(problems, greedy)]
+
+class RowLog:
+    """Completed rows keyed by (problem id, mode), mirrored to an append-only JSONL file."""
+
+    def __init__(self, path: str | Path | None = None):
+        self.path = Path(path) if path else None
+        self.rows: dict[tuple[str, str], dict] = {}
+        if self.path and self.path.exists():
+            lines = self.path.read_text().splitlines()
+            for n, line in enumerate(lines, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                    self.rows[(row["id"], row["mode"])] = row
+                except (ValueError, KeyError):
+                    if n == len(lines):
+                        continue  # a half-written last line from an interrupted run: redo it
+                    raise ThinklingError(f"{self.path}:{n}: not an evaluation row; delete the file to start over") from None
+
+    def add(self, rows: list[dict]) -> None:
+        for row in rows:
+            self.rows[(row["id"], row["mode"])] = row
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write("".join(json.dumps(r) + "\n" for r in rows))
+
+    def __contains__(self, key) -> bool:
+        return key in self.rows
+
+
+def evaluate(policy, task: Task, problems: list[Problem], cfg, *, seed: int = 0, stop_processor=None,
+             level: str | None = None, progress=None, log: RowLog | None = None) -> tuple[dict, list[dict]]:
+    """Score `problems` greedily (and with `cfg.samples` samples when > 1); returns (summary, rows)."""
+    log = log or RowLog()
+    modes = [("greedy", SamplingParams(cfg.max_new_tokens, 0.0, 1.0, stop_processor))]
+    if cfg.samples > 1:
+        modes += [(f"sample{s}", SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, stop_processor,
+                                                seed + 1_000_003 * (s + 1))) for s in range(cfg.samples)]
+    for mode, params in modes:
+        todo = [p for p in problems if (p.id, mode) not in log]
+        if progress is not None and len(todo) < len(problems):
+            progress(len(problems) - len(todo))
+
+        def on_batch(chunk, comps, mode=mode):
+            log.add([_row(p, c, mode) for p, c in zip(chunk, comps)])
+            if progress is not None:
+                progress(len(chunk))
+
+        complete(policy, task, todo, params, batch_size=cfg.batch_size, level=level, on_batch=on_batch)
+    rows = [log.rows[(p.id, mode)] for mode, _ in modes for p in problems]
+    return summarize(problems, log, [m for m, _ in modes]), rows
+
+
+def summarize(problems: list[Problem], log: RowLog, modes: list[str]) -> dict:
+    greedy = [log.rows[(p.id, "greedy")] for p in problems]
     summary = {
         "n": len(problems),
-        "accuracy": _mean([c.correct for c in greedy]),
-        "format_rate": _mean([c.format_ok for c in greedy]),
-        "mean_tokens": _mean([c.tokens for c in greedy]),
-        "mean_tokens_correct": _mean([c.tokens for c in greedy if c.correct]),
-        "mean_tokens_wrong": _mean([c.tokens for c in greedy if not c.correct]),
+        "accuracy": _mean(r["correct"] for r in greedy),
+        "format_rate": _mean(r["format_ok"] for r in greedy),
+        "mean_tokens": _mean(r["tokens"] for r in greedy),
+        "mean_tokens_correct": _mean(r["tokens"] for r in greedy if r["correct"]),
+        "mean_tokens_wrong": _mean(r["tokens"] for r in greedy if not r["correct"]),
     }
-    correct_counts = None
-    if cfg.samples > 1:
-        params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, stop_processor, seed)
-        correct_counts = [0] * len(problems)
-        sampled_tokens = []
-        for s in range(cfg.samples):
-            params.seed = seed + 1_000_003 * (s + 1)
-            for i, (p, c) in enumerate(zip(problems, complete(policy, task, problems, params, batch_size=cfg.batch_size,
-                                                               level=level, progress=progress))):
-                correct_counts[i] += c.correct
-                sampled_tokens.append(c.tokens)
-                rows.append(_row(p, c, f"sample{s}"))
-        n = cfg.samples
-        summary["mean_tokens_sampled"] = _mean(sampled_tokens)
+    sampled = [m for m in modes if m != "greedy"]
+    counts = None
+    if sampled:
+        n = len(sampled)
+        counts = {p.id: sum(log.rows[(p.id, m)]["correct"] for m in sampled) for p in problems}
+        summary["mean_tokens_sampled"] = _mean(log.rows[(p.id, m)]["tokens"] for p in problems for m in sampled)
         for k in sorted({1, min(4, n), n}):
-            summary[f"pass@{k}"] = _mean([pass_at_k(n, c, k) for c in correct_counts])
-    summary["by_difficulty"] = _by_difficulty(problems, greedy, correct_counts, cfg.samples)
-    return summary, rows
-
-
-def _by_difficulty(problems, greedy, correct_counts, n_samples) -> dict:
+            summary[f"pass@{k}"] = _mean(pass_at_k(n, counts[p.id], k) for p in problems)
     groups = defaultdict(list)
-    for i, p in enumerate(problems):
-        groups[p.difficulty].append(i)
+    for p, r in zip(problems, greedy):
+        groups[p.difficulty].append((p, r))
     table = {}
     for d in sorted(groups):
-        idx = groups[d]
-        entry = {
-            "n": len(idx),
-            "accuracy": _mean([greedy[i].correct for i in idx]),
-            "mean_tokens": _mean([greedy[i].tokens for i in idx]),
-        }
-        if correct_counts is not None:
-            entry[f"pass@{n_samples}"] = _mean([pass_at_k(n_samples, correct_counts[i], n_samples) for i in idx])
+        entry = {"n": len(groups[d]), "accuracy": _mean(r["correct"] for _, r in groups[d]),
+                 "mean_tokens": _mean(r["tokens"] for _, r in groups[d])}
+        if counts is not None:
+            entry[f"pass@{len(sampled)}"] = _mean(pass_at_k(len(sampled), counts[p.id], len(sampled)) for p, _ in groups[d])
         table[_key(d)] = entry
-    return table
+    summary["by_difficulty"] = table
+    return summary
 
 
 def _key(d) -> str:

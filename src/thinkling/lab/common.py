@@ -12,8 +12,7 @@ import torch.nn.functional as F
 from thinkling.config import SFTConfig
 from thinkling.eval.report import markdown_table
 from thinkling.models.tiny import TinyPolicy
-from thinkling.rollout.prompts import prompt_ids
-from thinkling.train.sft import collate, make_example, sft_examples, train_sft
+from thinkling.train.sft import collate, sft_examples, train_sft
 
 
 def experiment_args(description: str) -> argparse.Namespace:
@@ -61,24 +60,14 @@ def greedy_accuracy(policy: TinyPolicy, task, problems, max_new_tokens: int, bat
 
 
 @torch.no_grad()
-def answer_loss(policy: TinyPolicy, task, problems, batch_size: int = 250) -> float:
-    """Mean cross-entropy (nats) on the answer characters only, teacher-forced.
-
-    The `A:` prefix and the eos are free to predict; the answer characters carry
-    the retrieval, so their loss is the task's perplexity signal.
-    """
-    total, count = 0.0, 0
+def completion_loss(policy: TinyPolicy, task, problems, batch_size: int = 250) -> float:
+    """Held-out SFT loss: mean cross-entropy (nats) per completion token (eos included), teacher-forced."""
+    total, count = 0.0, 0.0
     for start in range(0, len(problems), batch_size):
-        examples = []
-        for p in problems[start : start + batch_size]:
-            target = task.target(p)
-            weights = [0.0] * (len(target) - len(p.answer)) + [1.0] * len(p.answer)
-            example = make_example(policy, prompt_ids(policy, p), target, weights)
-            example.weights[-1] = 0.0  # the eos
-            examples.append(example)
-        ids, mask, weights = collate(examples, policy.pad_id)
-        logits = policy.logits(ids, mask)[:, :-1]
+        chunk = problems[start : start + batch_size]
+        ids, mask, weights = collate(sft_examples(policy, task, chunk), policy.pad_id)
+        logits = policy.logits(ids, mask)[:, :-1].float()
         ce = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none").view_as(ids[:, 1:])
         total += float((ce * weights[:, 1:]).sum())
-        count += int(weights[:, 1:].sum())
+        count += float(weights[:, 1:].sum())
     return total / count

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from thinkling.errors import ThinklingError
-from thinkling.train.common import make_optimizer, step_generator
+from thinkling.train.common import lr_at, make_optimizer, set_lr, step_generator
 
 
 @dataclass(frozen=True)
@@ -90,10 +90,11 @@ class LinearAttentionICL(nn.Module):
 
 def pretrain(model: LinearAttentionICL, prompts: RegressionPrompts, *, steps: int, n_range: tuple[int, int],
              batch_size: int = 256, lr: float = 1e-2, seed: int = 0) -> list[float]:
-    """Adam on the query's squared error, n drawn per batch from `n_range`; returns the losses."""
+    """Adam (cosine schedule) on the query's squared error, n drawn per batch from `n_range`; returns the losses."""
     optimizer = make_optimizer(model, lr, 0.0)
     losses = []
     for step in range(steps):
+        set_lr(optimizer, lr_at(step, base_lr=lr, warmup=0, total=steps, min_ratio=0.01))
         g = step_generator(seed, step)
         n = int(torch.randint(n_range[0], n_range[1] + 1, (1,), generator=g))
         x, y = prompts.sample(batch_size, n, g)
@@ -121,14 +122,21 @@ def fold_loss(w_kq, w_pv, x: torch.Tensor, y: torch.Tensor, folds: int) -> torch
 
 
 def test_time_train(model: LinearAttentionICL, x: torch.Tensor, y: torch.Tensor, *, steps: int = 1, lr: float,
-                    folds: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+                    folds: int = 4, max_norm: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-prompt weights `[B, L, D, D]` after `steps` gradient steps on `fold_loss` of the
-    demonstrations (`x [B, n+1, d]` with the query last; the query is never used)."""
+    demonstrations (`x [B, n+1, d]` with the query last; the query is never used).
+
+    Each prompt's gradient is clipped to norm `max_norm`: the loss is a high-degree
+    polynomial in the tokens, so a few prompts with large inputs would otherwise
+    take steps orders of magnitude larger than the rest.
+    """
     B = x.shape[0]
     w = [p.detach().expand(B, *p.shape).clone() for p in (model.w_kq, model.w_pv)]
     for _ in range(steps):
         w = [t.requires_grad_(True) for t in w]
         loss = fold_loss(*w, x[:, :-1], y[:, :-1], folds).sum()  # a sum: each prompt gets its own gradient
         grads = torch.autograd.grad(loss, w)
-        w = [(t - lr * g).detach() for t, g in zip(w, grads)]
+        norm = torch.sqrt(sum(g.pow(2).flatten(1).sum(1) for g in grads))
+        scale = (max_norm / norm.clamp(min=1e-12)).clamp(max=1.0).view(B, 1, 1, 1)
+        w = [(t - lr * scale * g).detach() for t, g in zip(w, grads)]
     return tuple(w)

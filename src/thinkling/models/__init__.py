@@ -44,12 +44,11 @@ def build_policy(cfg, seed: int) -> Policy:
         return TinyPolicy.create(dict(cfg.tiny), seed=seed)
     if cfg.backend == "hf":
         from thinkling.models.hf import HFPolicy
-        from thinkling.models.registry import resolve_model
 
         if not cfg.name:
             raise ThinklingError("config key 'model.name' is required for model.backend=hf (an alias, a local path or a hub id)")
         return HFPolicy.load(
-            resolve_model(cfg.name),
+            cfg.name,  # aliases resolve inside; saved adapters keep the portable name
             dtype=cfg.dtype,
             lora=cfg.lora,
             trust_remote_code=cfg.trust_remote_code,

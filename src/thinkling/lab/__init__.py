@@ -13,7 +13,7 @@ EXPERIMENTS = {
         "python experiments/lab/cat_recall_copying.py",
     ),
     "ssa-context": (
-        "standard attention vs SSA (same size and steps) on chain arithmetic across context lengths k = 2..12",
+        "standard attention vs SSA (same size and steps) on chain arithmetic across context lengths k = 2..10",
         "python experiments/lab/ssa_context.py",
     ),
     "cot2-mnns": (

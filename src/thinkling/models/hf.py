@@ -104,6 +104,10 @@ class HFPolicy:
         self.system_prompt = system_prompt
         self.source = source or {}
         self.lora: dict | None = None
+        # Generation: the rollout engine when it supports the model (see `generate`).
+        self.use_engine = True
+        self.rollout_dtype = _dtype_name(model)  # "bfloat16" trades exactness for ~2x faster rollouts on CPU
+        self._engine = self._engine_skip = None
         if tokenizer.eos_token_id is None:
             raise ThinklingError("the tokenizer has no eos token; set tokenizer.eos_token before building the policy")
         self.eos_id = int(tokenizer.eos_token_id)
@@ -212,9 +216,41 @@ class HFPolicy:
         )
         return out.logits
 
-    @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
-        """Batched generation with left padding; completions end at the first eos (kept)."""
+        """One completion per prompt, ending at the first eos (kept).
+
+        Runs the rollout engine (thinkling.rollout.engine: shared prompt
+        prefill, preallocated KV cache, finished rows dropped) when it supports
+        the model, else transformers' `generate` (`generate_reference`). Both
+        sample the same distribution; `rollout_dtype = "bfloat16"` makes the
+        engine decode with bf16 weights (faster on CPUs with AVX-512-bf16, approximate).
+        """
+        engine = self.rollout_engine()
+        if engine is None:
+            return self.generate_reference(prompts, params)
+        return engine.generate(prompts, params)
+
+    def rollout_engine(self):
+        """The engine for the current model and settings, or None when it cannot run this model."""
+        from thinkling.rollout.engine import RolloutEngine, unsupported_reason
+
+        if not self.use_engine:
+            return None
+        dtype = _check_dtype(self.rollout_dtype)
+        engine = self._engine
+        if engine is not None and engine.model is self.model and engine.dtype == dtype:
+            return engine
+        if self._engine_skip is self.model:  # already found unsupported
+            return None
+        if unsupported_reason(self.model) is not None:
+            self._engine, self._engine_skip = None, self.model
+            return None
+        self._engine = RolloutEngine(self.model, eos_id=self.eos_id, pad_id=self.pad_id, dtype=dtype)
+        return self._engine
+
+    @torch.no_grad()
+    def generate_reference(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
+        """transformers' `generate` with left padding: the reference the engine is tested against."""
         if not prompts:
             return []
         width = max(len(p) for p in prompts)

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
-from thinkling.algorithms import RL_KNOBS, compute_advantages, group_has_signal, policy_loss, rl_knobs
+from thinkling.algorithms import RL_KNOBS, compute_advantages, entropy_from_logits, group_has_signal, policy_loss, rl_knobs
 from thinkling.errors import ThinklingError
 from thinkling.models.base import SamplingParams
-from thinkling.models.logprobs import sequence_logprobs
+from thinkling.models.logprobs import sequence_logprobs, token_logprobs
 from thinkling.rewards import RewardSpec, compute_rewards, sample_levels
 from thinkling.rollout.bread import anchor_failed_groups
 from thinkling.rollout.groups import Group, sample_groups
@@ -256,8 +256,8 @@ def minibatch_loss(policy, batch: Batch, rows, knobs: dict, *, max_len: int, old
     device = next(policy.model.parameters()).device
     ids = batch.ids[rows].to(device)
     logits = policy.logits(ids, batch.attention_mask[rows].to(device))
-    logp = _gather_logp(logits, ids)
-    entropy = _entropy(logits) if knobs["entropy_coef"] > 0 else None
+    logp = token_logprobs(logits[:, :-1], ids[:, 1:])
+    entropy = entropy_from_logits(logits[:, :-1]) if knobs["entropy_coef"] > 0 else None
     loss, stats = policy_loss(
         logp, logp.detach() if old_logp is None else old_logp.to(device), batch.advantages[rows].to(device),
         batch.loss_mask[rows].to(device), eps_low=knobs["eps_low"], eps_high=knobs["eps_high"],
@@ -265,14 +265,3 @@ def minibatch_loss(policy, batch: Batch, rows, knobs: dict, *, max_len: int, old
         beta=knobs["beta"], kl_estimator=knobs["kl_estimator"], entropy=entropy,
         entropy_coef=knobs["entropy_coef"], max_len=max_len)
     return loss, stats, logits
-
-
-def _gather_logp(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """log p(x_t | x_<t) for t >= 1, computed in float32: [B, T-1]."""
-    logits = logits[:, :-1].float()
-    return logits.gather(-1, ids[:, 1:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-
-
-def _entropy(logits: torch.Tensor) -> torch.Tensor:
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1)

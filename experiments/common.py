@@ -1,0 +1,295 @@
+"""What the paper-claim experiments (issue 3) share.
+
+- `experiment_args`: `--quick`, `--seeds`, `--out`, `--jobs` for every script.
+- `ensure_sft`: one shared SFT checkpoint per recipe, trained once and reused.
+- `run_parallel`: at most two training processes at a time (the machine is shared).
+- `count_all_bread_probes`: workaround for the BREAD token-count bug (see docs/experiments.md):
+  the RL loop counts only the kept branch of each BREAD search, not the failed probes.
+- `VerboseChainTask` (`chain_verbose`): the `chain` task whose expert trace ends with a random
+  number of redundant `check` lines, so a trace has slack that length control can remove.
+
+Run the scripts from the repository root with the project venv, e.g.
+`.venv/bin/python experiments/bread_vs_grpo.py --quick`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src"
+if str(SRC) not in sys.path:  # the venv has the package installed; this only helps a bare checkout
+    sys.path.insert(0, str(SRC))
+
+from thinkling.errors import ThinklingError  # noqa: E402
+from thinkling.eval.report import markdown_table  # noqa: E402
+from thinkling.tasks.base import Problem, Task, register_task, render_completion  # noqa: E402
+from thinkling.tasks.synthetic import check_count, difficulty_levels, rng_for  # noqa: E402
+
+RUNS = Path("runs/experiments")
+
+
+def experiment_args(description: str, extra=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="smoke version (about a minute)")
+    parser.add_argument("--seeds", type=int, default=None, help="number of RL seeds (default: script's)")
+    parser.add_argument("--jobs", type=int, default=2, help="parallel training processes (max 2 on the shared box)")
+    parser.add_argument("--out", default=None, help="output folder (default runs/experiments/<name>)")
+    if extra is not None:
+        extra(parser)
+    args = parser.parse_args()
+    args.jobs = max(1, min(2, args.jobs))
+    import torch
+
+    torch.set_num_threads(1)
+    return args
+
+
+def output_dir(name: str, out: str | None, quick: bool) -> Path:
+    path = Path(out) if out else RUNS / (f"{name}-quick" if quick else name)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_results(path: Path, title: str, header: list[str], rows: list[list], results: dict,
+                  name: str = "results") -> str:
+    table = f"## {title}\n\n{markdown_table(header, rows)}\n"
+    (path / f"{name}.md").write_text(table)
+    (path / f"{name}.json").write_text(json.dumps(results, indent=2))
+    return table
+
+
+def read_metrics(run: Path) -> list[dict]:
+    f = Path(run) / "metrics.jsonl"
+    return [json.loads(line) for line in f.read_text().splitlines() if line.strip()] if f.exists() else []
+
+
+def eval_curve(run: Path) -> list[dict]:
+    """[{step, accuracy, tokens}] of the in-training evaluations (step 0 = the starting model)."""
+    points = {}
+    for r in read_metrics(run):
+        if "eval/accuracy" in r:
+            points[r["step"]] = {"step": r["step"], "accuracy": r["eval/accuracy"],
+                                 "tokens": r.get("total/generated_tokens", 0)}
+    return [points[s] for s in sorted(points)]
+
+
+def last_metric(run: Path, key: str):
+    value = None
+    for r in read_metrics(run):
+        if key in r:
+            value = r[key]
+    return value
+
+
+# --------------------------------------------------------------------------- jobs
+def run_parallel(fn, jobs: list, workers: int) -> list:
+    """`fn(job)` for every job, at most `workers` processes at once (fork keeps registered tasks)."""
+    if workers <= 1 or len(jobs) <= 1:
+        return [fn(j) for j in jobs]
+    import multiprocessing
+
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork")) as ex:
+        return list(ex.map(fn, jobs))
+
+
+def run_recipe(kind: str, recipe: str | None, overrides: list[str], data: dict | None = None) -> dict:
+    """`thinkling sft|rl RECIPE key=value...` in this process; skips a run whose eval.json exists."""
+    import torch
+
+    from thinkling import jobs
+    from thinkling.config import RunConfig, apply_overrides, build, load_yaml
+
+    torch.set_num_threads(1)
+    base = load_yaml(recipe) if recipe else {}
+    if data:
+        from thinkling.train.pipeline import deep_merge
+
+        base = deep_merge(base, data)
+    cfg = build(RunConfig, apply_overrides(base, overrides))
+    out = Path(cfg.output_dir)
+    if (out / "eval.json").exists() and (out / "final" / "policy.json").exists():
+        return json.loads((out / "eval.json").read_text())
+    if kind == "rl":
+        count_all_bread_probes()
+    resume = out.exists() and any(out.iterdir())
+    return (jobs.run_sft if kind == "sft" else jobs.run_rl)(cfg, resume=resume)
+
+
+def ensure_sft(output_dir: str | Path, recipe: str = "recipes/quickstart/sft.yaml", overrides=()) -> Path:
+    """The final policy of an SFT run, training it first if it is not there."""
+    run_recipe("sft", recipe, [f"output_dir={output_dir}", *overrides])
+    return Path(output_dir) / "final"
+
+
+# ------------------------------------------------------------- BREAD token count fix
+_PATCHED = False
+
+
+def count_all_bread_probes() -> None:
+    """Make `total/generated_tokens` include every BREAD probe, not only the kept branches.
+
+    Library bug (rl.py `collect` + bread.py `anchor_failed_groups`): `collect` adds the tokens of
+    the kept branch groups and `bstats.get("generated_tokens", 0)`, but `anchor_failed_groups`
+    never reports "generated_tokens", so failed probes (and successful probes superseded by a
+    shorter anchor) are not counted. This wraps the search so that it reports the tokens of all
+    probes minus the kept ones (which `collect` already counts): the sum is then exact.
+    """
+    global _PATCHED
+    if _PATCHED:
+        return
+    import thinkling.rollout.bread as bread
+    import thinkling.train.rl as rl
+
+    original_sample = bread.sample_groups
+    original_search = bread.anchor_failed_groups
+    counter = {"tokens": 0}
+
+    def counting_sample(*a, **kw):
+        groups = original_sample(*a, **kw)
+        counter["tokens"] += sum(c.tokens for g in groups for c in g.completions)
+        return groups
+
+    def search(*a, **kw):
+        counter["tokens"] = 0
+        kept, stats = original_search(*a, **kw)
+        if "generated_tokens" not in stats:  # the library still has the bug
+            kept_tokens = sum(c.tokens for g in kept for c in g.completions)
+            stats["generated_tokens"] = counter["tokens"] - kept_tokens
+        stats["probe_tokens_all"] = counter["tokens"]
+        return kept, stats
+
+    bread.sample_groups = counting_sample
+    rl.anchor_failed_groups = search
+    _PATCHED = True
+
+
+# -------------------------------------------------------------- the verbose chain task
+@register_task("chain_verbose")
+class VerboseChainTask(Task):
+    """`chain` (equation trace) whose expert trace ends with r redundant `check` lines.
+
+    After the k step lines `37+5=42`, ... the trace re-does the last r steps, in order, as
+    `check 37+5=42` lines (r uniform in 0..k by default, or fixed with `checks`), then `A:N`.
+    The checks carry no information (the answer is already on the last step line; the last
+    check line repeats it), so up to ~45 % of the trace is slack: the regime of "small models
+    don't know when to stop thinking". `verbose=False` gives the plain chain trace.
+    No check line contains the letter 'A', so the end-of-thinking marker `A:` stays unambiguous.
+    """
+
+    description = "chain with r redundant 'check' lines at the end of the expert trace"
+
+    def __init__(self, check_prob: float = 1.0, verbose: bool = True):
+        self.check_prob = float(check_prob)
+        self.verbose = bool(verbose)
+
+    def generate(self, n, seed, difficulty=None):
+        levels = difficulty_levels("chain_verbose", difficulty, default=3, minimum=1)
+        rng = rng_for("chain_verbose", seed)
+        problems = []
+        for i in range(check_count("chain_verbose", n)):
+            k = rng.choice(levels)
+            start = value = rng.randint(0, 99)
+            ops, steps = [], []
+            for _ in range(k):
+                operand = rng.randint(1, 9)
+                delta = rng.choice([d for d in (operand, -operand) if 0 <= value + d <= 99])
+                ops.append(f"{delta:+d}")
+                steps.append(f"{value}{delta:+d}={value + delta}")
+                value += delta
+            r = rng.randint(0, k) if rng.random() < self.check_prob else 0
+            checks = [f"check {s}" for s in steps[k - r:]] if self.verbose else []
+            problems.append(Problem(id=f"chainv-{seed}-{i}", prompt=" ".join([str(start), *ops]), answer=str(value),
+                                    steps=tuple(steps), difficulty=float(k), tags=("chain", f"k={k}"),
+                                    meta={"checks": tuple(checks)}))
+        return problems
+
+    def target(self, problem: Problem) -> str:
+        return render_completion(tuple(problem.steps) + tuple(problem.meta.get("checks", ())), problem.answer)
+
+
+def minimal_tokens(problem: Problem) -> int:
+    """Characters (= tokens) of the shortest correct completion: steps + answer line + eos."""
+    return len(render_completion(problem.steps, problem.answer)) + 1
+
+
+def sft_tagged(output: Path, task_name: str, task_options: dict, difficulty, *, steps: int, size: int = 20000,
+               tag_prob: float = 0.75, seed: int = 0, model: dict | None = None, lr: float = 3e-3) -> Path:
+    """SFT a fresh tiny model where a fraction `tag_prob` of prompts carry a random length tag
+    ([short]/[medium]/[long], uninformative at SFT time), so a later TLDR run does not start from
+    a model that has never seen a tag. Saves `output/final` and `output/sft.json`."""
+    import torch
+
+    from thinkling.config import SFTConfig
+    from thinkling.models.tiny import TinyPolicy
+    from thinkling.rewards.length import LENGTH_LEVELS
+    from thinkling.rollout.prompts import prompt_ids
+    from thinkling.tasks.base import get_task
+    from thinkling.train.sft import make_example, train_sft
+
+    final = Path(output) / "final"
+    if (final / "policy.json").exists():
+        return final
+    torch.set_num_threads(1)
+    task = get_task(task_name, **task_options)
+    problems = task.generate(size, seed, difficulty)
+    policy = TinyPolicy.create(model or {"d_model": 96, "n_layers": 3, "n_heads": 4, "max_seq_len": 192}, seed=seed)
+    rng = random.Random(seed + 99)
+    examples = []
+    for p in problems:
+        level = rng.choice(LENGTH_LEVELS) if rng.random() < tag_prob else None
+        examples.append(make_example(policy, prompt_ids(policy, p, level), task.target(p)))
+    cfg = SFTConfig(steps=steps, batch_size=64, lr=lr, warmup_steps=50)
+    losses = []
+    train_sft(policy, examples, cfg, seed=seed, progress=lambda step, loss: losses.append(loss))
+    policy.save(str(final))
+    (Path(output) / "sft.json").write_text(json.dumps({"task": task_name, "options": task_options,
+                                                        "difficulty": difficulty, "steps": steps, "size": size,
+                                                        "tag_prob": tag_prob,
+                                                        "final_loss": sum(losses[-25:]) / max(1, len(losses[-25:]))}))
+    return final
+
+
+def fail(msg: str):
+    raise ThinklingError(msg)
+
+
+# ------------------------------------------------------------ shared verbose SFT model
+VERBOSE_TRAIN_K = [1, 2, 3, 4]
+VERBOSE_EVAL_K = [2, 3, 4]
+
+
+def verbose_sft(quick: bool) -> Path:
+    """The SFT model on verbose chain traces (k = 1..4, random length tags on 75 % of prompts),
+    shared by stop_sweep.py and tldr.py."""
+    name = "sft-chain-verbose-quick" if quick else "sft-chain-verbose"
+    return sft_tagged(RUNS / name, "chain_verbose", {}, VERBOSE_TRAIN_K, steps=150 if quick else 1000)
+
+
+def evaluate_model(policy, task, problems, *, max_new_tokens: int, samples: int = 1, ts_alpha: float = 1.0,
+                   budget: int | None = None, level: str | None = None, seed: int = 0) -> dict:
+    """thinkling's evaluation (greedy + `samples` sampled completions at T=1) without the progress bar."""
+    from thinkling.config import EvalConfig
+    from thinkling.eval.evaluate import evaluate
+    from thinkling.jobs import stop_processor
+
+    cfg = EvalConfig(max_new_tokens=max_new_tokens, samples=samples, temperature=1.0, batch_size=256,
+                     ts_alpha=ts_alpha, budget=budget)
+    summary, rows = evaluate(policy, task, problems, cfg, seed=seed, level=level,
+                             stop_processor=stop_processor(policy, task, ts_alpha, budget))
+    greedy = [r for r in rows if r["mode"] == "greedy"]
+    sampled = [r for r in rows if r["mode"] != "greedy"]
+    summary["check_lines_greedy"] = sum(r["completion"].count("check") for r in greedy) / len(greedy)
+    if sampled:
+        summary["check_lines_sampled"] = sum(r["completion"].count("check") for r in sampled) / len(sampled)
+    summary["minimal_tokens"] = sum(minimal_tokens(p) for p in problems) / len(problems)
+    return summary

@@ -1,0 +1,242 @@
+"""The rollout engine against transformers' `generate` on tiny random models (no downloads).
+
+Speed is never asserted here (benchmarks/ measures it); these tests pin down
+that the engine samples what plain sampling samples.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from thinkling.errors import ThinklingError  # noqa: E402
+from thinkling.models.base import SamplingParams  # noqa: E402
+from thinkling.models.hf import HFPolicy  # noqa: E402
+from thinkling.rollout.engine import RolloutEngine, sample_tokens, unsupported_reason  # noqa: E402
+
+V, PAD, EOS = 97, 0, 3
+ARCHS = {
+    "llama": transformers.LlamaConfig,  # grouped-query attention below (4 heads, 2 kv heads)
+    "qwen2": transformers.Qwen2Config,  # q/k/v biases
+    "qwen3": transformers.Qwen3Config,  # per-head q/k RMSNorm
+}
+
+
+def make_model(arch="llama", seed=0, **over):
+    torch.manual_seed(seed)
+    kwargs = dict(
+        vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=EOS, pad_token_id=PAD,
+        initializer_range=0.2,  # peaked logits: greedy decoding has no near-ties
+    )
+    if arch != "llama":
+        kwargs["head_dim"] = 8
+    kwargs.update(over)
+    model = transformers.AutoModelForCausalLM.from_config(ARCHS[arch](**kwargs)).eval()
+    if arch == "qwen2":  # biases start at zero: make them matter
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                torch.nn.init.normal_(proj.bias, std=0.5)
+    return model
+
+
+def reference(model, prompts, params):
+    """transformers' generate through HFPolicy's reference path."""
+    policy = _policy(model)
+    return policy.generate_reference(prompts, params)
+
+
+def _policy(model):
+    from test_hf_policy import make_tokenizer  # the char tokenizer of the HFPolicy tests
+
+    tok = make_tokenizer()
+    tok.eos_token, tok.pad_token = tok.convert_ids_to_tokens(EOS), tok.convert_ids_to_tokens(PAD)
+    return HFPolicy(model, tok)
+
+
+def engine(model, **kw):
+    return RolloutEngine(model, eos_id=EOS, pad_id=PAD, **kw)
+
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [20, 21, 22, 23], [5, 6, 7, 8, 9, 10, 11], [40]]
+GREEDY = SamplingParams(max_new_tokens=12, temperature=0)
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_greedy_equals_hf_generate_on_mixed_length_prompts(arch):
+    model = make_model(arch)
+    out = engine(model).generate(PROMPTS, GREEDY)
+    assert out == reference(model, PROMPTS, GREEDY)
+    assert out == [reference(model, [p], GREEDY)[0] for p in PROMPTS]
+    assert any(len(o) < GREEDY.max_new_tokens for o in out) or all(EOS not in o for o in out)
+
+
+def test_padding_batch_equals_single_prompts():
+    model = make_model(seed=1)
+    eng = engine(model)
+    assert eng.generate(PROMPTS, GREEDY) == [eng.generate([p], GREEDY)[0] for p in PROMPTS]
+
+
+def test_prefix_sharing_on_and_off_agree():
+    model = make_model(seed=2)
+    group = [p for p in PROMPTS[:3] for _ in range(4)]  # G = 4 duplicates, as sample_groups asks
+    on, off = engine(model), engine(model, share_prefixes=False)
+    assert on.generate(group, GREEDY) == off.generate(group, GREEDY)
+    sampled = SamplingParams(max_new_tokens=12, temperature=1.0, seed=3)
+    assert on.generate(group, sampled) == off.generate(group, sampled)
+
+
+def test_seeded_sampling_is_reproducible():
+    model = make_model(seed=3)
+    eng = engine(model)
+    params = SamplingParams(max_new_tokens=10, temperature=1.0, top_p=0.9, seed=7)
+    first = eng.generate(PROMPTS, params)
+    assert first == eng.generate(PROMPTS, params)
+    assert first != eng.generate(PROMPTS, SamplingParams(max_new_tokens=10, temperature=1.0, top_p=0.9, seed=8))
+    # without a seed the global RNG is used, so torch.manual_seed reproduces it
+    torch.manual_seed(0)
+    a = eng.generate(PROMPTS, SamplingParams(max_new_tokens=10))
+    torch.manual_seed(0)
+    assert a == eng.generate(PROMPTS, SamplingParams(max_new_tokens=10))
+
+
+def test_stop_on_eos_and_max_new_tokens_with_compaction():
+    """Rows stop at different steps (the batch is compacted on the way); the processor
+    sees only the rows still running, with their completion ids so far."""
+    model = make_model(seed=4)
+    stop_at = {0: 2, 1: 5, 2: 0, 3: 9}  # prompt index -> step where eos is forced
+    prompts = [[10 + i, 11, 12 + i] for i in range(6)]
+    seen = []
+
+    def force(logits, history):
+        seen.append((logits.shape[0], history.shape))
+        assert logits.shape[0] == history.shape[0]
+        t = history.shape[1]
+        logits = logits.clone()
+        logits[:, EOS] = -float("inf")
+        for row, ids in enumerate(history.tolist()):
+            prompt = next(i for i, p in enumerate(prompts) if torch.equal(torch.tensor(p), torch.tensor(prompts[i])) and
+                          _trace[i] == ids) if False else None  # noqa: F841 (rows are identified below)
+        for row in range(logits.shape[0]):
+            i = _row_prompt[row]
+            if stop_at.get(i) == t:
+                logits[row] = -float("inf")
+                logits[row, EOS] = 0
+        return logits
+
+    # rows keep their order among the survivors, so the prompt of each row is tracked here
+    _trace = {}
+    _row_prompt = list(range(len(prompts)))
+    params = SamplingParams(max_new_tokens=8, temperature=0, logits_processor=None)
+
+    def processor(logits, history):
+        out = force(logits, history)
+        finished = [r for r in range(len(_row_prompt)) if out[r].argmax() == EOS]
+        for r in reversed(finished):
+            del _row_prompt[r]
+        return out
+
+    params.logits_processor = processor
+    out = engine(model).generate(prompts, params)
+    assert [len(o) for o in out] == [3, 6, 1, 8, 8, 8]
+    assert [o[-1] == EOS for o in out] == [True, True, True, False, False, False]
+    assert [n for n, _ in seen] == [6, 6, 5, 5, 5, 4, 3, 3]  # finished rows are not passed on
+    assert all(shape[1] == t for t, (_, shape) in enumerate(seen))
+    assert engine(model).generate(prompts, SamplingParams(max_new_tokens=0)) == [[] for _ in prompts]
+
+
+def test_processor_history_matches_output():
+    model = make_model(seed=5)
+    calls = []
+
+    def record(logits, history):
+        calls.append(history.clone())
+        return logits
+
+    out = engine(model).generate(PROMPTS, SamplingParams(max_new_tokens=6, temperature=0, logits_processor=record))
+    assert out == reference(model, PROMPTS, SamplingParams(max_new_tokens=6, temperature=0, logits_processor=record))
+    last = calls[len(calls) // 2 - 1]  # the engine's final call (the reference's calls follow)
+    assert [o[:5] for o in out if len(o) == 6] == [row[:5] for row in last.tolist()][: sum(len(o) == 6 for o in out)]
+
+
+def test_sampler_matches_the_softmax_distribution():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 6) * 2
+    g = torch.Generator().manual_seed(0)
+    n = 20000
+    draws = sample_tokens(logits.expand(n, 6), 0.7, 1.0, g)
+    freq = torch.bincount(draws, minlength=6).float() / n
+    assert torch.allclose(freq, torch.softmax(logits[0] / 0.7, -1), atol=0.015)
+    # top-p keeps the smallest head with mass >= p, renormalised
+    probs = torch.softmax(logits[0], -1)
+    order = probs.argsort(descending=True)
+    head = order[: int((probs[order].cumsum(0) < 0.8).sum()) + 1]
+    draws = sample_tokens(logits.expand(n, 6), 1.0, 0.8, g)
+    kept = torch.zeros(6, dtype=torch.bool)
+    kept[head] = True
+    freq = torch.bincount(draws, minlength=6).float() / n
+    assert freq[~kept].sum() == 0
+    assert torch.allclose(freq[kept], probs[kept] / probs[kept].sum(), atol=0.015)
+    # a token with probability 0 is never drawn
+    banned = logits.expand(n, 6).clone()
+    banned[:, int(order[0])] = -float("inf")
+    assert not (sample_tokens(banned, 1.0, 1.0, g) == order[0]).any()
+
+
+def test_weights_are_refreshed_after_an_update():
+    model = make_model(seed=6)
+    eng = engine(model)
+    before = eng.generate(PROMPTS, GREEDY)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    loss = model(torch.tensor([PROMPTS[0]])).logits.square().mean()
+    loss.backward()
+    opt.step()
+    after = eng.generate(PROMPTS, GREEDY)
+    assert after == reference(model, PROMPTS, GREEDY)
+    assert after != before
+
+
+def test_lora_adapters_are_folded_in():
+    peft = pytest.importorskip("peft")
+    model = make_model(seed=7)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj"], lora_dropout=0.0)
+    lora = peft.get_peft_model(model, config)
+    for name, p in lora.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)  # B starts at zero: make the adapters change the model
+    lora.eval()
+    assert unsupported_reason(lora) is None
+    assert engine(lora).generate(PROMPTS, GREEDY) == reference(lora, PROMPTS, GREEDY)
+
+
+def test_bfloat16_decoding_runs_and_mostly_agrees():
+    model = make_model(seed=8)
+    out = engine(model, dtype=torch.bfloat16).generate(PROMPTS, GREEDY)
+    ref = engine(model).generate(PROMPTS, GREEDY)
+    assert [len(o) for o in out] and all(0 < len(o) <= 12 for o in out)
+    assert sum(a[0] == b[0] for a, b in zip(out, ref)) >= len(PROMPTS) - 1  # the first token: fp32 vs bf16
+
+
+def test_policy_uses_the_engine_and_falls_back_for_other_models():
+    llama = _policy(make_model(seed=9))
+    assert llama.rollout_engine() is not None
+    assert llama.generate(PROMPTS, GREEDY) == llama.generate_reference(PROMPTS, GREEDY)
+    torch.manual_seed(0)
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=V, n_embd=32, n_layer=1, n_head=2)).eval()
+    assert "model_type" in unsupported_reason(gpt2)
+    with pytest.raises(ThinklingError, match="does not support"):
+        engine(gpt2)
+    policy = _policy(gpt2)
+    assert policy.rollout_engine() is None
+    assert policy.generate(PROMPTS, GREEDY) == policy.generate_reference(PROMPTS, GREEDY)
+
+
+def test_errors():
+    eng = engine(make_model())
+    with pytest.raises(ThinklingError, match="empty"):
+        eng.generate([[5], []], GREEDY)
+    with pytest.raises(ThinklingError, match="top_p"):
+        eng.generate([[5]], SamplingParams(top_p=0))
+    assert eng.generate([], GREEDY) == []

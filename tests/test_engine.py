@@ -103,62 +103,51 @@ def test_seeded_sampling_is_reproducible():
 
 
 def test_stop_on_eos_and_max_new_tokens_with_compaction():
-    """Rows stop at different steps (the batch is compacted on the way); the processor
-    sees only the rows still running, with their completion ids so far."""
+    """Rows stop at different steps (the batch is compacted twice on the way); the
+    processor only sees the rows still running, with their completion ids so far."""
     model = make_model(seed=4)
-    stop_at = {0: 2, 1: 5, 2: 0, 3: 9}  # prompt index -> step where eos is forced
     prompts = [[10 + i, 11, 12 + i] for i in range(6)]
+    stop_at = {0: 2, 1: 5, 2: 1, 3: 7}  # row -> step at which eos is forced (7 is the last step)
     seen = []
 
-    def force(logits, history):
-        seen.append((logits.shape[0], history.shape))
+    def processor(logits, history):
+        seen.append(history.shape)
         assert logits.shape[0] == history.shape[0]
         t = history.shape[1]
         logits = logits.clone()
         logits[:, EOS] = -float("inf")
-        for row, ids in enumerate(history.tolist()):
-            prompt = next(i for i, p in enumerate(prompts) if torch.equal(torch.tensor(p), torch.tensor(prompts[i])) and
-                          _trace[i] == ids) if False else None  # noqa: F841 (rows are identified below)
-        for row in range(logits.shape[0]):
-            i = _row_prompt[row]
-            if stop_at.get(i) == t:
-                logits[row] = -float("inf")
-                logits[row, EOS] = 0
+        for r in range(logits.shape[0]):
+            row = r if t == 0 else int(history[r, 0]) - 30  # step 0 tags each row with token 30 + row
+            forced = 30 + row if t == 0 else EOS if stop_at.get(row) == t else None
+            if forced is not None:
+                logits[r] = -float("inf")
+                logits[r, forced] = 0
         return logits
 
-    # rows keep their order among the survivors, so the prompt of each row is tracked here
-    _trace = {}
-    _row_prompt = list(range(len(prompts)))
-    params = SamplingParams(max_new_tokens=8, temperature=0, logits_processor=None)
-
-    def processor(logits, history):
-        out = force(logits, history)
-        finished = [r for r in range(len(_row_prompt)) if out[r].argmax() == EOS]
-        for r in reversed(finished):
-            del _row_prompt[r]
-        return out
-
-    params.logits_processor = processor
+    params = SamplingParams(max_new_tokens=8, temperature=0, logits_processor=processor)
     out = engine(model).generate(prompts, params)
-    assert [len(o) for o in out] == [3, 6, 1, 8, 8, 8]
-    assert [o[-1] == EOS for o in out] == [True, True, True, False, False, False]
-    assert [n for n, _ in seen] == [6, 6, 5, 5, 5, 4, 3, 3]  # finished rows are not passed on
-    assert all(shape[1] == t for t, (_, shape) in enumerate(seen))
+    assert [len(o) for o in out] == [3, 6, 2, 8, 8, 8]
+    assert [o[-1] == EOS for o in out] == [True, True, True, True, False, False]
+    assert [o[0] for o in out] == [30 + i for i in range(6)]
+    assert seen == [torch.Size([n, t]) for t, n in enumerate([6, 6, 5, 4, 4, 4, 3, 3])]
+    assert out == reference(model, prompts, params)
     assert engine(model).generate(prompts, SamplingParams(max_new_tokens=0)) == [[] for _ in prompts]
 
 
-def test_processor_history_matches_output():
+def test_processor_sees_the_completion_so_far():
     model = make_model(seed=5)
     calls = []
 
     def record(logits, history):
         calls.append(history.clone())
+        logits = logits.clone()
+        logits[:, EOS] = -float("inf")
         return logits
 
     out = engine(model).generate(PROMPTS, SamplingParams(max_new_tokens=6, temperature=0, logits_processor=record))
-    assert out == reference(model, PROMPTS, SamplingParams(max_new_tokens=6, temperature=0, logits_processor=record))
-    last = calls[len(calls) // 2 - 1]  # the engine's final call (the reference's calls follow)
-    assert [o[:5] for o in out if len(o) == 6] == [row[:5] for row in last.tolist()][: sum(len(o) == 6 for o in out)]
+    assert len(calls) == 6
+    for t, history in enumerate(calls):
+        assert history.tolist() == [o[:t] for o in out]
 
 
 def test_sampler_matches_the_softmax_distribution():

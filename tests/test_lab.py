@@ -236,10 +236,14 @@ def test_regression_prompts_are_seeded_and_the_shift_knob_picks_a_subspace():
     x2, y2 = shifted.sample(5, 20, torch.Generator().manual_seed(0))
     assert torch.equal(x, x2) and torch.equal(y, y2) and x.shape == (5, 21, 6)
     w = torch.linalg.lstsq(x, y[..., None]).solution.squeeze(-1)  # noiseless: the exact task weights
-    outside = w - w @ shifted.basis() @ shifted.basis().T
-    assert outside.abs().max() < 1e-4 and w.abs().min() > 0
-    with pytest.raises(ThinklingError, match="task_rank"):
-        ttt.RegressionPrompts(dim=6, task_rank=7)
+    basis = shifted.rotation()[:, :2]
+    assert (w - w @ basis @ basis.T).abs().max() < 1e-4 and w.abs().min() > 0
+    x, _ = ttt.RegressionPrompts(dim=6, x_condition=100.0).sample(2000, 10, torch.Generator().manual_seed(0))
+    eig = torch.linalg.eigvalsh(x.flatten(0, 1).T.cov())
+    assert 50 < eig.max() / eig.min() < 200 and abs(eig.mean() - 1) < 0.05
+    for bad in ({"task_rank": 7}, {"x_condition": 0.5}):
+        with pytest.raises(ThinklingError, match=next(iter(bad))):
+            ttt.RegressionPrompts(dim=6, **bad)
 
 
 def test_a_test_time_training_step_lowers_the_loss_on_the_demonstrations():

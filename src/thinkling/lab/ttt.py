@@ -8,9 +8,10 @@ the layers. It is pretrained on prompts whose w comes from one distribution.
 Test-time training adapts a copy of the weights *per prompt*: the prompt's own
 demonstrations are split into folds, each fold in turn is the targets while
 the rest are the context, and a few gradient steps on that loss precede the
-prediction of the query with all demonstrations as context. The task-shift
-knob (`task_rank`) draws test weights from a low-dimensional subspace instead
-of the isotropic pretraining prior, keeping E‖w‖² the same.
+prediction of the query with all demonstrations as context. Two shift knobs
+separate test prompts from pretraining: `task_rank` draws the weights from a
+low-dimensional subspace (same E‖w‖²), `x_condition` makes the inputs'
+covariance anisotropic (same trace).
 """
 
 from __future__ import annotations
@@ -26,31 +27,39 @@ from thinkling.train.common import lr_at, make_optimizer, set_lr, step_generator
 
 @dataclass(frozen=True)
 class RegressionPrompts:
-    """In-context linear regression: x ~ N(0, I_dim), w ~ N(0, I_dim) or, under task shift,
-    w uniform in a fixed random `task_rank`-dimensional subspace scaled so E‖w‖² = dim."""
+    """In-context linear regression, y = ⟨w, x⟩ + noise; the defaults are the pretraining
+    distribution x ~ N(0, I), w ~ N(0, I).
+
+    Task shift: w is Gaussian in a fixed random `task_rank`-dimensional subspace,
+    scaled so E‖w‖² = dim. Covariate shift: x ~ N(0, Σ) with Σ's eigenvalues
+    log-spaced over a ratio of `x_condition` in a fixed random basis, mean 1.
+    """
 
     dim: int = 8
     noise: float = 0.0
-    task_rank: int | None = None  # None = dim = the pretraining distribution
-    subspace_seed: int = 0
+    task_rank: int | None = None  # None = dim: no task shift
+    x_condition: float = 1.0  # 1: no covariate shift
+    shift_seed: int = 0
 
     def __post_init__(self):
         rank = self.dim if self.task_rank is None else self.task_rank
         if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= self.dim:
             raise ThinklingError(f"ttt 'task_rank': must be an integer in 1..dim={self.dim} (got {self.task_rank!r})")
+        if isinstance(self.x_condition, bool) or not isinstance(self.x_condition, (int, float)) or self.x_condition < 1:
+            raise ThinklingError(f"ttt 'x_condition': must be a number >= 1 (got {self.x_condition!r})")
 
-    def basis(self) -> torch.Tensor:
-        """`[dim, rank]` orthonormal columns spanning the test tasks' subspace."""
-        rank = self.dim if self.task_rank is None else self.task_rank
-        g = torch.Generator().manual_seed(self.subspace_seed)
-        return torch.linalg.qr(torch.randn(self.dim, self.dim, generator=g))[0][:, :rank]
+    def rotation(self) -> torch.Tensor:
+        """`[dim, dim]` orthonormal; its first task_rank columns span the tasks' subspace."""
+        g = torch.Generator().manual_seed(self.shift_seed)
+        return torch.linalg.qr(torch.randn(self.dim, self.dim, generator=g))[0]
 
     def sample(self, batch: int, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """x `[batch, n+1, dim]` and y `[batch, n+1]`: n demonstrations, then the query."""
-        basis = self.basis()
-        rank = basis.shape[1]
-        w = torch.randn(batch, rank, generator=generator) @ basis.T * (self.dim / rank) ** 0.5
-        x = torch.randn(batch, n + 1, self.dim, generator=generator)
+        rotation = self.rotation()
+        rank = self.dim if self.task_rank is None else self.task_rank
+        w = torch.randn(batch, rank, generator=generator) @ rotation[:, :rank].T * (self.dim / rank) ** 0.5
+        scales = torch.logspace(-0.5, 0.5, self.dim, base=float(self.x_condition))
+        x = torch.randn(batch, n + 1, self.dim, generator=generator) * (scales / scales.mean()).sqrt() @ rotation.T
         y = (x @ w[:, :, None]).squeeze(-1) + self.noise * torch.randn(batch, n + 1, generator=generator)
         return x, y
 

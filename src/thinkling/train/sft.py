@@ -44,13 +44,19 @@ def collate(examples: list[Example], pad_id: int):
     return ids, mask, weights
 
 
-def weighted_ce(logits: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Σ_t w_t·CE_t / Σ_t w_t over next-token targets; weight 0 (prompt, padding) means no loss."""
+def weighted_ce(logits: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                denominator: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ_t w_t·CE_t / Σ_t w_t over next-token targets; weight 0 (prompt, padding) means no loss.
+
+    `denominator` replaces this batch's Σ w: data-parallel shards divide by the
+    whole batch's weight, so their losses add up to the full-batch mean.
+    """
     targets = ids[:, 1:]
     w = weights[:, 1:].to(logits.dtype)
     ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="none")
     ce = ce.view_as(targets)
-    return (torch.where(w > 0, ce, 0.0) * w).sum() / w.sum().clamp_min(1e-8)
+    total = w.sum().clamp_min(1e-8) if denominator is None else denominator
+    return (torch.where(w > 0, ce, 0.0) * w).sum() / total
 
 
 def sft_examples(policy, task, problems) -> list[Example]:
@@ -58,18 +64,25 @@ def sft_examples(policy, task, problems) -> list[Example]:
 
 
 def train_sft(policy, examples: list[Example], cfg, *, seed: int, run=None, start_step: int = 0,
-              optimizer=None, on_eval=None, eval_every: int = 0, progress=None) -> dict:
+              optimizer=None, on_eval=None, eval_every: int = 0, progress=None, data_parallel=None) -> dict:
     """Train for `cfg.steps` steps (continuing from `start_step`).
 
     Batches are drawn from a per-step random stream, so step N sees the same
     batch with or without an interruption before it; together with the saved
     optimizer state this makes resume exact.
+
+    With a `data_parallel` world of several processes (`train.distributed`),
+    each process trains on its shard of that batch and gradients are summed, so
+    the step equals the single-process one; only process 0 evaluates.
     """
     if not examples:
         raise ThinklingError("SFT: the training set is empty")
     model = policy.model
     model.train()
     optimizer = optimizer or make_optimizer(model, cfg.lr, cfg.weight_decay)
+    dp = data_parallel if data_parallel is not None and data_parallel.enabled else None
+    if dp is not None:
+        dp.broadcast_parameters(model)
     device = next(model.parameters()).device
     last = {}
     t0 = time.time()
@@ -77,17 +90,26 @@ def train_sft(policy, examples: list[Example], cfg, *, seed: int, run=None, star
     for step in range(start_step, cfg.steps):
         g = step_generator(seed, step)
         idx = torch.randint(len(examples), (cfg.batch_size,), generator=g).tolist()
+        if dp is not None:
+            idx = dp.shard(idx)
         ids, mask, weights = (t.to(device) for t in collate([examples[i] for i in idx], policy.pad_id))
         lr = lr_at(step, base_lr=cfg.lr, warmup=cfg.warmup_steps, total=cfg.steps, min_ratio=cfg.min_lr_ratio)
         set_lr(optimizer, lr)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
             logits = policy.logits(ids, mask)
-        loss = weighted_ce(logits, ids, weights)
+        if dp is None:
+            loss = weighted_ce(logits, ids, weights)
+        else:  # this shard's part of the full-batch mean; `loss` becomes that mean for logging
+            counts = dp.sum(torch.stack([weights[:, 1:].sum(), mask.sum().float()]).to(logits.device))
+            shard_loss = weighted_ce(logits, ids, weights, denominator=counts[0].clamp_min(1e-8))
+            loss = dp.sum(shard_loss.detach().clone())
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss if dp is None else shard_loss).backward()
+        if dp is not None:
+            dp.sum_gradients(model)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
-        tokens += int(mask.sum())
+        tokens += int(mask.sum()) if dp is None else int(counts[1])
         done = step + 1
         if progress is not None:
             progress(done, loss.item())
@@ -95,7 +117,8 @@ def train_sft(policy, examples: list[Example], cfg, *, seed: int, run=None, star
             last = {"loss": loss.item(), "lr": lr, "grad_norm": float(grad_norm),
                     "tokens_per_s": tokens / max(1e-9, time.time() - t0)}
             run.log(done, last)
-        if on_eval is not None and eval_every and (done % eval_every == 0) and done != cfg.steps:
+        if on_eval is not None and eval_every and (done % eval_every == 0) and done != cfg.steps and (
+                dp is None or dp.is_main):
             model.eval()
             on_eval(done)
             model.train()

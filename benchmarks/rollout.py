@@ -1,0 +1,98 @@
+"""Generated tokens/s: thinkling's rollout engine vs Hugging Face `generate`.
+
+    python benchmarks/rollout.py                       # SmolLM2-135M, batch 1/16/64, 128 new tokens
+    python benchmarks/rollout.py --batches 16 --repeats 5 --threads 2
+
+Both sides sample (temperature 1) from the same distinct prompts (chain-task
+questions in the chat template) with eos suppressed, so each generates exactly
+batch x new-tokens tokens. Sides:
+  hf           transformers `generate` on the fp32 model (HFPolicy.generate_reference)
+  engine       thinkling.rollout.engine in float32 (what HFPolicy.generate runs by default)
+  engine-bf16  the engine with bfloat16 weights and KV cache (rollout_dtype="bfloat16")
+  hf-bf16      `generate` on a bfloat16 copy of the model (--with-hf-bf16; the fair
+               baseline for engine-bf16)
+Ratios are the median tokens/s of a side over that of `hf`, measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+
+import torch
+from _common import Recorder, footer, header, rotate, table
+
+from thinkling.models.base import SamplingParams
+from thinkling.models.hf import HFPolicy
+from thinkling.rollout.prompts import prompt_text
+from thinkling.tasks.base import get_task
+
+
+def ban(token: int):
+    def processor(logits, history):
+        logits[:, token] = -float("inf")
+        return logits
+
+    return processor
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2-135m", help="alias or path of a Llama-family model")
+    ap.add_argument("--batches", default="1,16,64")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadiest on a shared machine)")
+    ap.add_argument("--with-hf-bf16", action="store_true")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    header("rollout: generated tokens/s, engine vs transformers generate", ["benchmarks/rollout.py", *sys.argv[1:]])
+
+    policy = HFPolicy.load(args.model, device="cpu")
+    bf16 = copy.copy(policy)  # same model; only the engine's dtype differs
+    bf16._engine = None
+    bf16.rollout_dtype = "bfloat16"
+    sides = {
+        "hf": policy.generate_reference,
+        "engine": policy.generate,
+        "engine-bf16": bf16.generate,
+    }
+    if args.with_hf_bf16:
+        hf16 = HFPolicy(copy.deepcopy(policy.model).to(torch.bfloat16), policy.tokenizer)
+        sides["hf-bf16"] = hf16.generate_reference
+    batches = [int(b) for b in args.batches.split(",")]
+    problems = get_task("chain").generate(max(batches), seed=0, difficulty=[3, 4, 5, 6])
+    prompts = [policy.encode_prompt(prompt_text(p)) for p in problems]
+    print(f"model={args.model} new_tokens={args.new_tokens} prompt_tokens={min(map(len, prompts))}-{max(map(len, prompts))} "
+          f"repeats={args.repeats} sides={','.join(sides)}\n")
+
+    warm = SamplingParams(max_new_tokens=4, logits_processor=ban(policy.eos_id), seed=0)
+    for fn in sides.values():
+        fn(prompts[:2], warm)
+    rec = Recorder()
+    for batch in batches:
+        params = SamplingParams(max_new_tokens=args.new_tokens, temperature=1.0, logits_processor=ban(policy.eos_id))
+        for rep in range(args.repeats):
+            for side in rotate(list(sides), rep):
+                with rec.measure(side) as m:
+                    out = sides[side](prompts[:batch], params)
+                assert all(len(o) == args.new_tokens for o in out), "eos was not suppressed"
+                rec.add(str(batch), side, "tok/s", batch * args.new_tokens / m["seconds"])
+                print(f"  batch {batch:3d} rep {rep} {side:12s} {rec.values[(str(batch), side)]['tok/s'][-1]:7.1f} tok/s",
+                      flush=True)
+
+    rows = []
+    for batch in batches:
+        b = str(batch)
+        base = rec.median(b, "hf", "tok/s")
+        for side in sides:
+            med = rec.median(b, side, "tok/s")
+            rows.append([batch, side, f"{med:.1f}", rec.spread(b, side, "tok/s"), f"{med / base:.2f}x"])
+    print()
+    print(table(["batch", "side", "tok/s (median)", "min–max", "vs hf"], rows))
+    footer(rec)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""Length control at inference: sweep temperature-scaled stopping (α) and budget forcing (B).
+
+Both trade accuracy for tokens without training, in different ways:
+
+- temperature-scaled stopping multiplies the probability of ending the thinking
+  by α at every step (α > 1 stops earlier, α < 1 later, α = 1 is the plain model);
+- budget forcing lets the model think freely until B tokens, then makes it write
+  the end-of-thinking marker and answer.
+
+`stop_sweep` evaluates one policy greedily at every α and every B on the same
+problems and reports accuracy against mean completion length, as a JSON table
+and one plot with both curves, so the two controls are compared at equal cost.
+Each setting's completions go to their own JSONL file, so an interrupted sweep
+continues where it stopped.
+
+Where the task has no end-of-thinking text (GSM8K, MATH: `end_of_thinking` is
+None), the marker is the model's EOS: α then scales the probability of ending
+the answer, and budget forcing with EOS is a hard cut at B tokens. Passing
+`budget_marker="\\nThe answer is"` instead forces the model to state an answer
+at the budget (s1's "Final Answer:"), which is the fairer comparison there.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+from thinkling.errors import ThinklingError
+from thinkling.progress import bar, console
+from thinkling.runs import atomic_write_text
+
+# Room after a forced marker for the answer itself (a number, a short \boxed{}).
+ANSWER_ROOM = 24
+
+
+def _load_policy(model: str, dtype: str | None):
+    """A saved policy / run folder, or an alias / hub id loaded as an HF model."""
+    from thinkling.config import ModelConfig
+    from thinkling.models import build_policy, load_policy
+
+    if Path(model).exists():
+        if dtype is not None:
+            raise ThinklingError("dtype applies to model aliases and hub ids; a saved policy keeps its own")
+        return load_policy(model)
+    return build_policy(ModelConfig(backend="hf", name=model, dtype=dtype or "float32"), seed=0)
+
+
+def _check(values, name: str, kind, low) -> list:
+    values = list(values)
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, kind) or not (v > low) or not math.isfinite(v):
+            raise ThinklingError(f"{name}: expected numbers > {low}, got {v!r}")
+    return values
+
+
+def stop_sweep(model, task_cfg, alphas, budgets, out_dir, max_new_tokens: int, *, batch_size: int = 32,
+               seed: int = 0, dtype: str | None = None, budget_marker: str | None = None) -> dict:
+    """Evaluate TS at each α and budget forcing at each B; write `sweep.json` and `sweep.png` in `out_dir`.
+
+    `model` is a policy object or what `thinkling eval --model` takes. Budget
+    rows generate up to max(max_new_tokens, B + marker + ANSWER_ROOM) tokens so
+    a forced marker always leaves room for the answer. Returns the table.
+    """
+    from thinkling.config import EvalConfig
+    from thinkling.eval.evaluate import RowLog, evaluate
+    from thinkling.jobs import problems_for
+    from thinkling.rollout.stopping import make_stop_processor
+
+    alphas = _check(alphas, "alphas", (int, float), 0)
+    budgets = _check(budgets, "budgets", int, 0)
+    if not alphas and not budgets:
+        raise ThinklingError("stop sweep: give at least one alpha or one budget")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    task, problems = problems_for(task_cfg, "eval")
+    policy = _load_policy(model, dtype) if isinstance(model, str) else model
+    marker_task = SimpleNamespace(end_of_thinking=budget_marker) if budget_marker else task
+    marker_len = len(policy.encode_text(budget_marker)) if budget_marker else 1
+
+    settings = [("ts", float(a), max_new_tokens, make_stop_processor(policy, task, ts_alpha=float(a)))
+                for a in alphas]
+    settings += [("budget", b, max(max_new_tokens, b + marker_len + ANSWER_ROOM),
+                  make_stop_processor(policy, marker_task, budget=b)) for b in budgets]
+    rows = []
+    for method, value, limit, processor in settings:
+        name = f"{method}-{value:g}"
+        cfg = EvalConfig(max_new_tokens=limit, samples=1, batch_size=batch_size)
+        with bar(name, len(problems)) as advance:
+            summary, _ = evaluate(policy, task, problems, cfg, seed=seed, stop_processor=processor,
+                                  progress=advance, log=RowLog(out / f"{name}.jsonl"))
+        rows.append({"method": method, "value": value, "max_new_tokens": limit, "n": summary["n"],
+                     "accuracy": summary["accuracy"], "mean_tokens": summary["mean_tokens"],
+                     "format_rate": summary["format_rate"]})
+        console.print(f"{name}: accuracy {summary['accuracy']:.3f}, mean tokens {summary['mean_tokens']:.1f}")
+    table = {"model": model if isinstance(model, str) else type(model).__name__, "task": task_cfg.name,
+             "n": len(problems), "max_new_tokens": max_new_tokens, "budget_marker": budget_marker,
+             "end_of_thinking": getattr(task, "end_of_thinking", None) or "<eos>", "rows": rows}
+    atomic_write_text(out / "sweep.json", json.dumps(table, indent=2) + "\n")
+    plot_sweep(table, out / "sweep.png")
+    return table
+
+
+def plot_sweep(table: dict, path) -> None:
+    """Accuracy against mean completion tokens: one curve per method, each point labelled by α or B."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for method, label, style, tag in (("ts", "temperature-scaled stopping", "o-", "α={:g}"),
+                                      ("budget", "budget forcing", "s--", "B={:g}")):
+        rows = sorted((r for r in table["rows"] if r["method"] == method), key=lambda r: r["mean_tokens"])
+        if not rows:
+            continue
+        xs, ys = [r["mean_tokens"] for r in rows], [r["accuracy"] for r in rows]
+        ax.plot(xs, ys, style, label=label)
+        for r in rows:
+            ax.annotate(tag.format(r["value"]), (r["mean_tokens"], r["accuracy"]), textcoords="offset points",
+                        xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("mean completion tokens")
+    ax.set_ylabel("accuracy (greedy)")
+    ax.set_title(f"{table['model']} on {table['task']} ({table['n']} problems)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

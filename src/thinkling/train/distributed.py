@@ -1,0 +1,143 @@
+"""Data-parallel SFT across processes started by `torchrun` or `accelerate launch`.
+
+Every process holds a full replica of the policy. A training step draws the
+same per-step batch everywhere (the batch stream depends only on seed and
+step), each process keeps its shard of it, and the gradients are summed across
+processes before clipping and the optimizer step, so every replica takes the
+same step as one process on the whole batch would:
+
+- each process's loss is its share of the *global* weighted mean,
+  Σ_shard w·CE / Σ_batch w, with the denominator all-reduced first;
+- summing those gradients gives the gradient of the full-batch loss exactly
+  (DDP's averaging of per-process means is only equal for equal shard weights).
+
+The gradient exchange is the all-reduce that `DistributedDataParallel` does,
+written out with `torch.distributed.all_reduce` so the policy keeps its own,
+unwrapped model: `policy.logits`, `generate` and `save` need no DDP awareness.
+accelerate's `PartialState` reads the launcher's environment and opens the
+process group (gloo on CPU, nccl on GPUs).
+
+Launch (one process per replica; CPU-only hosts included):
+
+    torchrun --nproc-per-node 2 -m thinkling.cli sft RECIPE
+    accelerate launch --multi_gpu --num_processes 2 -m thinkling.cli sft RECIPE
+
+(`--multi_gpu` only picks accelerate's torchrun launcher; `--cpu --num_processes N`
+would need mpirun.) Process 0 owns the run folder: it logs, checkpoints and
+evaluates; the others only train.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from thinkling.errors import ThinklingError
+from thinkling.runs import RunDir
+
+
+@dataclass(frozen=True)
+class DataParallel:
+    """This process's place in the data-parallel world (a world of 1 when not launched)."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @classmethod
+    def from_env(cls) -> DataParallel:
+        """The world set up by torchrun / accelerate launch (WORLD_SIZE > 1), else a single process."""
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return cls()
+        from accelerate import PartialState
+
+        # cpu=True makes accelerate pick gloo when the launcher is torchrun on a host without GPUs.
+        state = PartialState(cpu=not torch.cuda.is_available())
+        if not torch.distributed.is_initialized() or state.num_processes < 2:
+            raise ThinklingError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but no process group came up")
+        return cls(state.process_index, state.num_processes)
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    # ------------------------------------------------------------- collectives
+    def shard(self, items: list) -> list:
+        """This process's share of a list, round-robin: shards differ in size by at most one."""
+        if len(items) < self.world_size:
+            raise ThinklingError(f"a batch of {len(items)} cannot be split over {self.world_size} processes")
+        return items[self.rank :: self.world_size]
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """All-reduce (sum) in place; returns the tensor."""
+        if self.enabled:
+            torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+        return tensor
+
+    def broadcast_parameters(self, model: torch.nn.Module) -> None:
+        """Make every replica start from process 0's trainable weights (DDP does the same when it
+        wraps a model), so a differently seeded initialisation (LoRA, a fresh tiny model) cannot
+        make them drift apart. Frozen weights come from the same files everywhere."""
+        if self.enabled:
+            for p in model.parameters():
+                if p.requires_grad:
+                    torch.distributed.broadcast(p.data, src=0)
+
+    def sum_gradients(self, model: torch.nn.Module) -> None:
+        """Sum gradients over processes in one all-reduce of a flat buffer.
+
+        Which parameters have a gradient is the same everywhere (same model, same
+        loss), so parameters without one stay without one, as in a single process.
+        """
+        if not self.enabled:
+            return
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        self.sum(flat)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def barrier(self) -> None:
+        if self.enabled:
+            torch.distributed.barrier()
+
+    # ------------------------------------------------------------- run folder
+    def run_dir(self, path: str | Path, config, resume: bool = False) -> RunDir:
+        """Process 0 creates (or reopens) the run folder; the others get a read-only view of it,
+        enough to find the checkpoint to resume from, that writes nothing."""
+        if not self.enabled:
+            return RunDir(path, config, resume=resume)
+        run = RunDir(path, config, resume=resume) if self.is_main else None
+        self.barrier()  # the folder (and its checks) come first
+        return run if run is not None else ReplicaRun(path)
+
+
+class ReplicaRun(RunDir):
+    """A run folder seen from a process other than 0: reads checkpoints, writes nothing."""
+
+    def __init__(self, path: str | Path):  # no RunDir.__init__: that creates and writes files
+        self.path = Path(path)
+        self.ckpt_dir = self.path / "checkpoints"
+        self._tb = None
+
+    def log(self, step, metrics) -> None:
+        pass
+
+    def truncate_metrics(self, after_step) -> None:
+        pass
+
+    def write_samples(self, step, rows) -> None:
+        pass
+
+    def save_checkpoint(self, step, policy, optimizer, state):
+        return None

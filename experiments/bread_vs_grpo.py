@@ -30,6 +30,9 @@ def add_args(p):
     p.add_argument("--eval-every", type=int, default=None)
     p.add_argument("--eval-size", type=int, default=None)
     p.add_argument("--no-explore", action="store_true", help="only the main setting")
+    p.add_argument("--regime", choices=["quickstart", "rewrite"], default="quickstart",
+                   help="quickstart: light SFT on 1-8-step equation traces (recipes/quickstart); rewrite: SFT on "
+                        "1-4-step rewrite traces (recipes/experiments/sft-chain-rewrite.yaml), RL on 6 steps")
 
 
 def one_run(job: dict) -> dict:
@@ -55,15 +58,25 @@ def mean_curve(curves: list[list[dict]]) -> list[dict]:
 
 def main():
     args = experiment_args(__doc__.splitlines()[0], add_args)
-    out = output_dir("bread-vs-grpo", args.out, args.quick)
+    rewrite = args.regime == "rewrite"
+    out = output_dir("bread-vs-grpo" + ("-rewrite" if rewrite else ""), args.out, args.quick)
     quick = args.quick
     steps = args.steps or (6 if quick else 100)
     every = args.eval_every or (3 if quick else 10)
     eval_size = args.eval_size or (50 if quick else 200)
     n_seeds = args.seeds or (1 if quick else 3)
-    sft = ensure_sft(out.parent / "sft-chain")  # the quick-start SFT, shared with the other experiments
+    extra = []
+    if rewrite:
+        sft = ensure_sft(out.parent / ("sft-chain-rewrite" + ("-quick" if quick else "")),
+                         "recipes/experiments/sft-chain-rewrite.yaml", ["sft.steps=100"] if quick else [])
+        extra = ["train.options={trace: rewrite}", "eval.options={trace: rewrite}", "rl.max_new_tokens=128",
+                 "evaluation.max_new_tokens=128"]
+    else:
+        sft = ensure_sft(out.parent / "sft-chain")  # the quick-start SFT, shared with the other experiments
     settings = [{"name": "d6-lr1e-4", "difficulty": 6, "lr": 1e-4, "seeds": list(range(n_seeds))}]
-    if not args.no_explore and not quick:
+    if rewrite and not args.no_explore and not quick:
+        settings += [{"name": "d6-lr3e-4", "difficulty": 6, "lr": 3e-4, "seeds": [0]}]
+    elif not args.no_explore and not quick:
         settings += [{"name": "d4-lr1e-4", "difficulty": 4, "lr": 1e-4, "seeds": [0]},
                      {"name": "d6-lr3e-4", "difficulty": 6, "lr": 3e-4, "seeds": [0]}]
     jobs = []
@@ -76,7 +89,7 @@ def main():
                                            f"rl.lr={s['lr']}", f"rl.steps={steps}", f"train.difficulty=[{s['difficulty']}]",
                                            f"eval.difficulty=[{s['difficulty']}]", f"eval.size={eval_size}",
                                            f"evaluation.every={every}", f"rl.save_every={steps}",
-                                           "rl.samples_every=0"]})
+                                           "rl.samples_every=0", *extra]})
     t0 = time.time()
     done = run_parallel(one_run, jobs, args.jobs)
     wall = time.time() - t0
@@ -115,14 +128,19 @@ def main():
         hb, hg = hit["BREAD"], hit["GRPO"]
         frac = sum(p["bread_expert_token_fraction"] or 0 for p in per_seed) / len(per_seed)
         frac_a = sum(p["bread_expert_token_fraction_anchored"] or 0 for p in per_seed) / len(per_seed)
+        entry["last3"] = {m: sum(p["accuracy"] for p in mean[m][-3:]) / len(mean[m][-3:]) for m in RECIPES}
+        entry["best"] = {m: max(p["accuracy"] for p in mean[m][1:]) for m in RECIPES}
         rows.append([s["name"], len(s["seeds"]), mean["GRPO"][0]["accuracy"], target, mean["BREAD"][-1]["accuracy"],
+                     entry["last3"]["GRPO"], entry["last3"]["BREAD"],
+                     "yes" if target > mean["GRPO"][0]["accuracy"] else "no",
                      f"{hg['step']} / {hb['step'] if hb else '-'}",
                      f"{hg['tokens'] / 1e3:.0f}k / {hb['tokens'] / 1e3:.0f}k" if hb else f"{hg['tokens'] / 1e3:.0f}k / -",
                      f"{mean['GRPO'][-1]['tokens'] / 1e3:.0f}k / {mean['BREAD'][-1]['tokens'] / 1e3:.0f}k",
                      frac, frac_a])
         _plot(out / f"{s['name']}.png", s, curves, mean, target)
 
-    header = ["setting", "seeds", "acc @0", "GRPO final", "BREAD final", "steps to GRPO final (GRPO/BREAD)",
+    header = ["setting", "seeds", "acc @0", "GRPO final", "BREAD final", "GRPO last-3 evals", "BREAD last-3 evals",
+              "GRPO improved on start?", "steps to GRPO final (GRPO/BREAD)",
               "tokens to GRPO final (GRPO/BREAD)", "total tokens (GRPO/BREAD)", "expert-token frac (all)",
               "expert-token frac (anchored)"]
     seed_rows = [[name, p["seed"], p["start"], p["grpo_final"], p["bread_final"],

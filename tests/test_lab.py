@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import thinkling.tasks.copying  # noqa: F401  (registers the lab tasks)
+# importing the lab tasks registers them with get_task
+import thinkling.tasks.copying
 import thinkling.tasks.recall  # noqa: F401
 from thinkling.errors import ThinklingError
-from thinkling.lab import EXPERIMENTS
-from thinkling.lab import cot2, ttt
+from thinkling.lab import EXPERIMENTS, cot2, ttt
 from thinkling.models.base import SamplingParams
 from thinkling.models.tiny import TinyConfig, TinyPolicy, TinyTransformer
 from thinkling.tasks import get_task

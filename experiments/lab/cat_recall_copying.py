@@ -13,13 +13,20 @@ import time
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-import thinkling.tasks.copying  # noqa: E402,F401  (registers the lab tasks)
-import thinkling.tasks.recall  # noqa: E402,F401
-from thinkling.config import SFTConfig  # noqa: E402
-from thinkling.lab.common import experiment_args, greedy_accuracy, output_dir, train_policy, write_table  # noqa: E402
-from thinkling.tasks import get_task  # noqa: E402
+# importing the lab tasks registers them with get_task
+import thinkling.tasks.copying
+import thinkling.tasks.recall  # noqa: F401
+from thinkling.config import SFTConfig
+from thinkling.lab.common import (
+    experiment_args,
+    greedy_accuracy,
+    output_dir,
+    train_policy,
+    write_table,
+)
+from thinkling.tasks import get_task
 
 # Learning rate and steps per task, picked from short sweeps (lr 1e-3 / 3e-3, 2-3 seeds): one-layer
 # CAT learns recall reliably at 1e-3, while copying needed 3e-3 and 2000 steps to leave its plateau.

@@ -17,12 +17,12 @@ import time
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
 
-from thinkling.eval.metrics import pass_at_k  # noqa: E402
-from thinkling.lab import cot2  # noqa: E402
-from thinkling.lab.common import experiment_args, output_dir, write_table  # noqa: E402
+from thinkling.eval.metrics import pass_at_k
+from thinkling.lab import cot2
+from thinkling.lab.common import experiment_args, output_dir, write_table
 
 SAMPLES = 16
 KS = (1, 2, 4, 8, 16)

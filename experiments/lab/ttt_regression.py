@@ -18,11 +18,11 @@ import math
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
 
-from thinkling.lab import ttt  # noqa: E402
-from thinkling.lab.common import experiment_args, output_dir, write_table  # noqa: E402
+from thinkling.lab import ttt
+from thinkling.lab.common import experiment_args, output_dir, write_table
 
 DIM, NOISE, SHIFT_RANK, X_CONDITION = 8, 0.1, 1, 20.0
 LRS = (0.01, 0.03, 0.1, 0.3)
@@ -90,7 +90,9 @@ def main():
         ax.plot(ns, r["ttt"], color=f"C{i}", marker="s", label=f"TTT ({ttt_steps} steps), {name}")
     ax.set(xscale="log", yscale="log", xlabel="in-context examples n", ylabel="relative query MSE",
            title=f"in-context linear regression, d={DIM}, 1-layer linear attention")
-    ax.grid(alpha=0.3, which="both")
+    ax.set_xticks(ns, [str(n) for n in ns], minor=False)
+    ax.minorticks_off()
+    ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "ttt.png", dpi=120)

@@ -47,6 +47,16 @@ def _load_policy(model: str, dtype: str | None):
     return build_policy(ModelConfig(backend="hf", name=model, dtype=dtype or "float32"), seed=0)
 
 
+def parse_values(text: str | None, kind, name: str) -> list:
+    """'0.5,1,2' -> [0.5, 1.0, 2.0] (kind float) for the CLI; '' or None -> []."""
+    if not text:
+        return []
+    try:
+        return [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ThinklingError(f"--{name}: expected a comma list of {kind.__name__}s, got {text!r}") from None
+
+
 def _check(values, name: str, kind, low) -> list:
     values = list(values)
     for v in values:

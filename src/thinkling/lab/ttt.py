@@ -122,7 +122,7 @@ def fold_loss(w_kq, w_pv, x: torch.Tensor, y: torch.Tensor, folds: int) -> torch
     folds = max(1, min(folds, n))
     fold_of = torch.arange(n) % folds
     targets = (fold_of[None, :] == torch.arange(folds)[:, None]).to(y.dtype)  # [F, n]
-    rep = lambda t: t.repeat_interleave(folds, 0)  # noqa: E731  (prompt-major: row b*F + f)
+    rep = lambda t: t.repeat_interleave(folds, 0)
     context = (1 - targets).repeat(B, 1)
     w = [t if t.dim() == 3 else rep(t) for t in (w_kq, w_pv)]
     pred = linear_attention(*w, rep(x), rep(y), context)

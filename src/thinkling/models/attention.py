@@ -160,7 +160,7 @@ class SelectiveSelfAttention(CausalSelfAttention):
         _check_flags("ssa", query=query, value=value, position=position)
         if isinstance(lr_scale, bool) or not isinstance(lr_scale, (int, float)) or lr_scale <= 0:
             raise ThinklingError(f"attention_options 'lr_scale': must be a number > 0 for attention 'ssa' (got {lr_scale!r})")
-        zeros = lambda: nn.Parameter(torch.zeros(n_heads, self.head_dim))  # noqa: E731
+        zeros = lambda: nn.Parameter(torch.zeros(n_heads, self.head_dim))
         self.query_temp = zeros() if query else None
         self.value_temp = zeros() if value else None
         self.position_temp = nn.Parameter(torch.full((n_heads,), self.POSITION_INIT)) if position else None
@@ -224,7 +224,7 @@ class ConvolutionAugmentedAttention(CausalSelfAttention):
         return state
 
     def qkv(self, x, positions, state):
-        B, T, D = x.shape
+        B, _, D = x.shape
         past = state["conv"] if state is not None else x.new_zeros(B, self.kernel_size - 1, D)
         window = torch.cat((past, x), dim=1)  # [B, kernel-1+T, D]
         if state is not None:

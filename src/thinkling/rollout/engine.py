@@ -147,6 +147,7 @@ class _Linear:
         self.packed = _pack(weight) if pack and weight.device.type == "cpu" and can_pack(weight.dtype) else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.weight.dtype)
         if self.packed is None:
             return F.linear(x, self.weight, self.bias)
         if self.weight.dtype == torch.bfloat16:
@@ -357,8 +358,7 @@ class RolloutEngine:
         end = start + T
         causal = mask is None and T > 1
         for i, layer in enumerate(w.layers):
-            h = _rms(x, layer.attn_norm).to(self.dtype)
-            q, k, v = layer.qkv(h).split([H * hd, KV * hd, KV * hd], dim=-1)
+            q, k, v = layer.qkv(_rms(x, layer.attn_norm)).split([H * hd, KV * hd, KV * hd], dim=-1)
             q, k, v = q.view(B, T, H, hd), k.view(B, T, KV, hd), v.view(B, T, KV, hd)
             if layer.q_norm is not None:
                 q, k = _rms(q.float(), layer.q_norm), _rms(k.float(), layer.k_norm)
@@ -370,12 +370,13 @@ class RolloutEngine:
                 scale=w.scale, enable_gqa=KV != H,
             )
             x = x + layer.o(a.transpose(1, 2).reshape(B, T, H * hd)).float()
-            gate, up = layer.gate_up(_rms(x, layer.mlp_norm).to(self.dtype)).chunk(2, dim=-1)
+            gate, up = layer.gate_up(_rms(x, layer.mlp_norm)).chunk(2, dim=-1)
             x = x + layer.down(F.silu(gate) * up).float()
         return _rms(x[:, -1], w.norm)
 
-    def _logits(self, w: _Weights, hidden: torch.Tensor) -> torch.Tensor:
-        return w.head(hidden.to(torch.float32 if self.head_dtype == torch.bfloat16 else self.head_dtype)).float()
+    @staticmethod
+    def _logits(w: _Weights, hidden: torch.Tensor) -> torch.Tensor:
+        return w.head(hidden).float()
 
     def _pick(self, logits, history, params: SamplingParams, generator) -> torch.Tensor:
         if params.logits_processor is not None:
@@ -403,41 +404,8 @@ class RolloutEngine:
         if params.seed is not None:
             generator = torch.Generator(device=device).manual_seed(params.seed)
 
-        # Prefill each distinct prompt once.
-        row_of: dict = {}
-        unique, first = [], []
-        for i, p in enumerate(prompts):
-            key = tuple(p) if self.share_prefixes else i
-            if key not in row_of:
-                row_of[key] = len(unique)
-                unique.append(p)
-            first.append(row_of[key])
-        width = max(len(p) for p in unique)
-        ids = torch.full((len(unique), width), self.pad_id, dtype=torch.long)
-        valid = torch.zeros((len(unique), width), dtype=torch.bool)
-        for r, p in enumerate(unique):
-            ids[r, width - len(p) :] = torch.tensor(p)
-            valid[r, width - len(p) :] = True
-        ids, valid = ids.to(device), valid.to(device)
-        padded = not bool(valid.all())
-        positions = (valid.long().cumsum(1) - 1).clamp(min=0)
-        prefill = torch.empty((len(w.layers), 2, len(unique), w.n_kv, width, w.head_dim), dtype=self.dtype, device=device)
-        mask = None
-        if padded:  # causal over real keys; a padding query sees itself so its softmax is defined
-            causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
-            mask = ((causal & valid[:, None, :]) | torch.eye(width, dtype=torch.bool, device=device))[:, None]
-        hidden = self._forward(w, ids, positions, prefill, 0, mask)
-
-        # Copy each prompt's cache rows to its duplicates.
-        rows = torch.tensor(first, device=device)
-        capacity = width + steps
-        kv = torch.empty((len(w.layers), 2, len(prompts), w.n_kv, capacity, w.head_dim), dtype=self.dtype, device=device)
-        kv[:, :, :, :, :width] = prefill.index_select(2, rows)
-        del prefill
-        keys = torch.ones((len(prompts), capacity), dtype=torch.bool, device=device)
-        keys[:, :width] = valid.index_select(0, rows)
-        logits = self._logits(w, hidden).index_select(0, rows)
-        next_pos = positions[:, -1].index_select(0, rows) + 1
+        kv, keys, logits, next_pos, width = self._prefill(w, prompts, steps)
+        padded = not bool(keys.all())
         origin = torch.arange(len(prompts), device=device)  # prompt index of each batch row
         history = torch.full((len(prompts), steps), self.pad_id, dtype=torch.long, device=device)
         alive = torch.ones(len(prompts), dtype=torch.bool, device=device)
@@ -471,6 +439,46 @@ class RolloutEngine:
             logits = self._logits(w, hidden)
             next_pos += 1
         return out
+
+    def _prefill(self, w: _Weights, prompts: list[list[int]], steps: int):
+        """Prefill each distinct prompt once (left-padded) and copy its cache rows to its duplicates.
+
+        Returns the cache `[layers, 2, rows, kv_heads, width + steps, head_dim]`, the mask of
+        real key slots `[rows, width + steps]`, first-token logits, next positions, and the
+        padded prompt width (the slot of the first generated token).
+        """
+        device = self.device
+        row_of: dict = {}
+        unique, first = [], []
+        for i, p in enumerate(prompts):
+            key = tuple(p) if self.share_prefixes else i
+            if key not in row_of:
+                row_of[key] = len(unique)
+                unique.append(p)
+            first.append(row_of[key])
+        width = max(len(p) for p in unique)
+        ids = torch.full((len(unique), width), self.pad_id, dtype=torch.long)
+        valid = torch.zeros((len(unique), width), dtype=torch.bool)
+        for r, p in enumerate(unique):
+            ids[r, width - len(p) :] = torch.tensor(p)
+            valid[r, width - len(p) :] = True
+        ids, valid = ids.to(device), valid.to(device)
+        positions = (valid.long().cumsum(1) - 1).clamp(min=0)
+        mask = None
+        if not bool(valid.all()):  # causal over real keys; a padding query sees itself so its softmax is defined
+            causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
+            mask = ((causal & valid[:, None, :]) | torch.eye(width, dtype=torch.bool, device=device))[:, None]
+        shape = (len(w.layers), 2, len(unique), w.n_kv, width, w.head_dim)
+        cache = torch.empty(shape, dtype=self.dtype, device=device)
+        hidden = self._forward(w, ids, positions, cache, 0, mask)
+
+        rows = torch.tensor(first, device=device)
+        kv = torch.empty((*shape[:2], len(prompts), w.n_kv, width + steps, w.head_dim), dtype=self.dtype, device=device)
+        kv[:, :, :, :, :width] = cache.index_select(2, rows)
+        keys = torch.ones((len(prompts), width + steps), dtype=torch.bool, device=device)
+        keys[:, :width] = valid.index_select(0, rows)
+        logits = self._logits(w, hidden).index_select(0, rows)
+        return kv, keys, logits, positions[:, -1].index_select(0, rows) + 1, width
 
     @staticmethod
     def _compact(kv: torch.Tensor, keep: torch.Tensor, filled: int) -> torch.Tensor:

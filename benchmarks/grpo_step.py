@@ -65,7 +65,7 @@ def bench_reward(task, problem, text: str) -> float:
     then skips the update (no learning signal) while TRL still runs it, which
     would flatter thinkling. Both sides use this same function.
     """
-    return float(task.verify(problem, text).correct) + 0.01 * min(len(text), 200) / 200
+    return float(task.verify(problem, text).correct) + 1e-4 * len(text)
 
 
 class BenchTrainer(RLTrainer):

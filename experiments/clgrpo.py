@@ -1,7 +1,8 @@
 """Experiment 4: the CLGRPO staged pipeline and an ε sweep for its clip-low stage (arXiv 2506.18048, METHODS.md §4).
 
 Part A runs recipes/clgrpo-pipeline.yaml (SFT → GRPO format-only → GRPO format+accuracy → clip-low
-GRPO) and reports held-out accuracy after each stage. Part B restarts stage 4 from the stage-3
+GRPO) and reports held-out accuracy after each stage; part A2 reruns stages 2-4 from the same SFT at
+`--lr` (default 1e-4; the recipe's 5e-4 wrecks the tiny model). Part B restarts stage 4 from the A2 stage-3
 checkpoint with (ε_low, ε_high) ∈ {(0.2,0.1), (0.2,0.2), (0.2,0.28), (0.1,0.1)}. With the recipe's
 μ = 1 PPO epoch and one mini-batch the ratio is exactly 1 and clipping cannot act, so part B first
 checks that two ε pairs give identical runs at μ = 1, then sweeps with μ = 2 epochs × 2 mini-batches
@@ -31,6 +32,8 @@ def add_args(p):
     p.add_argument("--epochs", type=int, default=2, help="PPO epochs μ in the sweep")
     p.add_argument("--minibatches", type=int, default=2, help="mini-batches per epoch in the sweep")
     p.add_argument("--sweep-steps", type=int, default=None, help="stage-4 steps in the sweep (default: recipe's)")
+    p.add_argument("--lr", type=float, default=1e-4,
+                   help="RL lr of the variant pipeline (stages 2-4 rerun from the same SFT) and of the sweep")
 
 
 def one_run(job):
@@ -74,9 +77,31 @@ def main():
                    f"{s.get('skipped_updates', '-')}/{s.get('steps', '-')}" if s["kind"] == "rl" else "-"]
                   for i, s in enumerate(stages)]
 
+    # ------------------------------------------------ part A2: the same pipeline at a lower RL lr
+    # The recipe's RL lr (5e-4) is above what the lead found a tiny chain model tolerates; rerun
+    # stages 2-4 from the same SFT checkpoint at --lr (the first stage of a pipeline takes model.init).
+    lr_tag = f"lr{args.lr:g}"
+    variant = copy.deepcopy(data)
+    variant["output_dir"] = str(out / f"pipeline-{lr_tag}")
+    variant["rl"]["lr"] = args.lr
+    variant["model"] = {**variant["model"], "init": str(Path(cfgs[0][2].output_dir) / "final")}
+    variant["stages"] = variant["stages"][1:]
+    vrecipe = out / f"pipeline-{lr_tag}-recipe.yaml"
+    vrecipe.write_text(yaml.safe_dump(variant, sort_keys=False))
+    vroot = Path(variant["output_dir"])
+    vstages = run_pipeline(str(vrecipe), [], resume=vroot.exists())
+    vcfgs = stage_configs(copy.deepcopy(variant))
+    for st, (name, kind, cfg) in zip(vstages, vcfgs):
+        rows = [r for r in read_metrics(Path(cfg.output_dir)) if "eval/accuracy" not in r]
+        st["folder"] = cfg.output_dir
+        st["skipped_updates"] = int(sum(r.get("skipped_update", 0) for r in rows))
+        st["steps"] = cfg.rl.steps
+    stage_rows += [[i + 2, s["stage"] + f" ({lr_tag})", s["kind"], s["accuracy"], s["format_rate"], s["mean_tokens"],
+                    f"{s['skipped_updates']}/{s['steps']}"] for i, s in enumerate(vstages)]
+
     # ------------------------------------------------------------------ part B
-    stage3_final = Path(cfgs[2][2].output_dir) / "final"
-    base = {k: v for k, v in data.items() if k != "stages"}
+    stage3_final = Path(vcfgs[1][2].output_dir) / "final"
+    base = {k: v for k, v in variant.items() if k != "stages"}
     from thinkling.train.pipeline import deep_merge
 
     base = deep_merge(base, {k: v for k, v in data["stages"][3].items() if k not in ("name", "kind")})
@@ -86,7 +111,7 @@ def main():
     jobs = []
 
     def job(tag, eps, seed, extra):
-        folder = out / "sweep" / tag
+        folder = out / f"sweep-{lr_tag}" / tag
         return {"tag": tag, "eps": eps, "seed": seed, "folder": str(folder), "data": copy.deepcopy(base),
                 "overrides": [f"output_dir={folder}", f"seed={seed}", f"rl.eps_low={eps[0]}", f"rl.eps_high={eps[1]}",
                               f"rl.steps={steps}", f"rl.save_every={steps}", f"evaluation.every={every}", *extra]}
@@ -122,18 +147,19 @@ def main():
     for s in mu1:
         sweep_rows.append([f"({s['eps_low']}, {s['eps_high']}) μ=1", 1, s["accuracy"], f"{s['accuracy']:.3f}",
                            s["clip_frac_low"], s["clip_frac_high"]])
-    results = {"recipe": RECIPE, "stages": stages, "stage3_final": str(stage3_final), "sweep_steps": steps,
+    results = {"recipe": RECIPE, "stages": stages, "variant_lr": args.lr, "variant_stages": vstages,
+               "stage3_final": str(stage3_final), "sweep_steps": steps,
                "epochs": args.epochs, "minibatches": args.minibatches, "mu1_runs_identical": identical,
                "sweep": sweep, "wall_s": time.time() - t0}
     print(write_results(out, "CLGRPO pipeline: held-out greedy accuracy after each stage (chain k=4)",
                         ["stage", "name", "kind", "accuracy", "format rate", "mean tokens", "skipped updates/steps"],
                         stage_rows, results))
-    print(write_results(out, f"Stage-4 ε sweep from the stage-3 checkpoint ({steps} steps, μ={args.epochs} epochs × "
+    print(write_results(out, f"Stage-4 ε sweep from the {lr_tag} stage-3 checkpoint ({steps} steps at {lr_tag}, μ={args.epochs} epochs × "
                              f"{args.minibatches} mini-batches; μ=1 rows: recipe setting)",
                         ["(ε_low, ε_high)", "seeds", "accuracy (mean)", "per seed", "clip frac low", "clip frac high"],
                         sweep_rows, {}, name="sweep"))
     print(f"μ=1 runs with different ε identical: {identical}")
-    _plot(out / "clgrpo.png", stages, sweep)
+    _plot(out / "clgrpo.png", stages + [{**v, "stage": v["stage"] + "@" + lr_tag} for v in vstages], sweep)
     print(f"wall time {time.time() - t0:.0f} s")
 
 

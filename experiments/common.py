@@ -179,7 +179,9 @@ class VerboseChainTask(Task):
     """`chain` (equation trace) whose expert trace ends with r redundant `check` lines.
 
     After the k step lines `37+5=42`, ... the trace re-does the last r steps, in order, as
-    `check 37+5=42` lines (r uniform in 0..k by default, or fixed with `checks`), then `A:N`.
+    `check 37+5=42` lines (r uniform in 0..k), then `A:N`. With `checks="repeat"` the r check lines
+    all restate the last step instead (each a copy of the line above, so a model can hardly get a
+    check wrong). Both modes draw the same problems and the same r.
     The checks carry no information (the answer is already on the last step line; the last
     check line repeats it), so up to ~45 % of the trace is slack: the regime of "small models
     don't know when to stop thinking". `verbose=False` gives the plain chain trace.
@@ -188,9 +190,12 @@ class VerboseChainTask(Task):
 
     description = "chain with r redundant 'check' lines at the end of the expert trace"
 
-    def __init__(self, check_prob: float = 1.0, verbose: bool = True):
+    def __init__(self, check_prob: float = 1.0, verbose: bool = True, checks: str = "suffix"):
+        if checks not in ("suffix", "repeat"):
+            raise ThinklingError(f"task 'chain_verbose': checks must be 'suffix' or 'repeat', got {checks!r}")
         self.check_prob = float(check_prob)
         self.verbose = bool(verbose)
+        self.checks = checks
 
     def generate(self, n, seed, difficulty=None):
         levels = difficulty_levels("chain_verbose", difficulty, default=3, minimum=1)
@@ -207,7 +212,12 @@ class VerboseChainTask(Task):
                 steps.append(f"{value}{delta:+d}={value + delta}")
                 value += delta
             r = rng.randint(0, k) if rng.random() < self.check_prob else 0
-            checks = [f"check {s}" for s in steps[k - r:]] if self.verbose else []
+            if not self.verbose:
+                checks = []
+            elif self.checks == "suffix":  # re-do the last r steps, in order
+                checks = [f"check {s}" for s in steps[k - r:]]
+            else:  # "repeat": restate the last step r times (a copy of the line above: harmless)
+                checks = [f"check {steps[-1]}"] * r
             problems.append(Problem(id=f"chainv-{seed}-{i}", prompt=" ".join([str(start), *ops]), answer=str(value),
                                     steps=tuple(steps), difficulty=float(k), tags=("chain", f"k={k}"),
                                     meta={"checks": tuple(checks)}))
@@ -268,15 +278,16 @@ VERBOSE_TRAIN_K = [1, 2, 3, 4]
 VERBOSE_EVAL_K = [2, 3, 4]
 
 
-def verbose_sft(quick: bool) -> Path:
+def verbose_sft(quick: bool, checks: str = "suffix") -> Path:
     """The SFT model on verbose chain traces (k = 1..4, random length tags on 75 % of prompts),
     shared by stop_sweep.py and tldr.py."""
-    name = "sft-chain-verbose-quick" if quick else "sft-chain-verbose"
-    return sft_tagged(RUNS / name, "chain_verbose", {}, VERBOSE_TRAIN_K, steps=150 if quick else 1000)
+    name = "sft-chain-verbose" + ("" if checks == "suffix" else f"-{checks}") + ("-quick" if quick else "")
+    options = {} if checks == "suffix" else {"checks": checks}
+    return sft_tagged(RUNS / name, "chain_verbose", options, VERBOSE_TRAIN_K, steps=150 if quick else 1000)
 
 
 def evaluate_model(policy, task, problems, *, max_new_tokens: int, samples: int = 1, ts_alpha: float = 1.0,
-                   budget: int | None = None, level: str | None = None, seed: int = 0) -> dict:
+                   budget: int | None = None, level: str | None = None, seed: int = 0, processor=None) -> dict:
     """thinkling's evaluation (greedy + `samples` sampled completions at T=1) without the progress bar."""
     from thinkling.config import EvalConfig
     from thinkling.eval.evaluate import evaluate
@@ -285,7 +296,7 @@ def evaluate_model(policy, task, problems, *, max_new_tokens: int, samples: int 
     cfg = EvalConfig(max_new_tokens=max_new_tokens, samples=samples, temperature=1.0, batch_size=256,
                      ts_alpha=ts_alpha, budget=budget)
     summary, rows = evaluate(policy, task, problems, cfg, seed=seed, level=level,
-                             stop_processor=stop_processor(policy, task, ts_alpha, budget))
+                             stop_processor=processor or stop_processor(policy, task, ts_alpha, budget))
     greedy = [r for r in rows if r["mode"] == "greedy"]
     sampled = [r for r in rows if r["mode"] != "greedy"]
     summary["check_lines_greedy"] = sum(r["completion"].count("check") for r in greedy) / len(greedy)
@@ -293,3 +304,14 @@ def evaluate_model(policy, task, problems, *, max_new_tokens: int, samples: int 
         summary["check_lines_sampled"] = sum(r["completion"].count("check") for r in sampled) / len(sampled)
     summary["minimal_tokens"] = sum(minimal_tokens(p) for p in problems) / len(problems)
     return summary
+
+
+def line_budget_forcing(policy, budget: int):
+    """Budget forcing whose forced marker is "\nA:" instead of "A:": the synthetic tasks' verifier only
+    accepts an answer line that starts a line, so the library's forcing of a bare "A:" in the middle
+    of a line (e.g. `check 93-6=8A:87`) is scored as a format failure. With "\nA:" a row that already
+    ends with a newline has the marker's first token written and is forced to continue with "A:" only
+    (`_open_prefix`), otherwise it gets a newline first. Uses the library's `BudgetForcing` unchanged."""
+    from thinkling.rollout.stopping import BudgetForcing
+
+    return BudgetForcing(tuple(policy.encode_text("\nA:")), budget)

@@ -35,6 +35,10 @@ def add_args(p):
     p.add_argument("--lam", type=float, default=None, help="TLDR λ (default: the recipe's)")
     p.add_argument("--samples", type=int, default=None, help="sampled completions per eval problem (default 4)")
     p.add_argument("--size", type=int, default=None, help="held-out problems (default 300, quick 60)")
+    p.add_argument("--checks", choices=["suffix", "repeat"], default="suffix",
+                   help="suffix: check lines re-do the last r steps; repeat: they restate the last step")
+    p.add_argument("--no-control", action="store_true",
+                   help="skip the control run: the same GRPO with the accuracy reward only (no length term)")
 
 
 def one_run(job):
@@ -60,13 +64,13 @@ def eval_levels(path: Path, problems, task, samples: int) -> dict:
 def main():
     args = experiment_args(__doc__.splitlines()[0], add_args)
     quick = args.quick
-    out = output_dir("tldr", args.out, quick)
+    out = output_dir("tldr" + ("" if args.checks == "suffix" else f"-{args.checks}"), args.out, quick)
     steps = args.steps or (5 if quick else 100)
     n_seeds = args.seeds or (1 if quick else 2)
     samples = args.samples or (2 if quick else 4)
     size = args.size or (60 if quick else 300)
     t0 = time.time()
-    sft = verbose_sft(quick)
+    sft = verbose_sft(quick, args.checks)
     tag = "" if args.lr is None and args.lam is None else f"-lr{args.lr or 'r'}-lam{args.lam or 'r'}"
     jobs = []
     for seed in range(n_seeds):
@@ -79,16 +83,24 @@ def main():
             over.append(f"rl.rewards.length.lam={args.lam}")
         if quick:
             over.append("eval.size=50")
+        if args.checks != "suffix":
+            over += [f"train.options={{checks: {args.checks}}}", f"eval.options={{checks: {args.checks}}}"]
         jobs.append({"seed": seed, "folder": str(folder), "overrides": over})
+    if not args.no_control:  # same GRPO, accuracy reward only: how much shortening comes from accuracy alone?
+        folder = out / f"control-acc-only{tag}-s0"
+        over = [o for o in jobs[0]["overrides"] if not o.startswith("output_dir=")]
+        jobs.append({"seed": 0, "control": True, "folder": str(folder),
+                     "overrides": [f"output_dir={folder}", *over, "rl.rewards={accuracy: 1.0, format: 0.0}"]})
     done = run_parallel(one_run, jobs, args.jobs)
 
     from thinkling.tasks import get_task
 
-    task = get_task("chain_verbose")
+    task = get_task("chain_verbose", checks=args.checks)
     problems = task.generate(size, 1, VERBOSE_EVAL_K)
     evals = {"SFT": eval_levels(sft, problems, task, samples)}
     for j in done:
-        evals[f"TLDR s{j['seed']}"] = eval_levels(Path(j["folder"]) / "final", problems, task, samples)
+        name = f"GRPO acc-only s{j['seed']}" if j.get("control") else f"TLDR s{j['seed']}"
+        evals[name] = eval_levels(Path(j["folder"]) / "final", problems, task, samples)
     tldr_keys = [k for k in evals if k.startswith("TLDR")]
     mean = {lv: {key: sum(evals[k][lv][key] for k in tldr_keys) / len(tldr_keys)
                  for key in ("acc_greedy", "tokens_greedy", "acc_sampled", "tokens_sampled", "checks_sampled")}
@@ -101,15 +113,16 @@ def main():
             rows.append([name, lv, e["acc_greedy"], e["tokens_greedy"], e["acc_sampled"], e["tokens_sampled"],
                          1 - e["tokens_sampled"] / sft_untagged["tokens_sampled"], e["checks_sampled"]])
     minimal = evals["SFT"]["none"]["minimal_tokens"]
-    results = {"sft": str(sft), "recipe": RECIPE, "steps": steps, "lr": args.lr, "lam": args.lam, "size": size,
+    results = {"sft": str(sft), "checks": args.checks, "recipe": RECIPE, "steps": steps, "lr": args.lr, "lam": args.lam, "size": size,
                "samples": samples, "minimal_tokens_mean": minimal, "evals": evals,
                "runs": [{"seed": j["seed"], "folder": j["folder"], "seconds": j["seconds"]} for j in done],
                "wall_s": time.time() - t0}
     header = ["model", "level", "acc greedy", "tokens greedy", "pass@1 sampled", "tokens sampled",
               "token cut vs SFT (sampled)", "check lines (sampled)"]
-    print(write_results(out, f"TLDR on chain_verbose k={VERBOSE_EVAL_K} ({size} problems; {steps} RL steps; "
+    print(write_results(out, f"TLDR on chain_verbose ({args.checks} checks) k={VERBOSE_EVAL_K} ({size} problems; {steps} RL steps; "
                              f"shortest correct completion {minimal:.1f} tokens)", header, rows, results,
                         name=f"results{tag}"))
+    evals = {k: evals[k] for k in sorted(evals, key=lambda k: ("SFT" not in k, "acc-only" in k, k))}
     _plot(out / f"tldr{tag}.png", evals, minimal, [Path(j["folder"]) for j in done])
     print(f"wall time {time.time() - t0:.0f} s")
 

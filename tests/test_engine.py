@@ -174,6 +174,18 @@ def test_sampler_matches_the_softmax_distribution():
     assert not (sample_tokens(banned, 1.0, 1.0, g) == order[0]).any()
 
 
+def test_two_level_cdf_inversion_equals_a_full_cumsum():
+    from thinkling.rollout.engine import _invert_cdf
+
+    g = torch.Generator().manual_seed(1)
+    probs = torch.softmax(torch.randn(64, 1000, generator=g) * 3, -1)
+    probs[:, 500:700] = 0  # whole zero blocks and a ragged last block (1000 = 3 * 256 + 232)
+    u = torch.rand(64, 1, dtype=torch.float64, generator=g)
+    cdf = probs.double().cumsum(-1)
+    expected = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1)
+    assert torch.equal(_invert_cdf(probs, u), expected)
+
+
 def test_weights_are_refreshed_after_an_update():
     model = make_model(seed=6)
     eng = engine(model)

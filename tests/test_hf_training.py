@@ -20,6 +20,7 @@ from test_hf_policy import make_model, make_tokenizer  # noqa: E402  (tests/ is 
 from thinkling import jobs  # noqa: E402
 from thinkling.algorithms import rl_knobs  # noqa: E402
 from thinkling.config import RLConfig, load_recipe  # noqa: E402
+from thinkling.errors import ThinklingError  # noqa: E402
 from thinkling.eval.evaluate import Completion  # noqa: E402
 from thinkling.models import load_policy  # noqa: E402
 from thinkling.models.base import SamplingParams  # noqa: E402
@@ -198,7 +199,7 @@ def test_smollm2_lora_sft_then_grpo_and_bread(tmp_path):
         cfg = load_recipe(recipe, [
             f"output_dir={tmp_path}/{name}", f"model.init={tmp_path}/sft/final",
             "train={name: gsm8k, options: {skip: 200}, size: 8}", "rl.steps=2", "rl.prompts_per_step=2",
-            "rl.group_size=4", "rl.max_new_tokens=48", "rl.save_every=100", *common])
+            "rl.group_size=4", "rl.max_new_tokens=128", "rl.save_every=100", *common])
         jobs.run_rl(cfg)
         timings[f"{name}_2_steps"] = time.monotonic() - start
         rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
@@ -225,3 +226,10 @@ def test_stop_sweep_writes_table_and_plot(base_dir, tmp_path):
     assert json.loads((tmp_path / "sw" / "sweep.json").read_text())["rows"] == table["rows"]
     assert (tmp_path / "sw" / "sweep.png").stat().st_size > 0
     assert len((tmp_path / "sw" / "ts-1.jsonl").read_text().splitlines()) == 3
+    sampled = stop_sweep(policy, TaskConfig(name="gsm8k", options={"path": data}, size=3), [1e9], [], tmp_path / "s2",
+                         max_new_tokens=6, batch_size=8, temperature=1.0, samples=2)
+    (row,) = sampled["rows"]
+    assert row["accuracy"] == row["pass@1"] and row["mean_tokens"] == row["sampled_mean_tokens"] == 1.0
+    with pytest.raises(ThinklingError, match="samples >= 2"):
+        stop_sweep(policy, TaskConfig(name="gsm8k", options={"path": data}, size=3), [1], [], tmp_path / "s3",
+                   max_new_tokens=6, temperature=1.0, samples=1)

@@ -7,11 +7,17 @@ Both trade accuracy for tokens without training, in different ways:
 - budget forcing lets the model think freely until B tokens, then makes it write
   the end-of-thinking marker and answer.
 
-`stop_sweep` evaluates one policy greedily at every α and every B on the same
-problems and reports accuracy against mean completion length, as a JSON table
-and one plot with both curves, so the two controls are compared at equal cost.
-Each setting's completions go to their own JSONL file, so an interrupted sweep
-continues where it stopped.
+`stop_sweep` evaluates one policy at every α and every B on the same problems
+and reports accuracy against mean completion length, as a JSON table and one
+plot with both curves, so the two controls are compared at equal cost. Each
+setting's completions go to their own JSONL file, so an interrupted sweep
+continues where it stopped (delete the folder to start over).
+
+Greedy decoding hides most of α's effect: a boost of log α only matters where
+it flips the argmax, so a confident model ignores any moderate α. With
+`temperature` > 0 the sweep also samples `samples` completions per problem and
+plots pass@1 against the mean sampled length, where α scales the stopping
+probability exactly as intended; greedy numbers stay in the table.
 
 Where the task has no end-of-thinking text (GSM8K, MATH: `end_of_thinking` is
 None), the marker is the model's EOS: α then scales the probability of ending
@@ -66,12 +72,15 @@ def _check(values, name: str, kind, low) -> list:
 
 
 def stop_sweep(model, task_cfg, alphas, budgets, out_dir, max_new_tokens: int, *, batch_size: int = 32,
-               seed: int = 0, dtype: str | None = None, budget_marker: str | None = None) -> dict:
+               seed: int = 0, dtype: str | None = None, budget_marker: str | None = None,
+               temperature: float = 0.0, samples: int = 4) -> dict:
     """Evaluate TS at each α and budget forcing at each B; write `sweep.json` and `sweep.png` in `out_dir`.
 
     `model` is a policy object or what `thinkling eval --model` takes. Budget
     rows generate up to max(max_new_tokens, B + marker + ANSWER_ROOM) tokens so
-    a forced marker always leaves room for the answer. Returns the table.
+    a forced marker always leaves room for the answer. With `temperature` > 0,
+    `samples` (>= 2) sampled completions per problem are scored too and plotted.
+    Returns the table.
     """
     from thinkling.config import EvalConfig
     from thinkling.eval.evaluate import RowLog, evaluate
@@ -82,6 +91,9 @@ def stop_sweep(model, task_cfg, alphas, budgets, out_dir, max_new_tokens: int, *
     budgets = _check(budgets, "budgets", int, 0)
     if not alphas and not budgets:
         raise ThinklingError("stop sweep: give at least one alpha or one budget")
+    if temperature < 0 or (temperature > 0 and samples < 2):
+        raise ThinklingError("stop sweep: temperature must be >= 0, and sampling needs samples >= 2")
+    sampled = temperature > 0
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     task, problems = problems_for(task_cfg, "eval")
@@ -96,16 +108,25 @@ def stop_sweep(model, task_cfg, alphas, budgets, out_dir, max_new_tokens: int, *
     rows = []
     for method, value, limit, processor in settings:
         name = f"{method}-{value:g}"
-        cfg = EvalConfig(max_new_tokens=limit, samples=1, batch_size=batch_size)
-        with bar(name, len(problems)) as advance:
+        cfg = EvalConfig(max_new_tokens=limit, samples=samples if sampled else 1, temperature=temperature,
+                         batch_size=batch_size)
+        with bar(name, len(problems) * (1 + (samples if sampled else 0))) as advance:
             summary, _ = evaluate(policy, task, problems, cfg, seed=seed, stop_processor=processor,
                                   progress=advance, log=RowLog(out / f"{name}.jsonl"))
-        rows.append({"method": method, "value": value, "max_new_tokens": limit, "n": summary["n"],
-                     "accuracy": summary["accuracy"], "mean_tokens": summary["mean_tokens"],
-                     "format_rate": summary["format_rate"]})
-        console.print(f"{name}: accuracy {summary['accuracy']:.3f}, mean tokens {summary['mean_tokens']:.1f}")
+        row = {"method": method, "value": value, "max_new_tokens": limit, "n": summary["n"],
+               "greedy_accuracy": summary["accuracy"], "greedy_mean_tokens": summary["mean_tokens"],
+               "greedy_format_rate": summary["format_rate"]}
+        if sampled:
+            row.update({"pass@1": summary["pass@1"], f"pass@{samples}": summary[f"pass@{samples}"],
+                        "sampled_mean_tokens": summary["mean_tokens_sampled"]})
+        # The plotted pair: sampled pass@1 when sampling, else greedy accuracy.
+        row["accuracy"] = row["pass@1"] if sampled else row["greedy_accuracy"]
+        row["mean_tokens"] = row["sampled_mean_tokens"] if sampled else row["greedy_mean_tokens"]
+        rows.append(row)
+        console.print(f"{name}: accuracy {row['accuracy']:.3f}, mean tokens {row['mean_tokens']:.1f}")
     table = {"model": model if isinstance(model, str) else type(model).__name__, "task": task_cfg.name,
              "n": len(problems), "max_new_tokens": max_new_tokens, "budget_marker": budget_marker,
+             "decoding": f"sampled T={temperature:g}, {samples} per problem (pass@1)" if sampled else "greedy",
              "end_of_thinking": getattr(task, "end_of_thinking", None) or "<eos>", "rows": rows}
     atomic_write_text(out / "sweep.json", json.dumps(table, indent=2) + "\n")
     plot_sweep(table, out / "sweep.png")
@@ -120,19 +141,23 @@ def plot_sweep(table: dict, path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for method, label, style, tag in (("ts", "temperature-scaled stopping", "o-", "α={:g}"),
-                                      ("budget", "budget forcing", "s--", "B={:g}")):
+    for method, label, style, tag in (("ts", "temperature-scaled stopping", "o-", "α="),
+                                      ("budget", "budget forcing", "s--", "B=")):
         rows = sorted((r for r in table["rows"] if r["method"] == method), key=lambda r: r["mean_tokens"])
         if not rows:
             continue
-        xs, ys = [r["mean_tokens"] for r in rows], [r["accuracy"] for r in rows]
-        ax.plot(xs, ys, style, label=label)
+        ax.plot([r["mean_tokens"] for r in rows], [r["accuracy"] for r in rows], style, label=label)
+        # Settings that land on the same point (α that changes nothing, B above every length) share one label.
+        labels: dict[tuple, list[str]] = {}
         for r in rows:
-            ax.annotate(tag.format(r["value"]), (r["mean_tokens"], r["accuracy"]), textcoords="offset points",
-                        xytext=(4, 4), fontsize=8)
+            labels.setdefault((round(r["mean_tokens"], 1), round(r["accuracy"], 3)), []).append(f"{r['value']:g}")
+        for (x, y), values in labels.items():
+            ax.annotate(tag + ",".join(values), (x, y), textcoords="offset points", fontsize=7,
+                        xytext=(4, -10 if method == "budget" else 4))
     ax.set_xlabel("mean completion tokens")
-    ax.set_ylabel("accuracy (greedy)")
-    ax.set_title(f"{table['model']} on {table['task']} ({table['n']} problems)", fontsize=10)
+    ax.set_ylabel("pass@1 (sampled)" if table.get("decoding", "greedy") != "greedy" else "accuracy (greedy)")
+    ax.set_title(f"{table['model']} on {table['task']} ({table['n']} problems, {table.get('decoding', 'greedy')})",
+                 fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

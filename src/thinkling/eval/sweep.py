@@ -37,7 +37,7 @@ from thinkling.errors import ThinklingError
 from thinkling.progress import bar, console
 from thinkling.runs import atomic_write_text
 
-# Room after a forced marker for the answer itself (a number, a short \boxed{}).
+# Tokens allowed after a forced marker: the answer itself (a number, a short \boxed{}).
 ANSWER_ROOM = 24
 
 
@@ -73,12 +73,14 @@ def _check(values, name: str, kind, low) -> list:
 
 def stop_sweep(model, task_cfg, alphas, budgets, out_dir, max_new_tokens: int, *, batch_size: int = 32,
                seed: int = 0, dtype: str | None = None, budget_marker: str | None = None,
-               temperature: float = 0.0, samples: int = 4) -> dict:
+               temperature: float = 0.0, samples: int = 4, answer_room: int = ANSWER_ROOM) -> dict:
     """Evaluate TS at each α and budget forcing at each B; write `sweep.json` and `sweep.png` in `out_dir`.
 
-    `model` is a policy object or what `thinkling eval --model` takes. Budget
-    rows generate up to max(max_new_tokens, B + marker + ANSWER_ROOM) tokens so
-    a forced marker always leaves room for the answer. With `temperature` > 0,
+    `model` is a policy object or what `thinkling eval --model` takes. A budget
+    row generates at most B + len(marker) + `answer_room` tokens: thinking up
+    to B, the marker, then the answer (without the cap a model that does not
+    stop after answering would ramble on to max_new_tokens and blur the cost
+    axis). `max_new_tokens` is the limit of the TS rows. With `temperature` > 0,
     `samples` (>= 2) sampled completions per problem are scored too and plotted.
     Returns the table.
     """
@@ -103,7 +105,7 @@ def stop_sweep(model, task_cfg, alphas, budgets, out_dir, max_new_tokens: int, *
 
     settings = [("ts", float(a), max_new_tokens, make_stop_processor(policy, task, ts_alpha=float(a)))
                 for a in alphas]
-    settings += [("budget", b, max(max_new_tokens, b + marker_len + ANSWER_ROOM),
+    settings += [("budget", b, b + marker_len + answer_room,
                   make_stop_processor(policy, marker_task, budget=b)) for b in budgets]
     rows = []
     for method, value, limit, processor in settings:

@@ -12,20 +12,22 @@
   is built at all when the prompts have equal lengths.
 - Finished rows stop costing compute: when a quarter of the batch has finished,
   the cache and the per-row state are compacted to the live rows (one gather).
-- The forward pass is written here over the model's own weights: q/k/v and
-  gate/up projections are fused into one matmul each, and weights can be held
-  in bfloat16 (`dtype=torch.bfloat16`) while the residual stream, norms, RoPE,
-  logits and sampling stay float32. bf16 matmuls are 3-5x faster than fp32 on
-  AVX-512-bf16 CPUs; the sampled distribution then differs slightly from the
-  fp32 policy (docs/performance.md measures how much), so it is an opt-in.
+- The forward pass is written here over the model's own weights (in float32
+  the parameters themselves, no copy). With `dtype=torch.bfloat16` the weights
+  are cast to bf16 and prepacked for oneDNN, while the residual stream, norms,
+  RoPE, logits and sampling stay float32: bf16 matmuls are 3-10x faster than
+  fp32 on this AVX-512-bf16 CPU, but the sampled distribution then differs
+  slightly from the fp32 policy (docs/performance.md measures how much), so it
+  is an opt-in.
 - Sampling draws one uniform per row and inverts the float64 CDF, which is the
   same distribution as `torch.multinomial` but several times cheaper over a
   49k vocabulary (multinomial's exponential draws dominated a decode step).
 
-Weights are re-read lazily: a fused/cast copy is rebuilt only when a parameter
-changed (`Tensor._version` moves on every in-place optimizer step), so repeated
-`generate` calls between updates (evaluation) pay nothing. LoRA (peft) layers
-are folded into the copy, so adapters need no special path.
+Weights are re-read lazily: the bf16 copy (or LoRA-folded weights) is rebuilt
+only when a parameter changed (`Tensor._version` moves on every in-place
+optimizer step), so repeated `generate` calls between updates (evaluation) pay
+nothing. LoRA (peft) layers are folded into the weights, so adapters need no
+special path.
 
 Supported: Llama, Mistral, Qwen2 and Qwen3 layouts (`model_type`) without
 sliding-window attention. `unsupported_reason(model)` says why another model is
@@ -110,51 +112,65 @@ def _norm_weight(norm: nn.Module) -> tuple[torch.Tensor, float]:
     return norm.weight.detach().float(), float(eps)
 
 
-@dataclass
-class _Layer:
-    attn_norm: tuple[torch.Tensor, float]
-    qkv: _Linear  # q/k/v stacked: [(H + 2 KV) * hd, D]
-    q_norm: tuple[torch.Tensor, float] | None  # Qwen3 normalises q and k per head
-    k_norm: tuple[torch.Tensor, float] | None
-    o: _Linear
-    mlp_norm: tuple[torch.Tensor, float]
-    gate_up: _Linear  # [2 * ff, D]
-    down: _Linear
-
-
 def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return None if t is None else t.detach().to(dtype).contiguous()
 
 
-def _pack(weight: torch.Tensor) -> torch.Tensor:
-    """`weight` reordered for oneDNN (bf16) or MKL (fp32) GEMM; batch-size hint 1 suits any batch."""
-    if weight.dtype == torch.bfloat16:
-        return torch.ops.mkldnn._reorder_linear_weight(weight, 1)
-    return torch.ops.mkl._mkl_reorder_linear_weight(weight, 1)
-
-
 class _Linear:
-    """`x @ weight.T + bias`, with the weight prepacked for the CPU's GEMM library when possible.
+    """`x @ weight.T + bias`; a bf16 weight is prepacked for oneDNN when possible.
 
     oneDNN's prepacked bf16 GEMM (what torch.compile's CPU backend uses after
-    freezing) is ~3x faster than `F.linear` on bf16 tensors at 1-64 rows here,
-    MKL's packed fp32 GEMM ~1.3x. Both are private torch ops, so they are
-    checked once against `F.linear` (`can_pack`) and skipped if missing or wrong.
+    freezing) is ~3x faster than `F.linear` on bf16 tensors at 1-64 rows on this
+    CPU and ~10x faster than fp32. It is a private torch op, so `can_pack`
+    checks it once against `F.linear`. (MKL's packed fp32 GEMM gained nothing
+    measurable here and would copy the weights, so fp32 runs `F.linear` on the
+    parameters themselves.)
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, pack: bool):
-        self.weight, self.bias = weight, bias
-        self.packed = _pack(weight) if pack and weight.device.type == "cpu" and can_pack(weight.dtype) else None
+        self.weight, self.bias, self.packed = weight, bias, None
+        if pack and weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and can_pack():
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)  # batch hint 1 suits any batch
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.weight.dtype)
         if self.packed is None:
             return F.linear(x, self.weight, self.bias)
-        if self.weight.dtype == torch.bfloat16:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-        rows = x.reshape(-1, x.shape[-1])
-        out = torch.ops.mkl._mkl_linear(rows, self.packed, self.weight, self.bias, rows.shape[0])
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+@functools.cache
+def can_pack() -> bool:
+    """Whether oneDNN's prepacked bf16 linear exists here and agrees with F.linear."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        g = torch.Generator().manual_seed(0)
+        w, b = torch.randn(48, 40, generator=g).bfloat16(), torch.randn(48, generator=g).bfloat16()
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
+        for rows in (1, 5, 33):
+            x = torch.randn(2, rows, 40, generator=g).bfloat16()
+            got = torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
+            if not torch.allclose(got.float(), F.linear(x, w, b).float(), rtol=2e-2, atol=2e-2):
+                return False
+        return True
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+
+
+@dataclass
+class _Layer:
+    attn_norm: tuple[torch.Tensor, float]
+    q: _Linear
+    k: _Linear
+    v: _Linear
+    q_norm: tuple[torch.Tensor, float] | None  # Qwen3 normalises q and k per head
+    k_norm: tuple[torch.Tensor, float] | None
+    o: _Linear
+    mlp_norm: tuple[torch.Tensor, float]
+    gate: _Linear
+    up: _Linear
+    down: _Linear
 
 
 class _ShiftedHead:
@@ -182,28 +198,8 @@ class _ShiftedHead:
         return logits if self.bias is None else logits + self.bias
 
 
-@functools.cache
-def can_pack(dtype: torch.dtype) -> bool:
-    """Whether prepacked GEMM exists for `dtype` (bf16, fp32) here and agrees with F.linear."""
-    if dtype not in (torch.bfloat16, torch.float32) or not torch.backends.mkldnn.is_available():
-        return False
-    try:
-        g = torch.Generator().manual_seed(0)
-        w = torch.randn(48, 40, generator=g).to(dtype)
-        b = torch.randn(48, generator=g).to(dtype)
-        lin = _Linear(w, b, pack=False)
-        lin.packed = _pack(w)
-        for rows in (1, 5, 33):
-            x = torch.randn(2, rows, 40, generator=g).to(dtype)
-            if not torch.allclose(lin(x).float(), F.linear(x, w, b).float(), rtol=2e-2, atol=2e-2):
-                return False
-        return True
-    except (RuntimeError, AttributeError, NotImplementedError):
-        return False
-
-
 class _Weights:
-    """The model's weights fused, cast and packed for decoding: a snapshot, rebuilt when parameters change."""
+    """The model's weights as decoding uses them (cast, LoRA folded, packed): rebuilt when parameters change."""
 
     def __init__(self, model: nn.Module, dtype: torch.dtype, head_dtype: torch.dtype, pack: bool):
         base = _base_model(model)
@@ -220,27 +216,26 @@ class _Weights:
         else:
             self.head = _Linear(_cast(head, head_dtype), _cast(head_bias, head_dtype), pack)
 
-        def linear(weights: list, biases: list) -> _Linear:
-            bias = None
-            if any(b is not None for b in biases):
-                bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in zip(weights, biases)])
-            return _Linear(_cast(torch.cat(weights), dtype), _cast(bias, dtype), pack)
+        def linear(module: nn.Module) -> _Linear:
+            weight, bias = _linear(module)
+            return _Linear(_cast(weight, dtype), _cast(bias, dtype), pack)
 
         self.layers = []
         for layer in core.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            q, k, v, o = (_linear(getattr(attn, p)) for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
-            gate, up, down = (_linear(getattr(mlp, p)) for p in ("gate_proj", "up_proj", "down_proj"))
             self.layers.append(
                 _Layer(
                     attn_norm=_norm_weight(layer.input_layernorm),
-                    qkv=linear([q[0], k[0], v[0]], [q[1], k[1], v[1]]),
+                    q=linear(attn.q_proj),
+                    k=linear(attn.k_proj),
+                    v=linear(attn.v_proj),
                     q_norm=_norm_weight(attn.q_norm) if hasattr(attn, "q_norm") else None,
                     k_norm=_norm_weight(attn.k_norm) if hasattr(attn, "k_norm") else None,
-                    o=linear([o[0]], [o[1]]),
+                    o=linear(attn.o_proj),
                     mlp_norm=_norm_weight(layer.post_attention_layernorm),
-                    gate_up=linear([gate[0], up[0]], [gate[1], up[1]]),
-                    down=linear([down[0]], [down[1]]),
+                    gate=linear(mlp.gate_proj),
+                    up=linear(mlp.up_proj),
+                    down=linear(mlp.down_proj),
                 )
             )
         self.scale = float(getattr(core.layers[0].self_attn, "scaling", self.head_dim**-0.5))
@@ -382,8 +377,8 @@ class RolloutEngine:
         end = start + T
         causal = mask is None and T > 1
         for i, layer in enumerate(w.layers):
-            q, k, v = layer.qkv(_rms(x, layer.attn_norm)).split([H * hd, KV * hd, KV * hd], dim=-1)
-            q, k, v = q.view(B, T, H, hd), k.view(B, T, KV, hd), v.view(B, T, KV, hd)
+            h = _rms(x, layer.attn_norm).to(self.dtype)
+            q, k, v = layer.q(h).view(B, T, H, hd), layer.k(h).view(B, T, KV, hd), layer.v(h).view(B, T, KV, hd)
             if layer.q_norm is not None:
                 q, k = _rms(q.float(), layer.q_norm), _rms(k.float(), layer.k_norm)
             q = _rotate(q.transpose(1, 2).float(), cos, sin).to(self.dtype)
@@ -394,8 +389,8 @@ class RolloutEngine:
                 scale=w.scale, enable_gqa=KV != H,
             )
             x = x + layer.o(a.transpose(1, 2).reshape(B, T, H * hd)).float()
-            gate, up = layer.gate_up(_rms(x, layer.mlp_norm)).chunk(2, dim=-1)
-            x = x + layer.down(F.silu(gate) * up).float()
+            h = _rms(x, layer.mlp_norm).to(self.dtype)
+            x = x + layer.down(F.silu(layer.gate(h)) * layer.up(h)).float()
         return _rms(x[:, -1], w.norm)
 
     @staticmethod

@@ -9,6 +9,8 @@ seen while each side ran.
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import os
 import platform
 import resource
@@ -81,6 +83,16 @@ class Recorder:
         return f"{min(v):.3g}–{max(v):.3g}" if len(v) > 1 else ""
 
 
+def release_memory():
+    """Hand freed memory back to the OS between sides, so one side's peak does not
+    stay resident under the next (glibc keeps freed arenas otherwise)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
 def rotate(sides: list, rep: int) -> list:
     """The sides in a different order every repeat, so neither always runs first."""
     k = rep % len(sides)
@@ -101,7 +113,7 @@ def table(headers: list[str], rows: list[list]) -> str:
     """A Markdown table (pasteable into docs/performance.md)."""
     cells = [[str(c) for c in r] for r in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
-    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
     return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells)])
 
 

@@ -26,10 +26,9 @@ import re
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
-from _common import Recorder, footer, header, rotate, table
+from _common import Recorder, footer, header, release_memory, rotate, table
 
 from thinkling.config import RLConfig
 from thinkling.models.hf import HFPolicy
@@ -161,6 +160,7 @@ def main(argv=None):
     def run_ours(name: str, step: int):
         with rec.measure(name) as m:
             metrics, _ = ours[name].step(step, total)
+        release_memory()
         if step >= args.warmup:
             row = str(step - args.warmup)
             rec.add("step", name, "total", m["seconds"])
@@ -180,11 +180,13 @@ def main(argv=None):
             for name in order[: order.index("trl")]:
                 run_ours(name, state.global_step)
             trl_state.update(gen=0.0, tokens=0)
+            release_memory()
             self.mem = rec.measure("trl")
             self.box = self.mem.__enter__()
 
         def on_step_end(self, a, state, control, **kw):
             self.mem.__exit__(None, None, None)
+            release_memory()
             step = state.global_step - 1
             if step >= args.warmup:
                 seconds = self.box["seconds"]

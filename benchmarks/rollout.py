@@ -21,7 +21,7 @@ import copy
 import sys
 
 import torch
-from _common import Recorder, footer, header, rotate, table
+from _common import Recorder, footer, header, release_memory, rotate, table
 
 from thinkling.models.base import SamplingParams
 from thinkling.models.hf import HFPolicy
@@ -77,6 +77,7 @@ def main(argv=None):
             for side in rotate(list(sides), rep):
                 with rec.measure(side) as m:
                     out = sides[side](prompts[:batch], params)
+                release_memory()
                 assert all(len(o) == args.new_tokens for o in out), "eos was not suppressed"
                 rec.add(str(batch), side, "tok/s", batch * args.new_tokens / m["seconds"])
                 print(f"  batch {batch:3d} rep {rep} {side:12s} {rec.values[(str(batch), side)]['tok/s'][-1]:7.1f} tok/s",

@@ -11,10 +11,10 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from thinkling.errors import ThinklingError  # noqa: E402
-from thinkling.models.base import SamplingParams  # noqa: E402
-from thinkling.models.hf import HFPolicy  # noqa: E402
-from thinkling.rollout.engine import RolloutEngine, sample_tokens, unsupported_reason  # noqa: E402
+from thinkling.errors import ThinklingError
+from thinkling.models.base import SamplingParams
+from thinkling.models.hf import HFPolicy
+from thinkling.rollout.engine import RolloutEngine, sample_tokens, unsupported_reason
 
 V, PAD, EOS = 97, 0, 3
 ARCHS = {
@@ -26,11 +26,12 @@ ARCHS = {
 
 def make_model(arch="llama", seed=0, **over):
     torch.manual_seed(seed)
-    kwargs = dict(
-        vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=EOS, pad_token_id=PAD,
-        initializer_range=0.2,  # peaked logits: greedy decoding has no near-ties
-    )
+    kwargs = {
+        "vocab_size": V, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
+        "bos_token_id": 1, "eos_token_id": EOS, "pad_token_id": PAD,
+        "initializer_range": 0.2,  # peaked logits: greedy decoding has no near-ties
+    }
     if arch != "llama":
         kwargs["head_dim"] = 8
     kwargs.update(over)
@@ -49,7 +50,9 @@ def reference(model, prompts, params):
 
 
 def _policy(model):
-    from test_hf_policy import make_tokenizer  # the char tokenizer of the HFPolicy tests
+    from test_hf_policy import (
+        make_tokenizer,  # the char tokenizer of the HFPolicy tests
+    )
 
     tok = make_tokenizer()
     tok.eos_token, tok.pad_token = tok.convert_ids_to_tokens(EOS), tok.convert_ids_to_tokens(PAD)
@@ -255,5 +258,5 @@ def test_shifted_bf16_head_is_precise_near_the_top():
     inputs_only = hidden.bfloat16().float() @ weight.bfloat16().float().T  # bf16 inputs, fp32 output
     shifted = _ShiftedHead(weight, None, pack=True)(hidden)
     top = exact.topk(5, dim=-1).indices
-    err = lambda x: (x.gather(1, top) - exact.gather(1, top)).abs().max()  # noqa: E731
+    err = lambda x: (x.gather(1, top) - exact.gather(1, top)).abs().max()
     assert err(shifted) <= err(inputs_only) + 0.01 < err(plain)

@@ -183,3 +183,14 @@ def test_bread_needs_expert_traces(tmp_path):
             "train.options={dataset: basic_arithmetic}", "train.difficulty=null"]
     with pytest.raises(ThinklingError, match="expert traces"):
         jobs.run_rl(load_recipe("recipes/quickstart/grpo.yaml", over))
+
+
+def test_bread_counts_every_probe_token(tiny_policy):
+    """BREAD's cost includes failed probes, not only the branch it keeps."""
+    task = get_task("chain")
+    problems = task.generate(2, 0, 8)
+    policy = AnchorNeedingPolicy(tiny_policy, problems, need=5)
+    failed = sample_groups(policy, task, [(p, None, 0) for p in problems], 2, None)
+    kept, stats = anchor_failed_groups(policy, task, failed, 2, lambda r: None, None, None)
+    kept_tokens = sum(c.tokens for g in kept for c in g.completions)
+    assert stats["generated_tokens"] > kept_tokens

@@ -101,7 +101,8 @@ def stop_sweep(model, task_cfg, alphas, budgets, out_dir, max_new_tokens: int, *
     task, problems = problems_for(task_cfg, "eval")
     policy = _load_policy(model, dtype) if isinstance(model, str) else model
     marker_task = SimpleNamespace(end_of_thinking=budget_marker) if budget_marker else task
-    marker_len = len(policy.encode_text(budget_marker)) if budget_marker else 1
+    marker_text = getattr(marker_task, "end_of_thinking", None)
+    marker_len = len(policy.encode_text(marker_text)) if marker_text else 1  # no text: the EOS token
 
     settings = [("ts", float(a), max_new_tokens, make_stop_processor(policy, task, ts_alpha=float(a)))
                 for a in alphas]

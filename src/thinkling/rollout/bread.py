@@ -54,6 +54,7 @@ def anchor_failed_groups(policy, task, failed: list[Group], group_size: int, par
         searches.append(s)
     probes = 0
     rounds = 0
+    generated = 0  # every probe's tokens, kept or not: BREAD's real generation cost
     while True:
         active = [s for s in searches if s.lo <= s.hi and s.probes < (max_probes or default_max_probes(len(s.group.problem.steps)))]
         if not active:
@@ -61,6 +62,7 @@ def anchor_failed_groups(policy, task, failed: list[Group], group_size: int, par
         requests = [(s.group.problem, s.group.level, s.probe_point()) for s in active]
         results = sample_groups(policy, task, requests, group_size, params_for_round(rounds))
         rounds += 1
+        generated += sum(c.tokens for branch in results for c in branch.completions)
         for s, (_, _, k), branch in zip(active, requests, results):
             s.probes += 1
             probes += 1
@@ -80,5 +82,6 @@ def anchor_failed_groups(policy, task, failed: list[Group], group_size: int, par
         "bread/probe_rounds": rounds,
         "bread/dropped_no_trace": dropped_no_trace,
         "bread/dropped_unsolved": len(searches) - len(kept),
+        "generated_tokens": generated,
     }
     return kept, stats

@@ -120,12 +120,11 @@ class RLTrainer:
                     self.policy, self.task, failed, c.group_size,
                     lambda r, rr=round_: self._params(step, 100 * rr + 1 + r), c.bread.max_probes,
                     self.anchor_memory if c.bread.remember_anchors else None)
-                generated += sum(x.tokens for grp in branched for x in grp.completions)  # kept probes
                 stats["bread/failed_groups"] += len(failed)
                 stats["bread/anchored"] += len(branched)
-                for k in ("bread/probe_groups", "bread/dropped_unsolved", "bread/dropped_no_trace"):
-                    stats[k] += bstats[k]
-                stats["probe_generated_tokens"] = stats.get("probe_generated_tokens", 0) + bstats.get("generated_tokens", 0)
+                for k in ("bread/probe_groups", "bread/probe_rounds", "bread/dropped_unsolved", "bread/dropped_no_trace"):
+                    stats[k] = stats.get(k, 0) + bstats[k]
+                generated += bstats["generated_tokens"]  # all probes, including failed ones
                 groups += branched
             for grp in groups:
                 grp.rewards = self._rewards(grp)
@@ -134,7 +133,7 @@ class RLTrainer:
                 stats["groups_dropped_equal"] += sum(1 for s in signal if not s)
                 groups = [grp for grp, s in zip(groups, signal) if s]
             kept += groups
-        stats["generated_tokens"] = generated + stats.pop("probe_generated_tokens", 0)
+        stats["generated_tokens"] = generated
         return kept[: c.prompts_per_step] if self.knobs["dynamic_sampling"] else kept, stats
 
     def _rewards(self, grp: Group) -> list[float]:

@@ -18,9 +18,17 @@ import time
 from pathlib import Path
 
 import matplotlib.pyplot as plt
-
-from common import (ensure_sft, eval_curve, experiment_args, last_metric, output_dir, read_metrics, run_parallel,
-                    run_recipe, write_results)
+from common import (
+    ensure_sft,
+    eval_curve,
+    experiment_args,
+    last_metric,
+    output_dir,
+    read_metrics,
+    run_parallel,
+    run_recipe,
+    write_results,
+)
 
 RECIPES = {"GRPO": "recipes/quickstart/grpo.yaml", "BREAD": "recipes/quickstart/bread.yaml"}
 
@@ -30,6 +38,8 @@ def add_args(p):
     p.add_argument("--eval-every", type=int, default=None)
     p.add_argument("--eval-size", type=int, default=None)
     p.add_argument("--no-explore", action="store_true", help="only the main setting")
+    p.add_argument("--fresh", type=int, default=None,
+                   help="re-evaluate SFT and every final policy on this many fresh problems (seed 7; default 600, quick 50)")
     p.add_argument("--regime", choices=["quickstart", "rewrite"], default="quickstart",
                    help="quickstart: light SFT on 1-8-step equation traces (recipes/quickstart); rewrite: SFT on "
                         "1-4-step rewrite traces (recipes/experiments/sft-chain-rewrite.yaml), RL on 6 steps")
@@ -93,6 +103,10 @@ def main():
     t0 = time.time()
     done = run_parallel(one_run, jobs, args.jobs)
     wall = time.time() - t0
+    if all(j["seconds"] < 5 for j in done):  # every run was reused: keep the wall time of the run that made them
+        previous = out / "results.json"
+        if previous.exists():
+            wall = json.loads(previous.read_text()).get("wall_s", wall)
 
     results = {"sft": str(sft), "steps": steps, "eval_every": every, "eval_size": eval_size, "wall_s": wall,
                "settings": {}}
@@ -139,6 +153,14 @@ def main():
                      frac, frac_a])
         _plot(out / f"{s['name']}.png", s, curves, mean, target)
 
+    # Re-check on a fresh, larger problem set (the in-training eval set is reused at every eval point).
+    fresh_n = args.fresh or (50 if quick else 600)
+    fresh = _fresh_eval(sft, [j for j in done], settings, fresh_n, 128 if rewrite else 64,
+                        {"trace": "rewrite"} if rewrite else {})
+    results["fresh"] = fresh
+    fresh_rows = [[name, e["sft"]] + [e[m]["mean"] for m in RECIPES] + [" / ".join(f"{v:.3f}" for v in e[m]["per_seed"])
+                                                                         for m in RECIPES]
+                  for name, e in fresh.items()]
     header = ["setting", "seeds", "acc @0", "GRPO final", "BREAD final", "GRPO last-3 evals", "BREAD last-3 evals",
               "GRPO improved on start?", "steps to GRPO final (GRPO/BREAD)",
               "tokens to GRPO final (GRPO/BREAD)", "total tokens (GRPO/BREAD)", "expert-token frac (all)",
@@ -154,7 +176,33 @@ def main():
                         ["setting", "seed", "acc @0", "GRPO final", "BREAD final", "steps to target (GRPO/BREAD)",
                          "tokens to target (GRPO/BREAD)", "expert-token frac", "anchored share of groups",
                          "dropped unsolved share"], seed_rows, {}, name="per_seed"))
+    print(write_results(out, f"Re-check: greedy accuracy on {fresh_n} fresh problems (seed 7) of the same difficulty",
+                        ["setting", "SFT", "GRPO mean", "BREAD mean", "GRPO per seed", "BREAD per seed"], fresh_rows, {},
+                        name="fresh"))
     print(f"wall time {wall:.0f} s; plots in {out}")
+
+
+def _fresh_eval(sft, done, settings, n, max_new, options):
+    from thinkling.eval.evaluate import complete
+    from thinkling.models import load_policy
+    from thinkling.models.base import SamplingParams
+    from thinkling.tasks import get_task
+
+    task = get_task("chain", **options)
+
+    def acc(path, problems):
+        comps = complete(load_policy(path), task, problems, SamplingParams(max_new, 0.0))
+        return sum(c.correct for c in comps) / len(comps)
+
+    out = {}
+    for s in settings:
+        problems = task.generate(n, 7, [s["difficulty"]])
+        e = {"sft": acc(sft, problems)}
+        for m in RECIPES:
+            per = [acc(Path(j["folder"]) / "final", problems) for j in done if j["setting"] == s["name"] and j["method"] == m]
+            e[m] = {"per_seed": per, "mean": sum(per) / len(per)}
+        out[s["name"]] = e
+    return out
 
 
 def _share(folder: Path, key: str, denom: str) -> float:

@@ -20,9 +20,15 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import yaml
-
-from common import (eval_curve, experiment_args, output_dir, read_metrics, run_parallel, run_recipe,
-                    write_results)
+from common import (
+    eval_curve,
+    experiment_args,
+    output_dir,
+    read_metrics,
+    run_parallel,
+    run_recipe,
+    write_results,
+)
 
 RECIPE = "recipes/clgrpo-pipeline.yaml"
 PAIRS = [(0.2, 0.1), (0.2, 0.2), (0.2, 0.28), (0.1, 0.1)]

@@ -3,8 +3,8 @@
 - `experiment_args`: `--quick`, `--seeds`, `--out`, `--jobs` for every script.
 - `ensure_sft`: one shared SFT checkpoint per recipe, trained once and reused.
 - `run_parallel`: at most two training processes at a time (the machine is shared).
-- `count_all_bread_probes`: workaround for the BREAD token-count bug (see docs/experiments.md):
-  the RL loop counts only the kept branch of each BREAD search, not the failed probes.
+- `count_all_bread_probes`: workaround for the BREAD token-count bug of the library before commit
+  672dfee (the RL loop counted only the kept branch of each BREAD search); a no-op on fixed code.
 - `VerboseChainTask` (`chain_verbose`): the `chain` task whose expert trace ends with a random
   number of redundant `check` lines, so a trace has slack that length control can remove.
 
@@ -30,10 +30,10 @@ SRC = ROOT / "src"
 if str(SRC) not in sys.path:  # the venv has the package installed; this only helps a bare checkout
     sys.path.insert(0, str(SRC))
 
-from thinkling.errors import ThinklingError  # noqa: E402
-from thinkling.eval.report import markdown_table  # noqa: E402
-from thinkling.tasks.base import Problem, Task, register_task, render_completion  # noqa: E402
-from thinkling.tasks.synthetic import check_count, difficulty_levels, rng_for  # noqa: E402
+from thinkling.errors import ThinklingError
+from thinkling.eval.report import markdown_table
+from thinkling.tasks.base import Problem, Task, register_task, render_completion
+from thinkling.tasks.synthetic import check_count, difficulty_levels, rng_for
 
 RUNS = Path("runs/experiments")
 
@@ -138,17 +138,18 @@ _PATCHED = False
 def count_all_bread_probes() -> None:
     """Make `total/generated_tokens` include every BREAD probe, not only the kept branches.
 
-    Library bug (rl.py `collect` + bread.py `anchor_failed_groups`): `collect` adds the tokens of
-    the kept branch groups and `bstats.get("generated_tokens", 0)`, but `anchor_failed_groups`
-    never reports "generated_tokens", so failed probes (and successful probes superseded by a
-    shorter anchor) are not counted. This wraps the search so that it reports the tokens of all
-    probes minus the kept ones (which `collect` already counts): the sum is then exact.
+    Library bug before commit 672dfee (rl.py `collect` + bread.py `anchor_failed_groups`): `collect`
+    added the tokens of the kept branch groups and `bstats.get("generated_tokens", 0)`, but the
+    search never reported "generated_tokens", so failed probes (and successful probes superseded by
+    a shorter anchor) were not counted. This wraps the search so that it reports the tokens of all
+    probes minus the kept ones (which the old `collect` counts): the sum is then exact. On fixed
+    code the search reports "generated_tokens" itself and the wrapper leaves it alone.
     """
     global _PATCHED
     if _PATCHED:
         return
-    import thinkling.rollout.bread as bread
-    import thinkling.train.rl as rl
+    from thinkling.rollout import bread
+    from thinkling.train import rl
 
     original_sample = bread.sample_groups
     original_search = bread.anchor_failed_groups
@@ -315,3 +316,30 @@ def line_budget_forcing(policy, budget: int):
     from thinkling.rollout.stopping import BudgetForcing
 
     return BudgetForcing(tuple(policy.encode_text("\nA:")), budget)
+
+
+class LineEndBudgetForcing:
+    """Budget forcing that waits for the end of the current line: once `budget` tokens are written, the
+    next line a row starts is the answer line (`A:` forced at the line start, then the model writes the
+    answer). A character model cut in the middle of a line (the library's `BudgetForcing`, even with the
+    "\\nA:" marker) is out of distribution: it either ignores the forced `A:` and keeps thinking, or
+    answers from a half-written equation. Assumes the letter 'A' occurs only in the marker (true for
+    `chain_verbose`: its thinking is digits, '+', '-', '=', 'check')."""
+
+    def __init__(self, policy, budget: int):
+        (self.nl,) = policy.encode_text("\n")
+        self.a, self.colon = policy.encode_text("A:")
+        self.budget = budget
+
+    def __call__(self, logits, history):
+        t = history.shape[1]
+        if t < self.budget or t == 0:
+            return logits
+        out = logits.clone()
+        last = history[:, -1]
+        answered = (history == self.a).any(dim=1)
+        for rows, token in (((~answered) & (last == self.nl), self.a), (last == self.a, self.colon)):
+            idx = rows.nonzero(as_tuple=True)[0]
+            out[idx] = float("-inf")
+            out[idx, token] = 0.0
+        return out

@@ -4,13 +4,15 @@ Model: a tiny character model SFT'd on *verbose* chain traces (`chain_verbose`, 
 lines, then r ~ U{0..k} redundant `check` lines re-doing the last r steps, then `A:N`), i.e. a model
 that keeps "thinking" after it has the answer. Held-out problems k = 2, 3, 4 mixed.
 TS multiplies P(first token of the end-of-thinking marker `A:`) by α at every thinking step
-(α > 1 stops earlier); BF forces `A:` after B tokens, twice: "BF" is the library's BudgetForcing (it
-may write `A:` in the middle of a line, which the verifier rejects) and "BF-line" the same class with
-the marker "\nA:" (the answer then starts a line, as the format requires). For each setting: accuracy and mean generated
-tokens (whole completion: thinking + answer line + eos), greedy and sampled (T = 1, pass@1 over
-`--samples` samples). Claim: TS gives higher accuracy than BF at the same mean token count.
+(α > 1 stops earlier); BF forces `A:` after B tokens, three ways: "BF" is the library's
+BudgetForcing (it may write `A:` in the middle of a line, which the verifier rejects), "BF-line" the
+same class with the marker "\nA:" (the answer starts a line, as the format requires), "BF-eol" waits
+for the end of the current line after B tokens and then forces `A:` (no mid-line cut at all).
+For each setting: accuracy and mean generated tokens (whole completion: thinking + answer line + eos),
+greedy and sampled (T = 1, pass@1 over `--samples` samples). `--checks repeat` uses the variant whose
+check lines restate the last step (harmless redundancy). Claim: TS gives higher accuracy than BF at the same mean token count.
 
-`.venv/bin/python experiments/stop_sweep.py [--quick] [--samples 4]`
+`.venv/bin/python experiments/stop_sweep.py [--quick] [--samples 4] [--checks suffix|repeat]`
 """
 
 from __future__ import annotations
@@ -19,9 +21,17 @@ import time
 
 import matplotlib.pyplot as plt
 import numpy as np
-
-from common import (VERBOSE_EVAL_K, evaluate_model, experiment_args, line_budget_forcing, minimal_tokens, output_dir,
-                    verbose_sft, write_results)
+from common import (
+    VERBOSE_EVAL_K,
+    LineEndBudgetForcing,
+    evaluate_model,
+    experiment_args,
+    line_budget_forcing,
+    minimal_tokens,
+    output_dir,
+    verbose_sft,
+    write_results,
+)
 
 ALPHAS = [0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]
 BUDGETS = [8, 16, 24, 32, 40, 48, 64, 80]
@@ -60,7 +70,7 @@ def main():
     task = get_task("chain_verbose", checks=args.checks)
     problems = task.generate(size, 1, VERBOSE_EVAL_K)
     max_new = 160
-    points = {"TS": [], "BF": [], "BF-line": []}
+    points = {"TS": [], "BF": [], "BF-line": [], "BF-eol": []}
     for a in alphas:
         s = evaluate_model(policy, task, problems, max_new_tokens=max_new, samples=samples, ts_alpha=a)
         points["TS"].append({"alpha": a, **_point(s)})
@@ -73,10 +83,14 @@ def main():
                            processor=line_budget_forcing(policy, b))
         points["BF-line"].append({"budget": b, **_point(s)})
         print(f"BF-line B={b}: {points['BF-line'][-1]}", flush=True)
+        s = evaluate_model(policy, task, problems, max_new_tokens=max_new, samples=samples,
+                           processor=LineEndBudgetForcing(policy, b))
+        points["BF-eol"].append({"budget": b, **_point(s)})
+        print(f"BF-eol B={b}: {points['BF-eol'][-1]}", flush=True)
 
     # TS vs BF at equal tokens: BF's accuracy interpolated at each TS point's token count.
     rows = []
-    for bf_name in ("BF", "BF-line"):
+    for bf_name in ("BF", "BF-line", "BF-eol"):
         for mode in ("greedy", "sampled"):
             bx = [p[f"tokens_{mode}"] for p in points[bf_name]]
             by = [p[f"acc_{mode}"] for p in points[bf_name]]
@@ -85,19 +99,22 @@ def main():
     for p in points["TS"]:
         rows.append(["TS", f"α={p['alpha']:g}", p["acc_greedy"], p["tokens_greedy"],
                      _fmt(p["BF_acc_at_same_tokens_greedy"]), _fmt(p["BF-line_acc_at_same_tokens_greedy"]),
+                     _fmt(p["BF-eol_acc_at_same_tokens_greedy"]),
                      p["acc_sampled"], p["tokens_sampled"], _fmt(p["BF_acc_at_same_tokens_sampled"]),
-                     _fmt(p["BF-line_acc_at_same_tokens_sampled"]), p["checks_sampled"], p["format_rate"]])
-    for name in ("BF", "BF-line"):
+                     _fmt(p["BF-line_acc_at_same_tokens_sampled"]), _fmt(p["BF-eol_acc_at_same_tokens_sampled"]),
+                     p["checks_sampled"], p["format_rate"]])
+    for name in ("BF", "BF-line", "BF-eol"):
         for p in points[name]:
-            rows.append([name, f"B={p['budget']}", p["acc_greedy"], p["tokens_greedy"], "", "", p["acc_sampled"],
-                         p["tokens_sampled"], "", "", p["checks_sampled"], p["format_rate"]])
+            rows.append([name, f"B={p['budget']}", p["acc_greedy"], p["tokens_greedy"], "", "", "", p["acc_sampled"],
+                         p["tokens_sampled"], "", "", "", p["checks_sampled"], p["format_rate"]])
     results = {"sft": str(path), "checks": args.checks, "size": size, "k": VERBOSE_EVAL_K, "samples": samples, "max_new_tokens": max_new,
                "minimal_tokens_mean": sum(minimal_tokens(q) for q in problems) / len(problems),
                "sft_target_tokens_mean": sum(len(task.target(q)) + 1 for q in problems) / len(problems),
                "points": points, "wall_s": time.time() - t0}
     header = ["method", "setting", "acc greedy", "tokens greedy", "BF acc @ same tokens", "BF-line acc @ same tokens",
-              "pass@1 sampled", "tokens sampled", "BF pass@1 @ same tokens", "BF-line pass@1 @ same tokens",
-              "check lines (sampled)", "format rate (greedy)"]
+              "BF-eol acc @ same tokens", "pass@1 sampled", "tokens sampled", "BF pass@1 @ same tokens",
+              "BF-line pass@1 @ same tokens", "BF-eol pass@1 @ same tokens", "check lines (sampled)",
+              "format rate (greedy)"]
     print(write_results(out, f"TS vs budget forcing, chain_verbose ({args.checks} checks) k={VERBOSE_EVAL_K} ({size} problems, {samples} samples; "
                              f"shortest correct completion {results['minimal_tokens_mean']:.1f} tokens, "
                              f"expert verbose trace {results['sft_target_tokens_mean']:.1f})", header, rows, results))
@@ -120,7 +137,8 @@ def _plot(path, points, results):
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, mode in zip(axes, ("greedy", "sampled")):
         for i, (m, label, key) in enumerate((("TS", "TS (α sweep)", "alpha"), ("BF", "budget forcing, library (B sweep)", "budget"),
-                                             ("BF-line", "budget forcing, marker at a line start", "budget"))):
+                                             ("BF-line", "budget forcing, marker \\nA:", "budget"),
+                                             ("BF-eol", "budget forcing at the next line end", "budget"))):
             pts = sorted(points[m], key=lambda p: p[f"tokens_{mode}"])
             ax.plot([p[f"tokens_{mode}"] for p in pts], [p[f"acc_{mode}"] for p in pts], marker="o", color=f"C{i}", label=label)
             for p in pts:

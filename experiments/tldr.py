@@ -21,9 +21,17 @@ import time
 from pathlib import Path
 
 import matplotlib.pyplot as plt
-
-from common import (VERBOSE_EVAL_K, evaluate_model, experiment_args, output_dir, read_metrics, run_parallel,
-                    run_recipe, verbose_sft, write_results)
+from common import (
+    VERBOSE_EVAL_K,
+    evaluate_model,
+    experiment_args,
+    output_dir,
+    read_metrics,
+    run_parallel,
+    run_recipe,
+    verbose_sft,
+    write_results,
+)
 
 RECIPE = "recipes/experiments/tldr-chain-verbose.yaml"
 LEVELS = ["short", "medium", "long", None]

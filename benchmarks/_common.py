@@ -80,7 +80,8 @@ class Recorder:
 
     def spread(self, row: str, side: str, metric: str) -> str:
         v = self.values[(row, side)][metric]
-        return f"{min(v):.3g}–{max(v):.3g}" if len(v) > 1 else ""
+        fmt = lambda x: f"{x:.0f}" if abs(x) >= 100 else f"{x:.3g}"
+        return f"{fmt(min(v))}–{fmt(max(v))}" if len(v) > 1 else ""
 
 
 def release_memory():

@@ -3,6 +3,7 @@
     python benchmarks/grpo_step.py                      # SmolLM2-135M (alias smollm2-135m, offline cache)
     python benchmarks/grpo_step.py --model tiny         # a tiny random Llama built here
     python benchmarks/grpo_step.py --with-bf16-rollouts # add thinkling with bf16 rollouts (fp32 update)
+    python benchmarks/grpo_step.py --bf16               # both sides in bf16 mixed precision
 
 One configuration for both: the same fp32 model and chat-template prompts,
 P prompts x G completions per step, max completion length, μ = 1 (one update
@@ -68,8 +69,14 @@ def bench_reward(task, problem, text: str) -> float:
 
 
 class BenchTrainer(RLTrainer):
+    autocast = False  # --bf16: run the update under bf16 autocast (what an `rl.bf16` option would do)
+
     def _rewards(self, grp):
         return [bench_reward(self.task, grp.problem, c.text) for c in grp.completions]
+
+    def update(self, *args, **kwargs):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+            return super().update(*args, **kwargs)
 
 
 def tiny_model_dir(tokenizer_from: str) -> str:
@@ -90,14 +97,16 @@ def tiny_model_dir(tokenizer_from: str) -> str:
     return path
 
 
-def thinkling_trainer(path: str, task, problems, args, rollout_dtype: str):
+def thinkling_trainer(path: str, task, problems, args, rollout_dtype: str, autocast: bool = False):
     policy = HFPolicy.load(path, dtype="float32", device="cpu")
     policy.rollout_dtype = rollout_dtype
     rl = RLConfig(algorithm="grpo", prompts_per_step=args.prompts, group_size=args.group, ppo_epochs=1, beta=0.0,
                   lr=args.lr, max_new_tokens=args.max_new_tokens, temperature=1.0, top_p=1.0, grad_clip=1.0,
                   rewards={"accuracy": 1.0, "format": 0.0})
     optimizer = make_optimizer(policy.model, rl.lr, rl.weight_decay)
-    return BenchTrainer(policy, task, problems, rl, resolve_knobs(rl), optimizer, seed=0)
+    trainer = BenchTrainer(policy, task, problems, rl, resolve_knobs(rl), optimizer, seed=0)
+    trainer.autocast = autocast
+    return trainer
 
 
 def trl_trainer(path: str, task, problems, args, total_steps: int, callback):
@@ -114,7 +123,7 @@ def trl_trainer(path: str, task, problems, args, total_steps: int, callback):
 
     data = Dataset.from_list([{"prompt": [{"role": "user", "content": prompt_text(p)}], "pid": p.id} for p in problems])
     config = GRPOConfig(
-        output_dir=tempfile.mkdtemp(prefix="thinkling-bench-trl-"), use_cpu=True, bf16=False, fp16=False,
+        output_dir=tempfile.mkdtemp(prefix="thinkling-bench-trl-"), use_cpu=True, bf16=args.bf16, fp16=False,
         per_device_train_batch_size=args.prompts * args.group, num_generations=args.group,
         gradient_accumulation_steps=1, num_iterations=1, beta=0.0, loss_type="grpo", scale_rewards="group",
         max_completion_length=args.max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
@@ -140,17 +149,24 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=1e-6)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadiest on a shared machine)")
     ap.add_argument("--with-bf16-rollouts", action="store_true", help="add thinkling with rollout_dtype=bfloat16")
+    ap.add_argument("--bf16", action="store_true",
+                    help="both sides in bf16 mixed precision (fp32 weights): TRL bf16=True; thinkling bf16 rollouts "
+                         "and its update under bf16 autocast")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     header("GRPO step: thinkling vs TRL GRPOTrainer", ["benchmarks/grpo_step.py", *sys.argv[1:]])
     path = tiny_model_dir(resolve_model("smollm2-135m")) if args.model == "tiny" else resolve_model(args.model)
     print(f"model={args.model} prompts={args.prompts} G={args.group} max_new_tokens={args.max_new_tokens} "
-          f"steps={args.steps} (+{args.warmup} warm-up) dtype=float32 μ=1 β=0\n")
+          f"steps={args.steps} (+{args.warmup} warm-up) weights=float32 "
+          f"{'bf16 mixed precision' if args.bf16 else 'fp32 compute'} μ=1 β=0\n")
 
     task = ArithmeticTask()
     problems = task.generate(64, seed=0, difficulty=[2, 3])
-    ours = {"thinkling": thinkling_trainer(path, task, problems, args, "float32")}
-    if args.with_bf16_rollouts:
+    if args.bf16:
+        ours = {"thinkling": thinkling_trainer(path, task, problems, args, "bfloat16", autocast=True)}
+    else:
+        ours = {"thinkling": thinkling_trainer(path, task, problems, args, "float32")}
+    if args.with_bf16_rollouts and not args.bf16:
         ours["thinkling-bf16-rollouts"] = thinkling_trainer(path, task, problems, args, "bfloat16")
     sides = ["trl", *ours]
     total = args.warmup + args.steps

@@ -157,6 +157,8 @@ def plot_sweep(table: dict, path) -> None:
         for (x, y), values in labels.items():
             ax.annotate(tag + ",".join(values), (x, y), textcoords="offset points", fontsize=7,
                         xytext=(4, -10 if method == "budget" else 4))
+    top = max((r["accuracy"] for r in table["rows"]), default=1.0)
+    ax.set_ylim(-0.02, min(1.04, max(0.1, top * 1.15)))  # accuracy is >= 0; a flat 0 % run stays readable
     ax.set_xlabel("mean completion tokens")
     ax.set_ylabel("pass@1 (sampled)" if table.get("decoding", "greedy") != "greedy" else "accuracy (greedy)")
     ax.set_title(f"{table['model']} on {table['task']} ({table['n']} problems, {table.get('decoding', 'greedy')})",

@@ -17,6 +17,8 @@ from typing import Callable, Protocol, runtime_checkable
 
 import torch
 
+from thinkling.errors import ThinklingError
+
 # (next-token logits [B, V], completion ids generated so far [B, t]) -> new logits [B, V].
 # Rows are the sequences still being generated; `t` is the same for every row
 # (rows that already stopped are not passed). Used for temperature-scaled
@@ -31,6 +33,15 @@ class SamplingParams:
     top_p: float = 1.0
     logits_processor: LogitsProcessor | None = None
     seed: int | None = None  # seeds a private torch.Generator when set
+
+    def validate(self) -> None:
+        """One clear error for bad values, before any backend touches torch."""
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
+            raise ThinklingError(f"sampling 'max_new_tokens': must be an integer >= 0 (got {self.max_new_tokens!r})")
+        if self.temperature < 0:
+            raise ThinklingError(f"sampling 'temperature': must be >= 0 (got {self.temperature!r})")
+        if not 0 < self.top_p <= 1:
+            raise ThinklingError(f"sampling 'top_p': must be in (0, 1] (got {self.top_p!r})")
 
 
 @runtime_checkable

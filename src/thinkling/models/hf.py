@@ -251,6 +251,7 @@ class HFPolicy:
     @torch.no_grad()
     def generate_reference(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
         """transformers' `generate` with left padding: the reference the engine is tested against."""
+        params.validate()
         if not prompts:
             return []
         width = max(len(p) for p in prompts)

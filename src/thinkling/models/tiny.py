@@ -215,14 +215,6 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def _check_params(params: SamplingParams):
-    if not isinstance(params.max_new_tokens, int) or params.max_new_tokens < 0:
-        raise ThinklingError(f"sampling 'max_new_tokens': must be an integer >= 0 (got {params.max_new_tokens!r})")
-    if params.temperature < 0:
-        raise ThinklingError(f"sampling 'temperature': must be >= 0 (got {params.temperature!r})")
-    if not 0 < params.top_p <= 1:
-        raise ThinklingError(f"sampling 'top_p': must be in (0, 1] (got {params.top_p!r})")
-
 
 def _pad(seqs: list, pad_id: int, left: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
     """ids and attention mask `[B, max_len]` of `seqs` padded on one side."""
@@ -299,7 +291,7 @@ class TinyPolicy:
 
     def _budgets(self, prompts: list[list[int]], params: SamplingParams) -> list[int]:
         """New tokens each prompt may get: max_new_tokens, capped by max_seq_len."""
-        _check_params(params)
+        params.validate()
         limit = self.model.config.max_seq_len
         for i, p in enumerate(prompts):
             if not 0 < len(p) <= limit:

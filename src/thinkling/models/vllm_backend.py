@@ -70,6 +70,7 @@ class VLLMGenerator:
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
         """One completion per prompt, ending at the first eos (kept), like `HFPolicy.generate`."""
+        params.validate()
         if params.logits_processor is not None:
             raise ThinklingError(
                 "the vllm backend does not run per-step logits processors (budget forcing, temperature-scaled "

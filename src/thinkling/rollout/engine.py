@@ -298,14 +298,6 @@ def _invert_cdf(probs: torch.Tensor, u: torch.Tensor, block: int = 256) -> torch
     return tokens
 
 
-def _check_params(params: SamplingParams) -> None:
-    if not isinstance(params.max_new_tokens, int) or params.max_new_tokens < 0:
-        raise ThinklingError(f"sampling 'max_new_tokens': must be an integer >= 0 (got {params.max_new_tokens!r})")
-    if params.temperature < 0:
-        raise ThinklingError(f"sampling 'temperature': must be >= 0 (got {params.temperature!r})")
-    if not 0 < params.top_p <= 1:
-        raise ThinklingError(f"sampling 'top_p': must be in (0, 1] (got {params.top_p!r})")
-
 
 # ------------------------------------------------------------------- engine
 
@@ -411,7 +403,7 @@ class RolloutEngine:
         decodes into the same cache slot per step. Rows that finish are fed
         padding until a quarter of the batch has finished, then dropped.
         """
-        _check_params(params)
+        params.validate()
         for i, p in enumerate(prompts):
             if not p:
                 raise ThinklingError(f"generate: prompt {i} is empty")

@@ -27,6 +27,11 @@ def _run(capsys, *argv):
     (["sft", "recipes/chain-sft.yaml", "train.difficulty=-2"], "difficulty"),
     (["tasks", "show", "nosuchtask"], "nosuchtask"),
     (["eval", "--model", "/nonexistent/run", "--task", "chain"], "nonexistent"),
+    (["eval", "--model", "smollm2-135m", "--dtype", "float16"], "--dtype"),
+    (["eval", "--model", "smollm2-135m", "--threads", "0"], "--threads"),
+    (["sweep-stop", "--model", "smollm2-135m", "--alphas", "1,x"], "--alphas"),
+    (["sweep-stop", "--model", "smollm2-135m", "--budgets", "64.5"], "--budgets"),
+    (["sweep-stop", "--model", "smollm2-135m", "--alphas", "", "--budgets", ""], "at least one alpha"),
 ])
 def test_bad_input_is_one_clear_line(capsys, tmp_path, argv, needle):
     code, err = _run(capsys, *argv, *([f"output_dir={tmp_path}/r"] if argv[0] == "sft" else []))

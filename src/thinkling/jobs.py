@@ -44,17 +44,20 @@ def configure_threads(cfg) -> None:
     other load on the machine they are many times slower."""
     import torch
 
-    threads = cfg.threads if cfg.threads is not None else (1 if cfg.model.backend == "tiny" and not cfg.model.init else None)
-    if cfg.model.init and cfg.threads is None:
-        import json as _json
-
-        meta = Path(cfg.model.init) / "policy.json"
-        if meta.exists() and _json.loads(meta.read_text()).get("backend") == "tiny":
-            threads = 1
+    threads = cfg.threads if cfg.threads is not None else (1 if _is_tiny(cfg.model) else None)
     if threads is not None:
         if threads < 1:
             raise ThinklingError(f"config key 'threads' must be >= 1, got {threads}")
         torch.set_num_threads(threads)
+
+
+def _is_tiny(model_cfg) -> bool:
+    """A fresh tiny model, or a saved tiny policy (a policy folder or a run folder's final/)."""
+    if not model_cfg.init:
+        return model_cfg.backend == "tiny"
+    path = Path(model_cfg.init)
+    meta = next((m for m in (path / "policy.json", path / "final" / "policy.json") if m.exists()), None)
+    return meta is not None and json.loads(meta.read_text()).get("backend") == "tiny"
 
 
 def _resume_policy(run: RunDir, cfg, resume: bool):
@@ -70,6 +73,10 @@ def _resume_policy(run: RunDir, cfg, resume: bool):
 
 # --------------------------------------------------------------------- SFT
 def run_sft(cfg, resume: bool = False) -> dict:
+    """SFT in one process, or data-parallel under torchrun / accelerate launch (`train.distributed`):
+    every process trains the same steps; process 0 alone writes the run folder, evaluates and
+    reports, the others only read it (to resume from its checkpoint) and return {"rank": r}."""
+    from thinkling.train.distributed import DataParallel
     from thinkling.train.sft import sft_examples, train_sft
 
     validate_sft(cfg)
@@ -77,7 +84,10 @@ def run_sft(cfg, resume: bool = False) -> dict:
     seed_everything(cfg.seed)
     train_task, train_problems = problems_for(cfg.train, "train")
     eval_task, eval_problems = problems_for(cfg.eval, "eval")
-    run = RunDir(cfg.output_dir, cfg, resume=resume)
+    dp = DataParallel.from_env()
+    if not dp.is_main:
+        console.quiet = True  # one voice: process 0 reports for the run
+    run = dp.run_dir(cfg.output_dir, cfg, resume=resume)
     policy, ckpt, start = _resume_policy(run, cfg, resume)
     examples = sft_examples(policy, train_task, train_problems)
     optimizer = make_optimizer(policy.model, cfg.sft.lr, cfg.sft.weight_decay)
@@ -92,8 +102,10 @@ def run_sft(cfg, resume: bool = False) -> dict:
     console.print(f"SFT: {n_params / 1e6:.2f} M parameters, {len(examples)} examples, {cfg.sft.steps} steps -> {run.path}")
     with bar("sft", cfg.sft.steps - start) as advance:
         train_sft(policy, examples, cfg.sft, seed=cfg.seed, run=run, start_step=start, optimizer=optimizer,
-                  on_eval=on_eval, eval_every=cfg.evaluation.every,
+                  on_eval=on_eval, eval_every=cfg.evaluation.every, data_parallel=dp,
                   progress=lambda step, loss: advance(1, info=f"loss {loss:.3f}"))
+    if not dp.is_main:
+        return {"rank": dp.rank}
     return finish(run, policy, eval_task, eval_problems, cfg, step=cfg.sft.steps)
 
 
@@ -127,22 +139,27 @@ def finish(run: RunDir, policy, eval_task, eval_problems, cfg, step: int, extra:
 
 def print_summary(summary: dict, title: str) -> None:
     table = Table(title=title)
-    for col in ("difficulty", "n", "accuracy", "mean tokens", *[k for k in next(iter(summary["by_difficulty"].values()), {}) if k.startswith("pass@")]):
+    passes = [k for k in next(iter(summary["by_difficulty"].values()), {}) if k.startswith("pass@")]
+    for col in ("difficulty", "n", "accuracy", "strict accuracy", "mean tokens", *passes):
         table.add_column(col, justify="right")
     for d, e in summary["by_difficulty"].items():
         extra = [f"{v:.3f}" for k, v in e.items() if k.startswith("pass@")]
-        table.add_row(d, str(e["n"]), f"{e['accuracy']:.3f}", f"{e['mean_tokens']:.1f}", *extra)
+        table.add_row(d, str(e["n"]), f"{e['accuracy']:.3f}", f"{e['strict_accuracy']:.3f}",
+                      f"{e['mean_tokens']:.1f}", *extra)
     extra = [f"{summary[k]:.3f}" for k in summary if k.startswith("pass@") and k != "pass@1"][-1:]
-    table.add_row("all", str(summary["n"]), f"{summary['accuracy']:.3f}", f"{summary['mean_tokens']:.1f}", *extra)
+    table.add_row("all", str(summary["n"]), f"{summary['accuracy']:.3f}", f"{summary['strict_accuracy']:.3f}",
+                  f"{summary['mean_tokens']:.1f}", *extra)
     console.print(table)
 
 
 # -------------------------------------------------------------------- eval
-def run_eval(model: str, task_cfg, eval_cfg, out: str | None, seed: int = 0, level: str | None = None) -> dict:
+def run_eval(model: str, task_cfg, eval_cfg, out: str | None, seed: int = 0, level: str | None = None,
+             dtype: str | None = None, threads: int | None = None) -> dict:
     """Evaluate a saved policy / model alias on a task.
 
     With `out`, the summary goes to `out` (JSON) and every completion to `out`'s `.jsonl`
     as it is produced; rerunning the same command continues an interrupted evaluation.
+    `dtype` loads an alias / hub id in float32 or bfloat16; `threads` sets torch's CPU threads.
     """
     from thinkling.eval.evaluate import RowLog
 
@@ -154,21 +171,65 @@ def run_eval(model: str, task_cfg, eval_cfg, out: str | None, seed: int = 0, lev
         log = RowLog(out_path.with_suffix(".jsonl"))
         if log.rows:
             console.print(f"continuing: {len(log.rows)} completions already in {log.path}")
-    policy = _policy_for_eval(model)
-    summary, rows = evaluate_policy(policy, task, problems, eval_cfg, seed, level=level, log=log)
+    configure_eval_threads(model, threads)
+    policy = policy_for_eval(model, dtype)
+    try:
+        summary, _ = evaluate_policy(policy, task, problems, eval_cfg, seed, level=level, log=log)
+    except KeyboardInterrupt:  # the CLI prints this one line instead of a traceback
+        saved = (f"{len(log.rows)} generations saved to {log.path}; rerun the same command to continue" if log
+                 else "nothing saved (--out FILE keeps every generation)")
+        raise KeyboardInterrupt(f"interrupted: {saved}") from None
     if out:
         atomic_write_text(out_path, json.dumps(summary, indent=2))
     print_summary(summary, title=f"{model} — {task.name} ({len(problems)} problems)")
     return summary
 
 
-def _policy_for_eval(model: str):
-    path = Path(model)
-    if path.exists():
-        return load_policy(path)
+def policy_for_eval(model: str, dtype: str | None = None):
+    """A saved policy / run folder, or an alias / hub id loaded as an HF model in `dtype`."""
     from thinkling.config import ModelConfig
 
-    return build_policy(ModelConfig(backend="hf", name=model), seed=0)
+    if Path(model).exists():
+        if dtype is not None:
+            raise ThinklingError("--dtype applies to model aliases and hub ids; a saved policy keeps its own")
+        return load_policy(model)
+    return build_policy(ModelConfig(backend="hf", name=model, dtype=dtype or "float32"), seed=0)
+
+
+def configure_eval_threads(model: str, threads: int | None) -> None:
+    """`configure_threads` for an eval: one thread for a saved tiny policy unless `threads` says otherwise."""
+    from thinkling.config import ModelConfig, RunConfig
+
+    init = model if Path(model).exists() else None
+    configure_threads(RunConfig(threads=threads, model=ModelConfig(backend="hf", init=init)))
+
+
+def run_stop_sweep(model: str, task_cfg, alphas, budgets, out: str, max_new_tokens: int, *, samples: int = 1,
+                   temperature: float = 1.0, batch_size: int = 64, seed: int = 0, dtype: str | None = None,
+                   threads: int | None = None, budget_marker: str | None = None) -> dict:
+    """`thinkling sweep-stop`: accuracy vs tokens for TS at each α and budget forcing at each B
+    (`eval.sweep.stop_sweep`), written to `out`/sweep.json + sweep.png and printed as a table.
+    As in `eval`, `samples` > 1 adds sampled completions at `temperature` (pass@1)."""
+    from thinkling.eval.sweep import stop_sweep
+
+    configure_eval_threads(model, threads)
+    try:
+        table = stop_sweep(model, task_cfg, alphas, budgets, out, max_new_tokens, batch_size=batch_size, seed=seed,
+                           dtype=dtype, budget_marker=budget_marker, samples=samples,
+                           temperature=temperature if samples > 1 else 0.0)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"interrupted: finished generations are kept in {out}; "
+                                "rerun the same command to continue") from None
+    sampled = samples > 1
+    grid = Table(title=f"{model} — {task_cfg.name} ({table['n']} problems, {table['decoding']}) -> {out}/sweep.png")
+    for col in ("method", "setting", "pass@1" if sampled else "accuracy", "mean tokens", "format rate (greedy)"):
+        grid.add_column(col, justify="right")
+    for r in table["rows"]:
+        setting = f"{'α' if r['method'] == 'ts' else 'B'}={r['value']:g}"
+        grid.add_row(r["method"], setting, f"{r['accuracy']:.3f}", f"{r['mean_tokens']:.1f}",
+                     f"{r['greedy_format_rate']:.3f}")
+    console.print(grid)
+    return table
 
 
 # ---------------------------------------------------------------------- RL

@@ -114,6 +114,7 @@ def summarize(problems: list[Problem], log: RowLog, modes: list[str]) -> dict:
     summary = {
         "n": len(problems),
         "accuracy": _mean(r["correct"] for r in greedy),
+        "strict_accuracy": _strict(greedy),
         "format_rate": _mean(r["format_ok"] for r in greedy),
         "mean_tokens": _mean(r["tokens"] for r in greedy),
         "mean_tokens_correct": _mean(r["tokens"] for r in greedy if r["correct"]),
@@ -133,12 +134,19 @@ def summarize(problems: list[Problem], log: RowLog, modes: list[str]) -> dict:
     table = {}
     for d in sorted(groups):
         entry = {"n": len(groups[d]), "accuracy": _mean(r["correct"] for _, r in groups[d]),
+                 "strict_accuracy": _strict(r for _, r in groups[d]),
                  "mean_tokens": _mean(r["tokens"] for _, r in groups[d])}
         if counts is not None:
             entry[f"pass@{len(sampled)}"] = _mean(pass_at_k(len(sampled), counts[p.id], len(sampled)) for p, _ in groups[d])
         table[_key(d)] = entry
     summary["by_difficulty"] = table
     return summary
+
+
+def _strict(rows) -> float:
+    """Share correct AND in the expected answer form (`format_ok`): math answers found only by
+    the last-number fallback count for `accuracy` but not here."""
+    return _mean(r["correct"] and r["format_ok"] for r in rows)
 
 
 def _key(d) -> str:

@@ -41,18 +41,6 @@ from thinkling.runs import atomic_write_text
 ANSWER_ROOM = 24
 
 
-def _load_policy(model: str, dtype: str | None):
-    """A saved policy / run folder, or an alias / hub id loaded as an HF model."""
-    from thinkling.config import ModelConfig
-    from thinkling.models import build_policy, load_policy
-
-    if Path(model).exists():
-        if dtype is not None:
-            raise ThinklingError("dtype applies to model aliases and hub ids; a saved policy keeps its own")
-        return load_policy(model)
-    return build_policy(ModelConfig(backend="hf", name=model, dtype=dtype or "float32"), seed=0)
-
-
 def parse_values(text: str | None, kind, name: str) -> list:
     """'0.5,1,2' -> [0.5, 1.0, 2.0] (kind float) for the CLI; '' or None -> []."""
     if not text:
@@ -86,7 +74,7 @@ def stop_sweep(model, task_cfg, alphas, budgets, out_dir, max_new_tokens: int, *
     """
     from thinkling.config import EvalConfig
     from thinkling.eval.evaluate import RowLog, evaluate
-    from thinkling.jobs import problems_for
+    from thinkling.jobs import policy_for_eval, problems_for
     from thinkling.rollout.stopping import make_stop_processor
 
     alphas = _check(alphas, "alphas", (int, float), 0)
@@ -99,7 +87,7 @@ def stop_sweep(model, task_cfg, alphas, budgets, out_dir, max_new_tokens: int, *
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     task, problems = problems_for(task_cfg, "eval")
-    policy = _load_policy(model, dtype) if isinstance(model, str) else model
+    policy = policy_for_eval(model, dtype) if isinstance(model, str) else model
     marker_task = SimpleNamespace(end_of_thinking=budget_marker) if budget_marker else task
     marker_text = getattr(marker_task, "end_of_thinking", None)
     marker_len = len(policy.encode_text(marker_text)) if marker_text else 1  # no text: the EOS token

@@ -85,28 +85,13 @@ class BenchmarkTask(MathTask):
     def __init__(self, source: str = "olmo", path: str | None = None, skip: int = 0):
         if source not in ("olmo", "hub"):
             raise ThinklingError(f"task '{self.name}': source must be 'olmo' or 'hub', got {source!r}")
-        if isinstance(skip, bool) or not isinstance(skip, int) or skip < 0:
-            raise ThinklingError(f"task '{self.name}': skip must be an integer >= 0, got {skip!r}")
-        self.source, self.path, self.skip = source, path, skip
+        self.source, self.path = source, path
+        self.set_skip(skip)
 
     def load(self):
         if self.path is not None:
-            problems = load_jsonl(self.path)
-        else:
-            problems = self.load_olmo() if self.source == "olmo" else self.load_hub()
-        if self.skip >= len(problems):
-            raise ThinklingError(f"task '{self.name}': skip={self.skip} leaves no problem (the set has {len(problems)})")
-        return problems[self.skip :]
-
-    def generate(self, n, seed, difficulty=None):
-        """The first `n` problems in file order (all when n is None), after `skip` and the
-        `difficulty` filter; `seed` is unused: a benchmark subset is a prefix, not a sample."""
-        pool = super().generate(None, seed, difficulty)
-        if n is None:
-            return pool
-        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= len(pool):
-            raise ThinklingError(f"task '{self.name}': n must be an int in 0..{len(pool)} (the set's size), got {n!r}")
-        return pool[:n]
+            return load_jsonl(self.path)
+        return self.load_olmo() if self.source == "olmo" else self.load_hub()
 
 
 @register_task("gsm8k")

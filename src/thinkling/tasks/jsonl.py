@@ -5,7 +5,9 @@ or `answer`; optionally a bare final `answer`. The final answer is the text
 after `#### ` (GSM8K), else the solution's last `\\boxed{}` (MATH), else the
 `answer` field. The solution, minus GSM8K's `<<calculator>>` annotations and
 its `####` line, is split into steps (paragraphs, else lines) for SFT and
-BREAD. The benchmark loaders reuse `parse_record` for their records.
+BREAD. As for the benchmarks, `n` problems are the first n in file order and
+the `skip` option drops the first ones. The benchmark loaders reuse
+`parse_record` for their records.
 """
 
 from __future__ import annotations
@@ -103,12 +105,13 @@ def load_jsonl(path) -> list[Problem]:
 
 @register_task("jsonl")
 class JsonlTask(MathTask):
-    """GSM8K/MATH-style problems from a local JSONL file (option: path)."""
+    """GSM8K/MATH-style problems from a local JSONL file; `n` = the first n lines' problems (options: path, skip)."""
 
-    description = "GSM8K/MATH-style problems from a local JSONL file (option: path)"
+    description = "GSM8K/MATH-style problems from a local JSONL file, first n in file order (options: path, skip)"
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, skip: int = 0):
         self.path = path
+        self.set_skip(skip)
 
     def load(self):
         return load_jsonl(self.path)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import math
 import multiprocessing
-import random
 import re
 import threading
 
@@ -142,22 +141,37 @@ class MathTask(Task):
     Completions are free reasoning ending in `The answer is \\boxed{N}.`, checked
     with `verify_math`. `end_of_thinking` is None, meaning "the model's EOS token":
     these completions have no separate thinking block.
+
+    `n` problems are the FIRST n in file order (how "GSM8K, first 200" is reported),
+    not a random sample; `skip` drops the first problems, so one file can give
+    disjoint train and eval sets.
     """
 
     end_of_thinking = None
     timeout = 5.0
+    skip = 0
+
+    def set_skip(self, skip) -> None:
+        if isinstance(skip, bool) or not isinstance(skip, int) or skip < 0:
+            raise ThinklingError(f"task '{self.name}': skip must be an integer >= 0, got {skip!r}")
+        self.skip = skip
 
     def load(self) -> list[Problem]:
         """Every problem of the set, in a fixed order."""
         raise NotImplementedError
 
     def all_problems(self) -> list[Problem]:
+        """The set after `skip`, loaded once."""
         if not hasattr(self, "_problems"):
-            self._problems = self.load()
+            problems = self.load()
+            if self.skip >= len(problems):
+                raise ThinklingError(f"task '{self.name}': skip={self.skip} leaves no problem (the set has {len(problems)})")
+            self._problems = problems[self.skip :]
         return self._problems
 
     def generate(self, n, seed, difficulty=None):
-        """All problems (n=None) or a seeded sample of n; `difficulty` keeps those levels only."""
+        """The first `n` problems (all when n is None), after `skip` and the `difficulty` filter;
+        `seed` is unused: a subset of a fixed set is a prefix, comparable across runs and seeds."""
         pool = self.all_problems()
         if difficulty is not None:
             levels = {float(d) for d in (difficulty if isinstance(difficulty, (list, tuple)) else [difficulty])}
@@ -168,7 +182,7 @@ class MathTask(Task):
             return list(pool)
         if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= len(pool):
             raise ThinklingError(f"task '{self.name}': n must be an int in 0..{len(pool)} (the set's size), got {n!r}")
-        return random.Random(seed).sample(pool, n)
+        return pool[:n]
 
     def verify(self, problem: Problem, completion: str) -> Verdict:
         return verify_math(problem.answer, completion, self.timeout)

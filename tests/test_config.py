@@ -46,3 +46,14 @@ def test_shipped_recipes_validate():
             stage_configs(data)
         else:
             build(RunConfig, data)
+
+
+def test_unknown_or_unavailable_generator_is_one_clear_error():
+    from thinkling.config import ModelConfig
+    from thinkling.errors import ThinklingError
+    from thinkling.models import build_policy
+
+    with pytest.raises(ThinklingError, match="model.generator.*unknown generator 'fast'"):
+        build_policy(ModelConfig(generator="fast"), seed=0)
+    with pytest.raises(ThinklingError, match="vllm"):  # no vLLM / GPU here: refused before any weights load
+        build_policy(ModelConfig(backend="hf", name="smollm2-135m", generator="vllm"), seed=0)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import string
 import sys
 import time
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -316,3 +318,47 @@ def test_smollm2_pull_load_generate():
     assert 0 < len(completion) <= 16
     assert policy.decode(completion).strip()
     print(f"\n{path}: loaded in {load_seconds:.2f} s; {policy.decode(completion)!r}")
+
+
+def test_vllm_generator_is_used_and_gets_trained_weights(monkeypatch, base_dir):
+    """With `use_vllm()` rollouts come from vLLM; after an optimizer step the next generate first
+    syncs the weights (LoRA merged, plain names) — a fake vllm module stands in for the GPU."""
+    from thinkling.models import vllm_backend
+
+    synced, built = [], []
+
+    class FakeGenerator:
+        def __init__(self, path, dtype, **kw):
+            built.append((path, dtype))
+
+        def generate(self, prompts, params):
+            return [[EOS] for _ in prompts]
+
+        def sync_weights(self, state):
+            synced.append(state)
+
+    monkeypatch.setattr(vllm_backend, "_require_vllm", lambda: None)
+    monkeypatch.setattr(vllm_backend, "VLLMGenerator", FakeGenerator)
+    policy = HFPolicy.load(base_dir, device="cpu", lora={"r": 2, "alpha": 4})
+    with torch.no_grad():  # non-zero adapters, so merging changes the weights
+        for name, p in policy.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    policy.use_vllm()
+    assert built and (Path(built[0][0]) / "config.json").exists()
+    params = SamplingParams(max_new_tokens=4, temperature=1.0, seed=0)
+    assert policy.generate([[BOS, 5, 6]], params) == [[EOS]] and not synced
+    policy.weights_changed()
+    policy.generate([[BOS, 5, 6]], params)
+    policy.generate([[BOS, 5, 6]], params)
+    assert len(synced) == 1  # once per change, not per call
+    names = set(synced[0])
+    assert "model.embed_tokens.weight" in names and not any("lora_" in n or "base_layer" in n for n in names)
+    merged = copy.deepcopy(policy.model).merge_and_unload().state_dict()
+    assert names == set(merged)
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.allclose(synced[0][key], merged[key])
+    assert not torch.allclose(policy.model.state_dict()[f"base_model.model.{key.replace('.weight', '.base_layer.weight')}"],
+                              merged[key])  # the policy itself keeps unmerged weights + adapters
+    budget = SamplingParams(max_new_tokens=3, temperature=0.0, logits_processor=lambda logits, hist: logits)
+    assert len(policy.generate([[BOS, 5, 6]], budget)[0]) >= 1  # logits processors run on the HF side

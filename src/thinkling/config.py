@@ -30,6 +30,7 @@ class ModelConfig:
     chat_template: bool = True
     system_prompt: str | None = None
     trust_remote_code: bool = False
+    generator: str = "engine"  # hf rollouts: engine (thinkling's, falls back to HF generate) | vllm (CUDA GPU)
 
 
 @dataclass

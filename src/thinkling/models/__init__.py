@@ -36,6 +36,21 @@ def load_policy(directory: str | Path) -> Policy:
 
 def build_policy(cfg, seed: int) -> Policy:
     """The policy a run starts from: a saved one (`model.init`), a fresh tiny model, or an HF model."""
+    if cfg.generator not in ("engine", "vllm"):
+        raise ThinklingError(f"config key 'model.generator': unknown generator '{cfg.generator}' (engine | vllm)")
+    if cfg.generator == "vllm":
+        from thinkling.models.vllm_backend import _require_vllm
+
+        _require_vllm()  # before loading any weights
+    policy = _build(cfg, seed)
+    if cfg.generator == "vllm":
+        if not hasattr(policy, "use_vllm"):
+            raise ThinklingError("config key 'model.generator': vllm needs an hf model (model.backend: hf)")
+        policy.use_vllm()
+    return policy
+
+
+def _build(cfg, seed: int) -> Policy:
     if cfg.init:
         return load_policy(cfg.init)
     if cfg.backend == "tiny":

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,8 @@ class HFPolicy:
         self.use_engine = True
         self.rollout_dtype = _dtype_name(model)  # "bfloat16" trades exactness for ~2x faster rollouts on CPU
         self._engine = self._engine_skip = None
+        self.vllm = None  # a VLLMGenerator after `use_vllm()`: GPU rollouts
+        self._vllm_stale = False  # the trained weights moved since vLLM last got them
         if tokenizer.eos_token_id is None:
             raise ThinklingError("the tokenizer has no eos token; set tokenizer.eos_token before building the policy")
         self.eos_id = int(tokenizer.eos_token_id)
@@ -224,7 +227,14 @@ class HFPolicy:
         the model, else transformers' `generate` (`generate_reference`). Both
         sample the same distribution; `rollout_dtype = "bfloat16"` makes the
         engine decode with bf16 weights (faster on CPUs with AVX-512-bf16, approximate).
+        With `use_vllm()`, vLLM generates, except under a per-step logits processor
+        (budget forcing, temperature-scaled stopping), which vLLM does not run.
         """
+        if self.vllm is not None and params.logits_processor is None:
+            if self._vllm_stale:
+                self.vllm.sync_weights(self.plain_state_dict())
+                self._vllm_stale = False
+            return self.vllm.generate(prompts, params)
         engine = self.rollout_engine()
         if engine is None:
             return self.generate_reference(prompts, params)
@@ -294,6 +304,34 @@ class HFPolicy:
         return completions
 
     # ------------------------------------------------------------------ saving
+
+    def use_vllm(self, **engine_kwargs) -> HFPolicy:
+        """Generate rollouts with vLLM (Linux + CUDA GPU): the current weights, LoRA merged,
+        are written once to a temporary folder for vLLM to load; `weights_changed` keeps them in step."""
+        from thinkling.models.vllm_backend import VLLMGenerator, _require_vllm
+
+        _require_vllm()  # fail before writing anything
+        folder = tempfile.mkdtemp(prefix="thinkling-vllm-")
+        self.save(folder, merge=True)
+        self.vllm = VLLMGenerator(folder, dtype=_dtype_name(self.model), **engine_kwargs)
+        return self
+
+    def weights_changed(self) -> None:
+        """Called by the trainers after optimizer steps; vLLM gets the new weights at the next
+        `generate` (once, however many steps came in between)."""
+        self._vllm_stale = self.vllm is not None
+
+    def plain_state_dict(self) -> dict[str, torch.Tensor]:
+        """Weights under plain transformers names, LoRA folded in (this policy keeps its adapters)."""
+        if self.lora is None:
+            return self.model.state_dict()
+        self.model.merge_adapter()
+        try:
+            prefix = "base_model.model."
+            return {k.removeprefix(prefix).replace(".base_layer.", "."): v.detach().clone()
+                    for k, v in self.model.state_dict().items() if "lora_" not in k}
+        finally:
+            self.model.unmerge_adapter()
 
     def merge_lora(self) -> HFPolicy:
         """Fold the LoRA adapters into the base weights (in place) for export.

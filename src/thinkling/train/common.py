@@ -31,6 +31,13 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> to
     )
 
 
+def weights_changed(policy) -> None:
+    """Tell a policy whose generator keeps its own copy of the weights (vLLM) that they moved."""
+    hook = getattr(policy, "weights_changed", None)
+    if hook is not None:
+        hook()
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)

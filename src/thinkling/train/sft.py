@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from thinkling.errors import ThinklingError
 from thinkling.rollout.prompts import prompt_ids
-from thinkling.train.common import lr_at, make_optimizer, set_lr, step_generator
+from thinkling.train.common import lr_at, make_optimizer, set_lr, step_generator, weights_changed
 
 
 @dataclass
@@ -109,6 +109,7 @@ def train_sft(policy, examples: list[Example], cfg, *, seed: int, run=None, star
             dp.sum_gradients(model)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
+        weights_changed(policy)
         tokens += int(mask.sum()) if dp is None else int(counts[1])
         done = step + 1
         if progress is not None:

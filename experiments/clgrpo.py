@@ -2,11 +2,12 @@
 
 Part A runs recipes/clgrpo-pipeline.yaml (SFT → GRPO format-only → GRPO format+accuracy → clip-low
 GRPO) and reports held-out accuracy after each stage; part A2 reruns stages 2-4 from the same SFT at
-`--lr` (default 1e-4; the recipe's 5e-4 wrecks the tiny model). Part B restarts stage 4 from the A2 stage-3
-checkpoint with (ε_low, ε_high) ∈ {(0.2,0.1), (0.2,0.2), (0.2,0.28), (0.1,0.1)}. With the recipe's
-μ = 1 PPO epoch and one mini-batch the ratio is exactly 1 and clipping cannot act, so part B first
-checks that two ε pairs give identical runs at μ = 1, then sweeps with μ = 2 epochs × 2 mini-batches
-(4 updates per batch of rollouts, so π_θ drifts from π_old and the clip range matters).
+`--lr` when it differs from the recipe's RL lr (1e-4 now; the 5e-4 the recipe once had wrecks the tiny
+model). Part B restarts stage 4 from the A2 stage-3 checkpoint (part A's when A2 is not run) with
+(ε_low, ε_high) ∈ {(0.2,0.1), (0.2,0.2), (0.2,0.28), (0.1,0.1)}. With μ = 1 PPO epoch and one
+mini-batch the ratio is exactly 1 and clipping cannot act, so part B first checks that two ε pairs give
+identical runs at μ = 1, then sweeps with μ = 2 epochs × 2 mini-batches (4 updates per batch of
+rollouts, so π_θ drifts from π_old and the clip range matters).
 
 `.venv/bin/python experiments/clgrpo.py [--quick] [--seeds 2] [--epochs 2] [--minibatches 2]`
 """
@@ -23,6 +24,7 @@ import yaml
 from common import (
     eval_curve,
     experiment_args,
+    fail,
     output_dir,
     read_metrics,
     run_parallel,
@@ -68,6 +70,9 @@ def main():
     from thinkling.train.pipeline import run_pipeline, stage_configs
 
     root = Path(data["output_dir"])
+    saved = root / "pipeline.yaml"
+    if saved.exists() and yaml.safe_load(saved.read_text()) != data:  # finished stages would be reused
+        fail(f"{root} was run with another version of {RECIPE}; delete {out} or pass --out to rerun")
     stages = run_pipeline(str(recipe), [], resume=root.exists())
     cfgs = stage_configs(copy.deepcopy(data))
     for st, (name, kind, cfg) in zip(stages, cfgs):
@@ -83,27 +88,31 @@ def main():
                    f"{s.get('skipped_updates', '-')}/{s.get('steps', '-')}" if s["kind"] == "rl" else "-"]
                   for i, s in enumerate(stages)]
 
-    # ------------------------------------------------ part A2: the same pipeline at a lower RL lr
-    # The recipe's RL lr (5e-4) is above what the lead found a tiny chain model tolerates; rerun
-    # stages 2-4 from the same SFT checkpoint at --lr (the first stage of a pipeline takes model.init).
+    # ------------------------------------------------ part A2: the same pipeline at another RL lr
+    # Rerun stages 2-4 from the same SFT checkpoint at --lr (the first stage of a pipeline takes
+    # model.init). When --lr is the recipe's lr, part A already is that run.
     lr_tag = f"lr{args.lr:g}"
-    variant = copy.deepcopy(data)
-    variant["output_dir"] = str(out / f"pipeline-{lr_tag}")
-    variant["rl"]["lr"] = args.lr
-    variant["model"] = {**variant["model"], "init": str(Path(cfgs[0][2].output_dir) / "final")}
-    variant["stages"] = variant["stages"][1:]
-    vrecipe = out / f"pipeline-{lr_tag}-recipe.yaml"
-    vrecipe.write_text(yaml.safe_dump(variant, sort_keys=False))
-    vroot = Path(variant["output_dir"])
-    vstages = run_pipeline(str(vrecipe), [], resume=vroot.exists())
-    vcfgs = stage_configs(copy.deepcopy(variant))
-    for st, (name, kind, cfg) in zip(vstages, vcfgs):
-        rows = [r for r in read_metrics(Path(cfg.output_dir)) if "eval/accuracy" not in r]
-        st["folder"] = cfg.output_dir
-        st["skipped_updates"] = int(sum(r.get("skipped_update", 0) for r in rows))
-        st["steps"] = cfg.rl.steps
-    stage_rows += [[i + 2, s["stage"] + f" ({lr_tag})", s["kind"], s["accuracy"], s["format_rate"], s["mean_tokens"],
-                    f"{s['skipped_updates']}/{s['steps']}"] for i, s in enumerate(vstages)]
+    rerun = args.lr != data["rl"]["lr"]
+    if not rerun:
+        variant, vstages, vcfgs = data, stages[1:], cfgs[1:]
+    else:
+        variant = copy.deepcopy(data)
+        variant["output_dir"] = str(out / f"pipeline-{lr_tag}")
+        variant["rl"]["lr"] = args.lr
+        variant["model"] = {**variant["model"], "init": str(Path(cfgs[0][2].output_dir) / "final")}
+        variant["stages"] = variant["stages"][1:]
+        vrecipe = out / f"pipeline-{lr_tag}-recipe.yaml"
+        vrecipe.write_text(yaml.safe_dump(variant, sort_keys=False))
+        vroot = Path(variant["output_dir"])
+        vstages = run_pipeline(str(vrecipe), [], resume=vroot.exists())
+        vcfgs = stage_configs(copy.deepcopy(variant))
+        for st, (name, kind, cfg) in zip(vstages, vcfgs):
+            rows = [r for r in read_metrics(Path(cfg.output_dir)) if "eval/accuracy" not in r]
+            st["folder"] = cfg.output_dir
+            st["skipped_updates"] = int(sum(r.get("skipped_update", 0) for r in rows))
+            st["steps"] = cfg.rl.steps
+        stage_rows += [[i + 2, s["stage"] + f" ({lr_tag})", s["kind"], s["accuracy"], s["format_rate"],
+                        s["mean_tokens"], f"{s['skipped_updates']}/{s['steps']}"] for i, s in enumerate(vstages)]
 
     # ------------------------------------------------------------------ part B
     stage3_final = Path(vcfgs[1][2].output_dir) / "final"
@@ -123,7 +132,7 @@ def main():
                               f"rl.steps={steps}", f"rl.save_every={steps}", f"evaluation.every={every}", *extra]}
 
     for eps in (PAIRS[0], PAIRS[2]):  # μ = 1: clipping is inert, both runs must be identical
-        jobs.append(job(f"mu1-eps{eps[0]}-{eps[1]}-s0", eps, 0, []))
+        jobs.append(job(f"mu1-eps{eps[0]}-{eps[1]}-s0", eps, 0, ["rl.ppo_epochs=1", "rl.minibatches=1"]))
     mu = [f"rl.ppo_epochs={args.epochs}", f"rl.minibatches={args.minibatches}"]
     for eps in PAIRS:
         for seed in range(n_seeds):
@@ -161,11 +170,11 @@ def main():
                         ["stage", "name", "kind", "accuracy", "format rate", "mean tokens", "skipped updates/steps"],
                         stage_rows, results))
     print(write_results(out, f"Stage-4 ε sweep from the {lr_tag} stage-3 checkpoint ({steps} steps at {lr_tag}, μ={args.epochs} epochs × "
-                             f"{args.minibatches} mini-batches; μ=1 rows: recipe setting)",
+                             f"{args.minibatches} mini-batches; μ=1 rows: one update per rollout batch)",
                         ["(ε_low, ε_high)", "seeds", "accuracy (mean)", "per seed", "clip frac low", "clip frac high"],
                         sweep_rows, {}, name="sweep"))
     print(f"μ=1 runs with different ε identical: {identical}")
-    _plot(out / "clgrpo.png", stages + [{**v, "stage": v["stage"] + "@" + lr_tag} for v in vstages], sweep)
+    _plot(out / "clgrpo.png", stages + [{**v, "stage": v["stage"] + "@" + lr_tag} for v in vstages if rerun], sweep)
     print(f"wall time {time.time() - t0:.0f} s")
 
 

@@ -3,8 +3,6 @@
 - `experiment_args`: `--quick`, `--seeds`, `--out`, `--jobs` for every script.
 - `ensure_sft`: one shared SFT checkpoint per recipe, trained once and reused.
 - `run_parallel`: at most two training processes at a time (the machine is shared).
-- `count_all_bread_probes`: workaround for the BREAD token-count bug of the library before commit
-  672dfee (the RL loop counted only the kept branch of each BREAD search); a no-op on fixed code.
 - `VerboseChainTask` (`chain_verbose`): the `chain` task whose expert trace ends with a random
   number of redundant `check` lines, so a trace has slack that length control can remove.
 
@@ -119,8 +117,6 @@ def run_recipe(kind: str, recipe: str | None, overrides: list[str], data: dict |
     out = Path(cfg.output_dir)
     if (out / "eval.json").exists() and (out / "final" / "policy.json").exists():
         return json.loads((out / "eval.json").read_text())
-    if kind == "rl":
-        count_all_bread_probes()
     resume = out.exists() and any(out.iterdir())
     return (jobs.run_sft if kind == "sft" else jobs.run_rl)(cfg, resume=resume)
 
@@ -129,49 +125,6 @@ def ensure_sft(output_dir: str | Path, recipe: str = "recipes/quickstart/sft.yam
     """The final policy of an SFT run, training it first if it is not there."""
     run_recipe("sft", recipe, [f"output_dir={output_dir}", *overrides])
     return Path(output_dir) / "final"
-
-
-# ------------------------------------------------------------- BREAD token count fix
-_PATCHED = False
-
-
-def count_all_bread_probes() -> None:
-    """Make `total/generated_tokens` include every BREAD probe, not only the kept branches.
-
-    Library bug before commit 672dfee (rl.py `collect` + bread.py `anchor_failed_groups`): `collect`
-    added the tokens of the kept branch groups and `bstats.get("generated_tokens", 0)`, but the
-    search never reported "generated_tokens", so failed probes (and successful probes superseded by
-    a shorter anchor) were not counted. This wraps the search so that it reports the tokens of all
-    probes minus the kept ones (which the old `collect` counts): the sum is then exact. On fixed
-    code the search reports "generated_tokens" itself and the wrapper leaves it alone.
-    """
-    global _PATCHED
-    if _PATCHED:
-        return
-    from thinkling.rollout import bread
-    from thinkling.train import rl
-
-    original_sample = bread.sample_groups
-    original_search = bread.anchor_failed_groups
-    counter = {"tokens": 0}
-
-    def counting_sample(*a, **kw):
-        groups = original_sample(*a, **kw)
-        counter["tokens"] += sum(c.tokens for g in groups for c in g.completions)
-        return groups
-
-    def search(*a, **kw):
-        counter["tokens"] = 0
-        kept, stats = original_search(*a, **kw)
-        if "generated_tokens" not in stats:  # the library still has the bug
-            kept_tokens = sum(c.tokens for g in kept for c in g.completions)
-            stats["generated_tokens"] = counter["tokens"] - kept_tokens
-        stats["probe_tokens_all"] = counter["tokens"]
-        return kept, stats
-
-    bread.sample_groups = counting_sample
-    rl.anchor_failed_groups = search
-    _PATCHED = True
 
 
 # -------------------------------------------------------------- the verbose chain task
@@ -305,41 +258,3 @@ def evaluate_model(policy, task, problems, *, max_new_tokens: int, samples: int 
         summary["check_lines_sampled"] = sum(r["completion"].count("check") for r in sampled) / len(sampled)
     summary["minimal_tokens"] = sum(minimal_tokens(p) for p in problems) / len(problems)
     return summary
-
-
-def line_budget_forcing(policy, budget: int):
-    """Budget forcing whose forced marker is "\nA:" instead of "A:": the synthetic tasks' verifier only
-    accepts an answer line that starts a line, so the library's forcing of a bare "A:" in the middle
-    of a line (e.g. `check 93-6=8A:87`) is scored as a format failure. With "\nA:" a row that already
-    ends with a newline has the marker's first token written and is forced to continue with "A:" only
-    (`_open_prefix`), otherwise it gets a newline first. Uses the library's `BudgetForcing` unchanged."""
-    from thinkling.rollout.stopping import BudgetForcing
-
-    return BudgetForcing(tuple(policy.encode_text("\nA:")), budget)
-
-
-class LineEndBudgetForcing:
-    """Budget forcing that waits for the end of the current line: once `budget` tokens are written, the
-    next line a row starts is the answer line (`A:` forced at the line start, then the model writes the
-    answer). A character model cut in the middle of a line (the library's `BudgetForcing`, even with the
-    "\\nA:" marker) is out of distribution: it either ignores the forced `A:` and keeps thinking, or
-    answers from a half-written equation. Assumes the letter 'A' occurs only in the marker (true for
-    `chain_verbose`: its thinking is digits, '+', '-', '=', 'check')."""
-
-    def __init__(self, policy, budget: int):
-        (self.nl,) = policy.encode_text("\n")
-        self.a, self.colon = policy.encode_text("A:")
-        self.budget = budget
-
-    def __call__(self, logits, history):
-        t = history.shape[1]
-        if t < self.budget or t == 0:
-            return logits
-        out = logits.clone()
-        last = history[:, -1]
-        answered = (history == self.a).any(dim=1)
-        for rows, token in (((~answered) & (last == self.nl), self.a), (last == self.a, self.colon)):
-            idx = rows.nonzero(as_tuple=True)[0]
-            out[idx] = float("-inf")
-            out[idx, token] = 0.0
-        return out

@@ -4,10 +4,11 @@ Model: a tiny character model SFT'd on *verbose* chain traces (`chain_verbose`, 
 lines, then r ~ U{0..k} redundant `check` lines re-doing the last r steps, then `A:N`), i.e. a model
 that keeps "thinking" after it has the answer. Held-out problems k = 2, 3, 4 mixed.
 TS multiplies P(first token of the end-of-thinking marker `A:`) by α at every thinking step
-(α > 1 stops earlier); BF forces `A:` after B tokens, three ways: "BF" is the library's
-BudgetForcing (it may write `A:` in the middle of a line, which the verifier rejects), "BF-line" the
-same class with the marker "\nA:" (the answer starts a line, as the format requires), "BF-eol" waits
-for the end of the current line after B tokens and then forces `A:` (no mid-line cut at all).
+(α > 1 stops earlier); BF forces `A:` after B tokens, three ways: "BF" cuts at exactly B
+(`BudgetForcing` without `line_end`: it may write `A:` in the middle of a line, which the verifier
+rejects), "BF-line" the same with the marker "\nA:" (the answer starts a line, as the format requires),
+"BF-eol" the library's default for line-based tasks (`make_stop_processor`, `thinkling eval --budget`):
+after B tokens it lets the row finish its current line, then forces `A:` (no mid-line cut at all).
 For each setting: accuracy and mean generated tokens (whole completion: thinking + answer line + eos),
 greedy and sampled (T = 1, pass@1 over `--samples` samples). `--checks repeat` uses the variant whose
 check lines restate the last step (harmless redundancy). Claim: TS gives higher accuracy than BF at the same mean token count.
@@ -23,10 +24,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 from common import (
     VERBOSE_EVAL_K,
-    LineEndBudgetForcing,
     evaluate_model,
     experiment_args,
-    line_budget_forcing,
     minimal_tokens,
     output_dir,
     verbose_sft,
@@ -64,6 +63,7 @@ def main():
     t0 = time.time()
     path = verbose_sft(quick, args.checks)
     from thinkling.models import load_policy
+    from thinkling.rollout.stopping import BudgetForcing
     from thinkling.tasks import get_task
 
     policy = load_policy(path)
@@ -76,15 +76,16 @@ def main():
         points["TS"].append({"alpha": a, **_point(s)})
         print(f"TS α={a:g}: {points['TS'][-1]}", flush=True)
     for b in budgets:
-        s = evaluate_model(policy, task, problems, max_new_tokens=max_new, samples=samples, budget=b)
+        s = evaluate_model(policy, task, problems, max_new_tokens=max_new, samples=samples,
+                           processor=BudgetForcing(tuple(policy.encode_text(task.end_of_thinking)), b))
         points["BF"].append({"budget": b, **_point(s)})
         print(f"BF B={b}: {points['BF'][-1]}", flush=True)
         s = evaluate_model(policy, task, problems, max_new_tokens=max_new, samples=samples,
-                           processor=line_budget_forcing(policy, b))
+                           processor=BudgetForcing(tuple(policy.encode_text("\n" + task.end_of_thinking)), b))
         points["BF-line"].append({"budget": b, **_point(s)})
         print(f"BF-line B={b}: {points['BF-line'][-1]}", flush=True)
-        s = evaluate_model(policy, task, problems, max_new_tokens=max_new, samples=samples,
-                           processor=LineEndBudgetForcing(policy, b))
+        # the library's line-aware budget forcing (chain_verbose is a line-based task)
+        s = evaluate_model(policy, task, problems, max_new_tokens=max_new, samples=samples, budget=b)
         points["BF-eol"].append({"budget": b, **_point(s)})
         print(f"BF-eol B={b}: {points['BF-eol'][-1]}", flush=True)
 
@@ -136,7 +137,7 @@ def _fmt(v):
 def _plot(path, points, results):
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, mode in zip(axes, ("greedy", "sampled")):
-        for i, (m, label, key) in enumerate((("TS", "TS (α sweep)", "alpha"), ("BF", "budget forcing, library (B sweep)", "budget"),
+        for i, (m, label, key) in enumerate((("TS", "TS (α sweep)", "alpha"), ("BF", "budget forcing, cut at B (B sweep)", "budget"),
                                              ("BF-line", "budget forcing, marker \\nA:", "budget"),
                                              ("BF-eol", "budget forcing at the next line end", "budget"))):
             pts = sorted(points[m], key=lambda p: p[f"tokens_{mode}"])

@@ -1,4 +1,5 @@
 import shutil
+from pathlib import Path
 
 import pytest
 import yaml
@@ -52,3 +53,14 @@ def test_bad_stage_fails_before_any_work(tmp_path):
     data["stages"][2] = {"name": "x", "kind": "ppo"}
     with pytest.raises(ThinklingError, match="kind"):
         stage_configs(data)
+
+
+def test_recipe_rl_stages_use_a_safe_lr_and_clip_low_can_act(tmp_path, capsys):
+    """lr 5e-4 wrecked the tiny model; and clip-low only acts with more than one update per rollout batch."""
+    from thinkling.train.rl import resolve_knobs, warn_inert_clip
+
+    stages = stage_configs(yaml.safe_load(Path("recipes/clgrpo-pipeline.yaml").read_text()))
+    assert all(cfg.rl.lr <= 1e-4 for _, kind, cfg in stages if kind == "rl")
+    rl = stages[3][2].rl
+    assert rl.algorithm == "clgrpo" and rl.ppo_epochs * rl.minibatches >= 2
+    assert not warn_inert_clip(rl, resolve_knobs(rl))

@@ -194,3 +194,47 @@ def test_bread_counts_every_probe_token(tiny_policy):
     kept, stats = anchor_failed_groups(policy, task, failed, 2, lambda r: None, None, None)
     kept_tokens = sum(c.tokens for g in kept for c in g.completions)
     assert stats["generated_tokens"] > kept_tokens
+
+
+def test_tldr_run_logs_per_level_length_and_accuracy(tmp_path):
+    """A TLDR run logs, per length level, the mean length and accuracy of that level's completions."""
+    from thinkling import jobs
+
+    rewards = "rl.rewards={accuracy: 1.0, format: 0.0, length: {lam: 0.5, budgets: {short: 4, long: 12}}}"
+    over = [*_rl_overrides(tmp_path, "t"), "rl.steps=1", "rl.save_every=1", "rl.prompts_per_step=6", rewards]
+    jobs.run_rl(load_recipe("recipes/quickstart/grpo.yaml", over))
+    rows = [json.loads(x) for x in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
+    step = next(r for r in rows if "reward_mean" in r)
+    for level in ("short", "long"):
+        assert 0 <= step[f"tldr/{level}/accuracy"] <= 1
+        assert 0 < step[f"tldr/{level}/completion_len_mean"] <= 12
+    assert not any(k.startswith("tldr/medium/") for k in step)  # not a configured level
+
+
+def test_level_metrics_average_over_each_levels_completions():
+    from thinkling.eval.evaluate import Completion
+    from thinkling.tasks.base import Problem
+    from thinkling.train.rl import level_metrics
+
+    def grp(level, *comps):
+        return Group(Problem("p", "1", "1"), [], [Completion("", [0] * n, ok, None, True) for n, ok in comps], level)
+
+    groups = [grp("short", (2, True), (4, False)), grp("long", (10, True), (20, True)), grp("short", (6, False), (8, True))]
+    out = level_metrics(groups, ("short", "medium", "long"))
+    assert out == {"tldr/short/completion_len_mean": 5.0, "tldr/short/accuracy": 0.5,
+                   "tldr/long/completion_len_mean": 15.0, "tldr/long/accuracy": 1.0}
+
+
+def test_asymmetric_clip_warns_when_it_cannot_act(tmp_path, capsys):
+    from thinkling.train.rl import validate_rl
+
+    def warned(*over):
+        cfg = load_recipe("recipes/quickstart/grpo.yaml", [*_rl_overrides(tmp_path, "w"), *over])
+        validate_rl(cfg, get_task("chain").generate(4, 0, 2))
+        return "clip never acts" in " ".join(capsys.readouterr().err.split())  # rich wraps long lines
+
+    assert warned("rl.algorithm=clgrpo") and warned("rl.algorithm=dapo")
+    assert warned("rl.algorithm=grpo", "rl.eps_high=0.1")  # asymmetric by override
+    assert not warned("rl.algorithm=clgrpo", "rl.ppo_epochs=2")
+    assert not warned("rl.algorithm=clgrpo", "rl.minibatches=2")
+    assert not warned("rl.algorithm=grpo")  # symmetric: plain GRPO at μ = 1 is the intended setting

@@ -152,6 +152,100 @@ def test_budget_forcing_validation():
         BudgetForcing(EOT, budget=5, wait=(1, 3), max_waits=1)
 
 
+# ------------------------------------------------------- line-aware budget forcing
+NL = 9  # the newline id of the fake model
+
+
+def writes_lines_of_4(history):
+    """Thinks in lines of 3 tokens + newline, forever."""
+    line = len(history) - 1 - max((i for i, x in enumerate(history) if x == NL), default=-1)
+    return NL if line == 3 else FREE
+
+
+def test_line_budget_waits_for_the_line_end_then_forces_the_marker():
+    proc = BudgetForcing(EOT, budget=5, line_end=NL, line_grace=4)
+    # B = 5 falls inside the second line: the row finishes it, then the marker starts the next line
+    assert greedy(proc, writes_lines_of_4, 11) == [5, 5, 5, NL, 5, 5, 5, NL, 1, 2, 5]
+    # at a line start when the budget is reached: the marker comes at once
+    assert greedy(BudgetForcing(EOT, budget=4, line_end=NL, line_grace=4), writes_lines_of_4, 7) == \
+        [5, 5, 5, NL, 1, 2, 5]
+
+
+def test_line_budget_forces_the_newline_after_the_grace():
+    proc = BudgetForcing(EOT, budget=4, line_end=NL, line_grace=2)
+    # a row that never ends its line gets the newline at B + grace, then the marker
+    assert greedy(proc, never_stops, 10) == [5, 5, 5, 5, 5, 5, NL, 1, 2, 5]
+    assert proc.max_overrun == 2 + 1 + 2 == len([5, 5, NL, 1, 2])
+    # grace 0: the newline right at the budget (a plain "\nA:" marker for a mid-line row)
+    assert greedy(BudgetForcing(EOT, budget=4, line_end=NL), never_stops, 8) == [5, 5, 5, 5, NL, 1, 2, 5]
+
+
+def test_line_budget_completes_a_marker_begun_at_a_line_start_only():
+    proc = BudgetForcing(EOT, budget=3, line_end=NL, line_grace=5)
+    out = proc(torch.zeros(1, V), torch.tensor([[5, NL, 1]]))  # "A" at a line start: finish it
+    assert out[0].argmax().item() == 2 and torch.isinf(out[0, 1])
+    logits = torch.randn(2, V)
+    out = proc(logits, torch.tensor([[5, 5, 1], [5, 5, 5]]))  # "A" mid-line / mid-line: free within the grace
+    assert torch.equal(out, logits)
+
+
+def test_line_budget_validation():
+    with pytest.raises(ThinklingError, match="line_end"):
+        BudgetForcing(EOT, budget=3, line_end=EOT[0])
+    with pytest.raises(ThinklingError, match="line_grace"):
+        BudgetForcing(EOT, budget=3, line_end=NL, line_grace=-1)
+
+
+def test_line_budget_is_stateless_under_row_compaction():
+    history = torch.tensor([[5, 5, NL, 5, 5, 5], [5, NL, 5, 5, NL, 1], [5, 5, 5, 5, 5, 5], [1, 2, 5, NL, 5, 5]])
+    logits = torch.randn(4, V, generator=torch.Generator().manual_seed(1))
+    for proc in (BudgetForcing(EOT, budget=4, line_end=NL, line_grace=1), BudgetForcing(EOT, budget=6, line_end=NL)):
+        full = proc(logits, history)
+        keep = torch.tensor([3, 0, 2])
+        assert torch.equal(proc(logits[keep], history[keep]), full[keep])
+
+
+@pytest.fixture(scope="module")
+def chain_model():
+    """A tiny character model SFT'd for a few seconds on 2-3 step `chain` traces."""
+    from thinkling.config import SFTConfig
+    from thinkling.models.tiny import TinyPolicy
+    from thinkling.tasks import get_task
+    from thinkling.train.sft import sft_examples, train_sft
+
+    task = get_task("chain")
+    policy = TinyPolicy.create({"d_model": 32, "n_layers": 2, "n_heads": 2, "max_seq_len": 128}, seed=0)
+    train_sft(policy, sft_examples(policy, task, task.generate(2000, 0, [2, 3])),
+              SFTConfig(steps=400, batch_size=32, lr=3e-3, warmup_steps=10), seed=0)
+    return policy, task
+
+
+def test_budget_forcing_on_chain_puts_the_answer_marker_at_a_line_start(chain_model):
+    """B = 10 falls inside the second step line (`37+5=42` + newline = 8 tokens): the library's
+    forcing for a line-based task lets the line end and writes `A:` at the next line start."""
+    from thinkling.config import EvalConfig
+    from thinkling.eval.evaluate import evaluate
+
+    policy, task = chain_model
+    assert task.line_based
+    problems = task.generate(30, 1, [3])
+    cfg = EvalConfig(max_new_tokens=48, samples=1)
+
+    def completions(processor):
+        _, rows = evaluate(policy, task, problems, cfg, stop_processor=processor)
+        return [r["completion"] for r in rows]
+
+    marker = tuple(policy.encode_text("A:"))
+    cut = completions(BudgetForcing(marker, 10))  # s1's plain cut at exactly B
+    assert any("A:" in c and not c.startswith("A:") and "\nA:" not in c for c in cut), "B must fall mid-line"
+    lines = completions(make_stop_processor(policy, task, budget=10))
+    for c in lines:
+        first = c.index("A:")
+        assert first == 0 or c[first - 1] == "\n", c  # the forced marker starts a line
+        assert first <= 10 + 16 + 1, c  # within budget + grace + newline
+        assert task.format_ok(c), c
+
+
 # ------------------------------------------------------------------- factory
 
 
@@ -159,15 +253,21 @@ class _CharPolicy:
     eos_id = 0
 
     def encode_text(self, text):
-        return [ord(c) - 60 for c in text]  # "AB" -> [5, 6]
+        return [NL if c == "\n" else ord(c) - 60 for c in text]  # "AB" -> [5, 6]
 
 
 class _Task:
     end_of_thinking = "AB"
 
 
+class _LineTask:
+    end_of_thinking = "AB"
+    line_based = True
+
+
 class _NoThinkingTask:
     end_of_thinking = ""
+    line_based = True  # ignored: EOS is not a line marker
 
 
 def test_make_stop_processor():
@@ -180,5 +280,22 @@ def test_make_stop_processor():
     both = make_stop_processor(policy, _Task(), ts_alpha=2.0, budget=2)
     out = both(torch.zeros(1, V), torch.tensor([[9, 9]]))
     assert out[0].argmax().item() == 5 and torch.isinf(out[0, 6])  # forcing wins over the boost
-    out = both(torch.zeros(1, V), torch.tensor([[9]]))
+    out = both(torch.zeros(1, V), torch.tensor([[8]]))
     assert out[0, 5].item() == pytest.approx(math.log(2.0))
+    assert bf.line_end is None and both.processors[1].line_end is None  # not line-based
+
+
+def test_make_stop_processor_is_line_aware_for_line_based_tasks():
+    from thinkling.rollout.stopping import LINE_GRACE
+    from thinkling.tasks import get_task
+
+    bf = make_stop_processor(_CharPolicy(), _LineTask(), budget=3)
+    assert (bf.line_end, bf.line_grace, bf.end_of_thinking) == (NL, LINE_GRACE, (5, 6))
+    assert make_stop_processor(_CharPolicy(), _LineTask(), budget=3, line_grace=2).line_grace == 2
+    # a marker that writes its own newline needs no line handling
+    line_marker = type("T", (), {"end_of_thinking": "\nAB", "line_based": True})()
+    assert make_stop_processor(_CharPolicy(), line_marker, budget=3).line_end is None
+    # the synthetic tasks are line-based (answer line "A:<n>"), the math benchmarks are not
+    assert get_task("chain").line_based and get_task("countdown").line_based
+    from thinkling.tasks.mathverify import MathTask
+    assert MathTask.line_based is False

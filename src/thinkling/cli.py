@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     _model_and_task_args(ev, max_new_tokens=64)
     ev.add_argument("--temperature", type=float, default=1.0)
     ev.add_argument("--ts-alpha", type=float, default=1.0, help="temperature-scaled stopping factor α (1 = off)")
-    ev.add_argument("--budget", type=int, default=None, help="budget forcing: end thinking after B tokens")
+    ev.add_argument("--budget", type=int, default=None, help="budget forcing: end thinking after B tokens "
+                    "(line-based tasks such as chain: at the next line start)")
     ev.add_argument("--level", default=None, help="TLDR length level tag for the prompt (short|medium|long)")
     ev.add_argument("--out", default=None, help="write the summary JSON here (and every completion to .jsonl)")
 

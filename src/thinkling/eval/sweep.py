@@ -65,8 +65,9 @@ def stop_sweep(model, task_cfg, alphas, budgets, out_dir, max_new_tokens: int, *
     """Evaluate TS at each α and budget forcing at each B; write `sweep.json` and `sweep.png` in `out_dir`.
 
     `model` is a policy object or what `thinkling eval --model` takes. A budget
-    row generates at most B + len(marker) + `answer_room` tokens: thinking up
-    to B, the marker, then the answer (without the cap a model that does not
+    row generates at most B + overrun + `answer_room` tokens: thinking up to B,
+    the marker (for a line-based task after finishing the current line, see
+    `BudgetForcing.max_overrun`), then the answer (without the cap a model that does not
     stop after answering would ramble on to max_new_tokens and blur the cost
     axis). `max_new_tokens` is the limit of the TS rows. With `temperature` > 0,
     `samples` (>= 2) sampled completions per problem are scored too and plotted.
@@ -88,14 +89,14 @@ def stop_sweep(model, task_cfg, alphas, budgets, out_dir, max_new_tokens: int, *
     out.mkdir(parents=True, exist_ok=True)
     task, problems = problems_for(task_cfg, "eval")
     policy = policy_for_eval(model, dtype) if isinstance(model, str) else model
-    marker_task = SimpleNamespace(end_of_thinking=budget_marker) if budget_marker else task
-    marker_text = getattr(marker_task, "end_of_thinking", None)
-    marker_len = len(policy.encode_text(marker_text)) if marker_text else 1  # no text: the EOS token
+    marker_task = (SimpleNamespace(end_of_thinking=budget_marker, line_based=getattr(task, "line_based", False))
+                   if budget_marker else task)
 
     settings = [("ts", float(a), max_new_tokens, make_stop_processor(policy, task, ts_alpha=float(a)))
                 for a in alphas]
-    settings += [("budget", b, b + marker_len + answer_room,
-                  make_stop_processor(policy, marker_task, budget=b)) for b in budgets]
+    for b in budgets:  # line-based tasks get line-aware forcing: up to max_overrun tokens past B
+        forcing = make_stop_processor(policy, marker_task, budget=b)
+        settings.append(("budget", b, b + forcing.max_overrun + answer_room, forcing))
     rows = []
     for method, value, limit, processor in settings:
         name = f"{method}-{value:g}"

@@ -61,6 +61,10 @@ class Task:
     description: str = ""
     # Text that ends the thinking part of a completion (TS / budget forcing act on it).
     end_of_thinking: str = ANSWER_PREFIX
+    # True when the end-of-thinking marker must start a line (the `A:` answer line above):
+    # budget forcing then writes it only at a line start, since a mid-line `A:` fails the format.
+    # Set False for a marker that may follow any token (`</think>`, EOS).
+    line_based: bool = True
 
     def generate(self, n: int | None, seed: int, difficulty=None) -> list[Problem]:
         """`n` problems (all of a fixed benchmark when None), deterministic in `seed`.

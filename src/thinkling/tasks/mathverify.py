@@ -148,6 +148,7 @@ class MathTask(Task):
     """
 
     end_of_thinking = None
+    line_based = False  # the answer sentence may follow any token
     timeout = 5.0
     skip = 0
 

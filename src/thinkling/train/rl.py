@@ -16,10 +16,11 @@ from thinkling.algorithms import RL_KNOBS, compute_advantages, entropy_from_logi
 from thinkling.errors import ThinklingError
 from thinkling.models.base import SamplingParams
 from thinkling.models.logprobs import sequence_logprobs, token_logprobs
+from thinkling.progress import console
 from thinkling.rewards import RewardSpec, compute_rewards, sample_levels
 from thinkling.rollout.bread import anchor_failed_groups
 from thinkling.rollout.groups import Group, sample_groups
-from thinkling.train.common import lr_at, set_lr, step_generator
+from thinkling.train.common import lr_at, set_lr, step_generator, weights_changed
 
 def resolve_knobs(rl_cfg) -> dict:
     """The preset named by `rl.algorithm`, with every explicitly set key overriding it."""
@@ -41,7 +42,24 @@ def validate_rl(cfg, train_problems) -> dict:
         raise ThinklingError("config key 'rl.bread.max_probes' must be >= 1")
     knobs = resolve_knobs(rl)
     RewardSpec.from_dict(rl.rewards)
+    warn_inert_clip(rl, knobs)
     return knobs
+
+
+def warn_inert_clip(rl, knobs: dict) -> bool:
+    """Print a warning when asymmetric clipping (clgrpo's clip-low, dapo's clip-higher) cannot act.
+
+    Why: with one PPO epoch and one mini-batch π_old is the current policy, the ratio is exactly 1
+    and no ε ever clips, so the run is plain GRPO whatever ε_low / ε_high say. Not an error: such a
+    run is valid, just probably not what the recipe meant. Returns whether it warned.
+    """
+    if knobs["eps_low"] == knobs["eps_high"] or rl.ppo_epochs > 1 or rl.minibatches > 1:
+        return False
+    console.print(f"[yellow]warning:[/] rl.algorithm '{rl.algorithm}' clips asymmetrically "
+                  f"(eps_low={knobs['eps_low']}, eps_high={knobs['eps_high']}), but with rl.ppo_epochs=1 and "
+                  "rl.minibatches=1 the ratio is exactly 1 and the clip never acts; "
+                  "set rl.ppo_epochs=2 or rl.minibatches=2 to make it matter")
+    return True
 
 
 @dataclass
@@ -183,6 +201,7 @@ class RLTrainer:
                 for key, v in {**stats, "loss": loss.item(), "grad_norm": float(grad_norm)}.items():
                     stats_acc[key] = stats_acc.get(key, 0.0) + float(v)
         model.eval()
+        weights_changed(self.policy)
         out = {key: v / max(1, updates) for key, v in stats_acc.items()}
         out["lr"] = lr
         out["advantage_abs_mean"] = adv.abs().mean().item()
@@ -207,6 +226,8 @@ class RLTrainer:
                 "completion_len_mean": sum(x.tokens for x in all_c) / len(all_c),
                 "completion_len_max": max(x.tokens for x in all_c),
             })
+            if self.reward_spec.length is not None:
+                metrics.update(level_metrics(groups, self.reward_spec.length.levels))
             anchored = [grp for grp in groups if grp.anchor_steps > 0]
             if anchored:
                 metrics["bread/anchor_steps_mean"] = sum(g.anchor_steps for g in anchored) / len(anchored)
@@ -245,6 +266,22 @@ class RLTrainer:
     def load_state(self, state: dict) -> None:
         self.anchor_memory = dict(state.get("anchor_memory", {}))
         self.totals.update(state.get("totals", {}))
+
+
+def level_metrics(groups: list[Group], levels: tuple[str, ...]) -> dict:
+    """TLDR per length level L: `tldr/<L>/completion_len_mean` and `tldr/<L>/accuracy`.
+
+    Why: TLDR works only if the levels separate (short prompts get short completions); the
+    step-wide means mix the levels and cannot show it. Means over this step's completions whose
+    group had level L; a level no prompt drew this step gets no keys.
+    """
+    out = {}
+    for level in levels:
+        comps = [c for grp in groups if grp.level == level for c in grp.completions]
+        if comps:
+            out[f"tldr/{level}/completion_len_mean"] = sum(c.tokens for c in comps) / len(comps)
+            out[f"tldr/{level}/accuracy"] = sum(c.correct for c in comps) / len(comps)
+    return out
 
 
 def minibatch_loss(policy, batch: Batch, rows, knobs: dict, *, max_len: int, old_logp=None, ref_logp=None):

@@ -3,6 +3,7 @@
     python benchmarks/grpo_step.py                      # SmolLM2-135M (alias smollm2-135m, offline cache)
     python benchmarks/grpo_step.py --model tiny         # a tiny random Llama built here
     python benchmarks/grpo_step.py --with-bf16-rollouts # add thinkling with bf16 rollouts (fp32 update)
+    python benchmarks/grpo_step.py --with-bf16          # add thinkling with bf16 rollouts and a bf16-autocast update
     python benchmarks/grpo_step.py --bf16               # both sides in bf16 mixed precision
 
 One configuration for both: the same fp32 model and chat-template prompts,
@@ -69,14 +70,8 @@ def bench_reward(task, problem, text: str) -> float:
 
 
 class BenchTrainer(RLTrainer):
-    autocast = False  # --bf16: run the update under bf16 autocast (what an `rl.bf16` option would do)
-
     def _rewards(self, grp):
         return [bench_reward(self.task, grp.problem, c.text) for c in grp.completions]
-
-    def update(self, *args, **kwargs):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
-            return super().update(*args, **kwargs)
 
 
 def tiny_model_dir(tokenizer_from: str) -> str:
@@ -97,16 +92,15 @@ def tiny_model_dir(tokenizer_from: str) -> str:
     return path
 
 
-def thinkling_trainer(path: str, task, problems, args, rollout_dtype: str, autocast: bool = False):
+def thinkling_trainer(path: str, task, problems, args, rollout_dtype: str, bf16_update: bool = False):
+    """`model.rollout_dtype` and `rl.bf16` of a recipe, set directly."""
     policy = HFPolicy.load(path, dtype="float32", device="cpu")
     policy.rollout_dtype = rollout_dtype
     rl = RLConfig(algorithm="grpo", prompts_per_step=args.prompts, group_size=args.group, ppo_epochs=1, beta=0.0,
                   lr=args.lr, max_new_tokens=args.max_new_tokens, temperature=1.0, top_p=1.0, grad_clip=1.0,
-                  rewards={"accuracy": 1.0, "format": 0.0})
+                  rewards={"accuracy": 1.0, "format": 0.0}, bf16=bf16_update)
     optimizer = make_optimizer(policy.model, rl.lr, rl.weight_decay)
-    trainer = BenchTrainer(policy, task, problems, rl, resolve_knobs(rl), optimizer, seed=0)
-    trainer.autocast = autocast
-    return trainer
+    return BenchTrainer(policy, task, problems, rl, resolve_knobs(rl), optimizer, seed=0)
 
 
 def trl_trainer(path: str, task, problems, args, total_steps: int, callback):
@@ -149,6 +143,8 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=1e-6)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadiest on a shared machine)")
     ap.add_argument("--with-bf16-rollouts", action="store_true", help="add thinkling with rollout_dtype=bfloat16")
+    ap.add_argument("--with-bf16", action="store_true",
+                    help="add thinkling with model.rollout_dtype=bfloat16 and rl.bf16 (autocast update)")
     ap.add_argument("--bf16", action="store_true",
                     help="both sides in bf16 mixed precision (fp32 weights): TRL bf16=True; thinkling bf16 rollouts "
                          "and its update under bf16 autocast")
@@ -163,11 +159,13 @@ def main(argv=None):
     task = ArithmeticTask()
     problems = task.generate(64, seed=0, difficulty=[2, 3])
     if args.bf16:
-        ours = {"thinkling": thinkling_trainer(path, task, problems, args, "bfloat16", autocast=True)}
+        ours = {"thinkling": thinkling_trainer(path, task, problems, args, "bfloat16", bf16_update=True)}
     else:
         ours = {"thinkling": thinkling_trainer(path, task, problems, args, "float32")}
     if args.with_bf16_rollouts and not args.bf16:
         ours["thinkling-bf16-rollouts"] = thinkling_trainer(path, task, problems, args, "bfloat16")
+    if args.with_bf16 and not args.bf16:
+        ours["thinkling-bf16"] = thinkling_trainer(path, task, problems, args, "bfloat16", bf16_update=True)
     sides = ["trl", *ours]
     total = args.warmup + args.steps
     rec = Recorder()

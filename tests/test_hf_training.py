@@ -25,6 +25,7 @@ from thinkling.eval.evaluate import Completion  # noqa: E402
 from thinkling.models import load_policy  # noqa: E402
 from thinkling.models.base import SamplingParams  # noqa: E402
 from thinkling.models.hf import HFPolicy  # noqa: E402
+from thinkling.models.logprobs import first_loss_position  # noqa: E402
 from thinkling.models.registry import cache_dir  # noqa: E402
 from thinkling.rollout.groups import Group, branch_prefix  # noqa: E402
 from thinkling.rollout.prompts import anchor_text, prompt_ids  # noqa: E402
@@ -86,7 +87,8 @@ def test_prompt_and_bread_anchor_tokens_get_exactly_zero_gradient(any_policy):
     loss, _, logits = minibatch_loss(policy, batch, torch.arange(4), knobs, max_len=8)
     logits.retain_grad()
     loss.backward()
-    per_position = logits.grad.abs().sum(-1)  # [B, T]; logits at t predict token t + 1
+    start = first_loss_position(batch.loss_mask)  # logits before it are not computed
+    per_position = torch.nn.functional.pad(logits.grad.abs().sum(-1), (start, 0))  # [B, T]; t predicts t + 1
     rows = [(g.prefix, c.ids) for g in groups for c in g.completions]
     for row, (prefix, completion) in enumerate(rows):
         n_prefix, n_total = len(prefix), len(prefix) + len(completion)

@@ -5,6 +5,7 @@ import torch
 
 from thinkling.config import load_recipe
 from thinkling.errors import ThinklingError
+from thinkling.models.logprobs import first_loss_position
 from thinkling.rollout.bread import anchor_failed_groups
 from thinkling.rollout.groups import Group, branch_prefix, sample_groups
 from thinkling.rollout.prompts import anchor_text, prompt_text
@@ -86,7 +87,9 @@ def test_prompt_and_anchor_tokens_get_exactly_zero_gradient(tiny_policy):
         loss, stats, logits = minibatch_loss(tiny_policy, batch, slice(None), knobs, max_len=16)
         logits.retain_grad()
         loss.backward()
-        g = logits.grad
+        start = first_loss_position(batch.loss_mask)
+        assert start == len(prefix) - 1  # logits before the first trained position are not even computed
+        g = torch.nn.functional.pad(logits.grad, (0, 0, start, 0))  # back to absolute positions
         # logits at position t score token t+1: positions before len(prefix)-1 score prompt/anchor tokens
         assert torch.all(g[:, : len(prefix) - 1] == 0), algorithm
         assert torch.any(g[0, len(prefix) - 1 : len(prefix) + len(completion) - 1] != 0), algorithm
@@ -238,3 +241,28 @@ def test_asymmetric_clip_warns_when_it_cannot_act(tmp_path, capsys):
     assert not warned("rl.algorithm=clgrpo", "rl.ppo_epochs=2")
     assert not warned("rl.algorithm=clgrpo", "rl.minibatches=2")
     assert not warned("rl.algorithm=grpo")  # symmetric: plain GRPO at μ = 1 is the intended setting
+
+
+def test_bf16_update_and_skipped_prompt_logits_keep_the_loss(tiny_policy):
+    """`rl.bf16` autocasts the update's forward: the loss and gradient stay close to fp32; and
+    sequence_logprobs from the first trained position equals the full computation there."""
+    from thinkling.eval.evaluate import score
+    from thinkling.models.logprobs import sequence_logprobs
+
+    task = get_task("chain")
+    p = task.generate(1, 0, 3)[0]
+    prefix = branch_prefix(tiny_policy, p, None, 0)[0]
+    comps = [score(tiny_policy, task, p, tiny_policy.encode_text(t) + [tiny_policy.eos_id]) for t in ("A:1", "A:22")]
+    batch = build_batch([Group(p, prefix, comps)], torch.tensor([[0.7, -0.7]]), tiny_policy.pad_id)
+    start = first_loss_position(batch.loss_mask)
+    full = sequence_logprobs(tiny_policy, batch.ids, batch.attention_mask)
+    kept = sequence_logprobs(tiny_policy, batch.ids, batch.attention_mask, keep_from=start)
+    assert torch.allclose(full[:, start:], kept[:, start:], atol=1e-6) and not kept[:, :start].any()
+    knobs = _knobs(algorithm="grpo")
+    fp32, _, _ = minibatch_loss(tiny_policy, batch, slice(None), knobs, max_len=16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16, _, _ = minibatch_loss(tiny_policy, batch, slice(None), knobs, max_len=16)
+    g32 = torch.autograd.grad(fp32, list(tiny_policy.model.parameters()))
+    g16 = torch.autograd.grad(bf16, list(tiny_policy.model.parameters()))
+    flat32, flat16 = torch.cat([g.flatten() for g in g32]), torch.cat([g.flatten() for g in g16])
+    assert torch.nn.functional.cosine_similarity(flat32, flat16, dim=0) > 0.98

@@ -31,6 +31,7 @@ class ModelConfig:
     system_prompt: str | None = None
     trust_remote_code: bool = False
     generator: str = "engine"  # hf rollouts: engine (thinkling's, falls back to HF generate) | vllm (CUDA GPU)
+    rollout_dtype: str | None = None  # hf engine weights: float32 | bfloat16 (~2x faster on AVX-512-bf16 CPUs, approximate); default dtype
 
 
 @dataclass
@@ -104,6 +105,7 @@ class RLConfig:
     log_every: int = 1
     save_every: int = 25
     samples_every: int = 10  # write sample generations every n steps
+    bf16: bool = False  # bf16 autocast for the update's forward passes; weights, grads and AdamW stay fp32
 
 
 @dataclass

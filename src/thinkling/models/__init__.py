@@ -42,7 +42,13 @@ def build_policy(cfg, seed: int) -> Policy:
         from thinkling.models.vllm_backend import _require_vllm
 
         _require_vllm()  # before loading any weights
+    if cfg.rollout_dtype not in (None, "float32", "bfloat16"):
+        raise ThinklingError(f"config key 'model.rollout_dtype': must be float32 or bfloat16, got {cfg.rollout_dtype!r}")
     policy = _build(cfg, seed)
+    if cfg.rollout_dtype is not None:
+        if not hasattr(policy, "rollout_dtype"):
+            raise ThinklingError("config key 'model.rollout_dtype' applies to hf models (model.backend: hf)")
+        policy.rollout_dtype = cfg.rollout_dtype
     if cfg.generator == "vllm":
         if not hasattr(policy, "use_vllm"):
             raise ThinklingError("config key 'model.generator': vllm needs an hf model (model.backend: hf)")

@@ -61,8 +61,8 @@ class Policy(Protocol):
     def decode(self, ids: list[int]) -> str:
         """Text of completion ids, special tokens dropped."""
 
-    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Next-token logits `[B, T, V]` for a right-padded batch."""
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep_from: int = 0) -> torch.Tensor:
+        """Next-token logits of positions `keep_from..T-1`, `[B, T - keep_from, V]`, for a right-padded batch."""
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
         """One completion per prompt: generated ids, ending with eos_id if it was emitted."""

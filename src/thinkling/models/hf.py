@@ -211,11 +211,13 @@ class HFPolicy:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Logits `[B, T, V]` in the model's dtype; positions count real tokens only."""
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep_from: int = 0) -> torch.Tensor:
+        """Logits of positions `keep_from..T-1` `[B, T - keep_from, V]` in the model's dtype; positions
+        count real tokens only. The output layer runs on the kept positions only."""
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         out = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+            logits_to_keep=input_ids.shape[1] - keep_from if keep_from > 0 else 0,
         )
         return out.logits
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from thinkling.models.base import Policy
 
@@ -18,9 +19,22 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return picked - torch.logsumexp(logits, dim=-1)
 
 
-def sequence_logprobs(policy: Policy, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """log p(x_t | x_<t) for t = 1..T-1 of a right-padded batch, `[B, T-1]`; 0 where x_t is padding."""
-    logits = policy.logits(input_ids, attention_mask)[:, :-1]
-    targets = input_ids[:, 1:].to(logits.device)
-    logprobs = token_logprobs(logits, targets)
+def first_loss_position(loss_mask: torch.Tensor) -> int:
+    """The first next-token position any row trains on (`loss_mask` is `[B, T-1]`).
+
+    Logits before it are never used, so the policy need not compute them: the
+    output layer over a 49k vocabulary is a large share of an update, and a
+    chat-template prompt is often half of each sequence (TRL's `logits_to_keep`).
+    """
+    hits = loss_mask.any(dim=0).nonzero()
+    return int(hits[0]) if len(hits) else 0
+
+
+def sequence_logprobs(policy: Policy, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      keep_from: int = 0) -> torch.Tensor:
+    """log p(x_t | x_<t) for t = 1..T-1 of a right-padded batch, `[B, T-1]`; 0 where x_t is padding
+    and for t <= `keep_from` (positions the caller does not need, never computed)."""
+    logits = policy.logits(input_ids, attention_mask, keep_from=keep_from)[:, :-1]
+    targets = input_ids[:, keep_from + 1 :].to(logits.device)
+    logprobs = F.pad(token_logprobs(logits, targets), (keep_from, 0))
     return logprobs.masked_fill(attention_mask[:, 1:].to(logits.device) == 0, 0.0)

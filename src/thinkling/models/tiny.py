@@ -279,15 +279,15 @@ class TinyPolicy:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids)
 
-    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Next-token logits `[B, T, V]` of a right-padded batch.
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep_from: int = 0) -> torch.Tensor:
+        """Next-token logits of positions `keep_from..T-1` `[B, T - keep_from, V]` of a right-padded batch.
 
         Under a causal mask a real token only sees tokens before it, which right
         padding never is, so the mask is checked and the plain causal kernel runs.
         """
         if bool((attention_mask[:, 1:] > attention_mask[:, :-1]).any()):
             raise ThinklingError("policy.logits: the batch must be right-padded (attention_mask 1...1 0...0)")
-        return self.model(input_ids.to(self.device))
+        return self.model(input_ids.to(self.device))[:, keep_from:]
 
     def _budgets(self, prompts: list[list[int]], params: SamplingParams) -> list[int]:
         """New tokens each prompt may get: max_new_tokens, capped by max_seq_len."""

@@ -11,11 +11,12 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from thinkling.algorithms import RL_KNOBS, compute_advantages, entropy_from_logits, group_has_signal, policy_loss, rl_knobs
 from thinkling.errors import ThinklingError
 from thinkling.models.base import SamplingParams
-from thinkling.models.logprobs import sequence_logprobs, token_logprobs
+from thinkling.models.logprobs import first_loss_position, sequence_logprobs, token_logprobs
 from thinkling.progress import console
 from thinkling.rewards import RewardSpec, compute_rewards, sample_levels
 from thinkling.rollout.bread import anchor_failed_groups
@@ -175,7 +176,8 @@ class RLTrainer:
         n = batch.ids.shape[0]
         reuse_old = c.ppo_epochs == 1 and c.minibatches == 1  # π_old == π_θ exactly: ratio is 1
         old_logp = ref_logp = None
-        with torch.no_grad():
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=c.bf16)
+        with torch.no_grad(), autocast:
             if not reuse_old:
                 old_logp = self._logp(self.policy, batch, slice(None), device)
             if self.ref is not None:
@@ -190,9 +192,10 @@ class RLTrainer:
             order = torch.randperm(n, generator=step_generator(self.seed + 17 + epoch, step)) if c.minibatches > 1 else torch.arange(n)
             for start in range(0, n, mb):
                 rows = order[start : start + mb]
-                loss, stats, _ = minibatch_loss(self.policy, batch, rows, k, max_len=c.max_new_tokens,
-                                                old_logp=None if reuse_old else old_logp[rows],
-                                                ref_logp=None if ref_logp is None else ref_logp[rows])
+                with autocast:
+                    loss, stats, _ = minibatch_loss(self.policy, batch, rows, k, max_len=c.max_new_tokens,
+                                                    old_logp=None if reuse_old else old_logp[rows],
+                                                    ref_logp=None if ref_logp is None else ref_logp[rows])
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
@@ -208,7 +211,8 @@ class RLTrainer:
         return out
 
     def _logp(self, policy, batch: Batch, rows, device) -> torch.Tensor:
-        return sequence_logprobs(policy, batch.ids[rows].to(device), batch.attention_mask[rows].to(device))
+        return sequence_logprobs(policy, batch.ids[rows].to(device), batch.attention_mask[rows].to(device),
+                                 keep_from=first_loss_position(batch.loss_mask[rows]))
 
     # --------------------------------------------------------------------- step
     def step(self, step: int, total_steps: int) -> tuple[dict, list[Group]]:
@@ -285,15 +289,17 @@ def level_metrics(groups: list[Group], levels: tuple[str, ...]) -> dict:
 
 
 def minibatch_loss(policy, batch: Batch, rows, knobs: dict, *, max_len: int, old_logp=None, ref_logp=None):
-    """The clipped policy loss of some rows of a batch; returns (loss, stats, logits).
+    """The clipped policy loss of some rows of a batch; returns (loss, stats, logits), the logits
+    of positions `first_loss_position(batch.loss_mask[rows])` onwards.
 
     `old_logp=None` means π_old is the current policy (μ = 1): the ratio is exactly 1.
     """
     device = next(policy.model.parameters()).device
     ids = batch.ids[rows].to(device)
-    logits = policy.logits(ids, batch.attention_mask[rows].to(device))
-    logp = token_logprobs(logits[:, :-1], ids[:, 1:])
-    entropy = entropy_from_logits(logits[:, :-1]) if knobs["entropy_coef"] > 0 else None
+    start = first_loss_position(batch.loss_mask[rows])  # logits before it are never needed
+    logits = policy.logits(ids, batch.attention_mask[rows].to(device), keep_from=start)
+    logp = F.pad(token_logprobs(logits[:, :-1], ids[:, start + 1 :]), (start, 0))
+    entropy = F.pad(entropy_from_logits(logits[:, :-1]), (start, 0)) if knobs["entropy_coef"] > 0 else None
     loss, stats = policy_loss(
         logp, logp.detach() if old_logp is None else old_logp.to(device), batch.advantages[rows].to(device),
         batch.loss_mask[rows].to(device), eps_low=knobs["eps_low"], eps_high=knobs["eps_high"],

@@ -309,3 +309,24 @@ def test_math_check_off_the_main_thread_and_under_a_time_limit():
     start = time.perf_counter()
     assert not math_equal("5", "9^{9^{9^{9}}}", timeout=1)  # main thread: math-verify's own timer
     assert time.perf_counter() - start < 10
+
+
+def test_chain_slips_make_consistent_imperfect_traces():
+    from thinkling.tasks.chain import ChainTask
+
+    clean = ChainTask().generate(50, seed=3, difficulty=[4])
+    assert ChainTask(slips=0.0).generate(50, seed=3, difficulty=[4]) == clean
+    noisy = ChainTask(slips=0.5).generate(200, seed=3, difficulty=[4])
+    wrong = 0
+    for p in noisy:
+        value = int(p.prompt.split()[0])
+        for op, step in zip(p.prompt.split()[1:], p.steps):
+            lhs, result = step.split("=")
+            assert lhs == f"{value}{op}"  # each step continues from the line above, slip or not
+            wrong += int(result) != value + int(op)
+            assert 1 <= abs(int(result) - value - int(op)) <= 5 or int(result) == value + int(op)
+            value = int(result)
+        assert p.answer == str(value)
+    assert 0.4 < wrong / (4 * len(noisy)) < 0.6
+    with pytest.raises(ThinklingError, match="slips"):
+        ChainTask(slips=1.0)

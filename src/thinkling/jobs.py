@@ -96,7 +96,7 @@ def run_sft(cfg, resume: bool = False) -> dict:
 
     def on_eval(step):
         summary, _ = evaluate_policy(policy, eval_task, eval_problems, cfg.evaluation, cfg.seed, description=f"eval@{step}")
-        run.log(step, {"eval/accuracy": summary["accuracy"], "eval/mean_tokens": summary["mean_tokens"]})
+        run.log(step, eval_metrics(summary))
 
     n_params = sum(p.numel() for p in policy.model.parameters())
     console.print(f"SFT: {n_params / 1e6:.2f} M parameters, {len(examples)} examples, {cfg.sft.steps} steps -> {run.path}")
@@ -129,12 +129,21 @@ def finish(run: RunDir, policy, eval_task, eval_problems, cfg, step: int, extra:
         shutil.rmtree(final)
     tmp.rename(final)
     summary, rows = evaluate_policy(policy, eval_task, eval_problems, cfg.evaluation, cfg.seed, description="final eval")
-    run.log(step, {"eval/accuracy": summary["accuracy"], "eval/mean_tokens": summary["mean_tokens"], **(extra or {})})
+    run.log(step, {**eval_metrics(summary), **(extra or {})})
     atomic_write_text(run.path / "eval.json", json.dumps(summary, indent=2))
     run.write_samples(step, rows[:200])
     run.close()
     print_summary(summary, title=f"{run.path} — {eval_task.name} ({len(eval_problems)} problems)")
     return summary
+
+
+def eval_metrics(summary: dict) -> dict:
+    """What a run logs of an evaluation: greedy accuracy and tokens, plus sampled pass@1 when
+    `evaluation.samples` > 0 (what RL at temperature 1 optimises; greedy can hide it)."""
+    out = {"eval/accuracy": summary["accuracy"], "eval/mean_tokens": summary["mean_tokens"]}
+    if "pass@1" in summary:
+        out["eval/pass@1"] = summary["pass@1"]
+    return out
 
 
 def print_summary(summary: dict, title: str) -> None:
@@ -143,10 +152,9 @@ def print_summary(summary: dict, title: str) -> None:
     for col in ("difficulty", "n", "accuracy", "strict accuracy", "mean tokens", *passes):
         table.add_column(col, justify="right")
     for d, e in summary["by_difficulty"].items():
-        extra = [f"{v:.3f}" for k, v in e.items() if k.startswith("pass@")]
         table.add_row(d, str(e["n"]), f"{e['accuracy']:.3f}", f"{e['strict_accuracy']:.3f}",
-                      f"{e['mean_tokens']:.1f}", *extra)
-    extra = [f"{summary[k]:.3f}" for k in summary if k.startswith("pass@") and k != "pass@1"][-1:]
+                      f"{e['mean_tokens']:.1f}", *[f"{e[k]:.3f}" for k in passes])
+    extra = [f"{summary[k]:.3f}" for k in passes]
     table.add_row("all", str(summary["n"]), f"{summary['accuracy']:.3f}", f"{summary['strict_accuracy']:.3f}",
                   f"{summary['mean_tokens']:.1f}", *extra)
     console.print(table)
@@ -252,8 +260,7 @@ def run_rl(cfg, resume: bool = False) -> dict:
 
     def evaluate_now(step):
         summary, _ = evaluate_policy(policy, eval_task, eval_problems, cfg.evaluation, cfg.seed, description=f"eval@{step}")
-        run.log(step, {"eval/accuracy": summary["accuracy"], "eval/mean_tokens": summary["mean_tokens"],
-                       "total/generated_tokens": trainer.totals["generated_tokens"]})
+        run.log(step, {**eval_metrics(summary), "total/generated_tokens": trainer.totals["generated_tokens"]})
 
     bread = " + BREAD" if cfg.rl.bread.enabled else ""
     console.print(f"RL ({cfg.rl.algorithm}{bread}): {cfg.rl.steps} steps × {cfg.rl.prompts_per_step} prompts × G={cfg.rl.group_size} -> {run.path}")

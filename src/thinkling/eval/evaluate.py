@@ -137,7 +137,8 @@ def summarize(problems: list[Problem], log: RowLog, modes: list[str]) -> dict:
                  "strict_accuracy": _strict(r for _, r in groups[d]),
                  "mean_tokens": _mean(r["tokens"] for _, r in groups[d])}
         if counts is not None:
-            entry[f"pass@{len(sampled)}"] = _mean(pass_at_k(len(sampled), counts[p.id], len(sampled)) for p, _ in groups[d])
+            for k in sorted({1, len(sampled)}):
+                entry[f"pass@{k}"] = _mean(pass_at_k(len(sampled), counts[p.id], k) for p, _ in groups[d])
         table[_key(d)] = entry
     summary["by_difficulty"] = table
     return summary

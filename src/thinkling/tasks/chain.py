@@ -19,7 +19,7 @@ class ChainTask(Task):
 
     description = "Start value and k single-digit +/- operations; one step per operation (difficulty = k)"
 
-    def __init__(self, digits: int = 1, trace: str = "equation"):
+    def __init__(self, digits: int = 1, trace: str = "equation", slips: float = 0.0):
         """`digits` = operand digits; values stay in 0 .. 10**(digits+1) - 1 (0..99 by default).
 
         `trace` picks the expert step format:
@@ -30,13 +30,22 @@ class ChainTask(Task):
           `37 +5 -8 +9` -> `37+5=42 -8 +9` -> `42-8=34 +9` -> `34+9=43`. Every step reads only
           the line above, so k expert steps turn an n-step problem into an (n-k)-step one —
           what anchors rely on when a model has seen only short problems. It costs O(k²) tokens.
+
+        `slips` > 0 makes imperfect demonstrations: each step's result is off by 1 to 5 with this
+        probability, and the rest of the trace and the answer follow from the slip (the answer is
+        then wrong — for SFT sets only; slips of several sizes rarely cancel out). A model trained on them knows each step but samples it
+        right only ~(1 − slips) of the time, so success on a k-step problem falls like
+        (1 − slips)^k under sampling while the most likely step stays correct.
         """
         if isinstance(digits, bool) or not isinstance(digits, int) or not 1 <= digits <= 6:
             raise ThinklingError(f"task 'chain': digits must be an int in 1..6, got {digits!r}")
         if trace not in ("rewrite", "equation"):
             raise ThinklingError(f"task 'chain': trace must be 'rewrite' or 'equation', got {trace!r}")
+        if isinstance(slips, bool) or not isinstance(slips, (int, float)) or not 0 <= slips < 1:
+            raise ThinklingError(f"task 'chain': slips must be a number in [0, 1), got {slips!r}")
         self.digits = digits
         self.trace = trace
+        self.slips = float(slips)
 
     def generate(self, n, seed, difficulty=None):
         levels = difficulty_levels("chain", difficulty, default=3, minimum=1)
@@ -51,8 +60,11 @@ class ChainTask(Task):
                 operand = rng.randint(1, 10**self.digits - 1)
                 delta = rng.choice([d for d in (operand, -operand) if 0 <= value + d <= top])
                 ops.append(f"{delta:+d}")
-                steps.append(f"{value}{delta:+d}={value + delta}")
-                value += delta
+                result = value + delta
+                if self.slips and rng.random() < self.slips:
+                    result = rng.choice([r for d in range(1, 6) for r in (result - d, result + d) if 0 <= r <= top])
+                steps.append(f"{value}{delta:+d}={result}")
+                value = result
             if self.trace == "rewrite":
                 steps = [" ".join([eq, *ops[j + 1 :]]) for j, eq in enumerate(steps)]
             problems.append(

@@ -1,11 +1,12 @@
 """What BREAD's probes add to an RL step, with and without prefix reuse.
 
-    python benchmarks/bread_overhead.py                 # the quick-start (demo) setting
-    python benchmarks/bread_overhead.py --steps 6 --init runs/demo/sft/final
+    python benchmarks/bread_overhead.py                 # the light-SFT chain setting
+    python benchmarks/bread_overhead.py --steps 6 --init runs/experiments/light-sft/final
+    python benchmarks/bread_overhead.py --init runs/demo/sft/final --difficulty 8 --max-new-tokens 80  # the demo's
 
-The quick-start setting: a tiny character transformer after the demo's light
-SFT (`--init`, default runs/demo/sft/final; when missing, the quick-start SFT
-recipe is trained once into ~/.cache/thinkling/bench/), GRPO on 6-step chain
+The setting: a tiny character transformer after a light SFT (`--init`, default
+runs/experiments/light-sft/final; when missing, recipes/experiments/light-sft.yaml
+is trained once into ~/.cache/thinkling/bench/), GRPO on 6-step chain
 problems, 16 prompts x G=8, 64 new tokens. Four sides train their own copy from
 the same checkpoint over the same steps (same seeds), alternating every step:
 
@@ -33,7 +34,7 @@ from thinkling.train.common import make_optimizer
 from thinkling.train.rl import RLTrainer, resolve_knobs
 
 ROOT = Path(__file__).resolve().parents[1]
-CACHE = Path.home() / ".cache" / "thinkling" / "bench" / "chain-sft"
+CACHE = Path.home() / ".cache" / "thinkling" / "bench" / "light-sft"
 
 
 class NoReuse:
@@ -52,25 +53,26 @@ class NoReuse:
 def checkpoint(init: str | None) -> str:
     if init:
         return init
-    demo = ROOT / "runs" / "demo" / "sft" / "final"
-    if (demo / "policy.json").exists():
-        return str(demo)
+    light = ROOT / "runs" / "experiments" / "light-sft" / "final"
+    if (light / "policy.json").exists():
+        return str(light)
     if not (CACHE / "final" / "policy.json").exists():
         from thinkling import jobs
 
-        print(f"no SFT checkpoint: training the quick-start SFT once into {CACHE} (a few minutes)")
-        jobs.run_sft(load_recipe(ROOT / "recipes" / "quickstart" / "sft.yaml", [f"output_dir={CACHE}"]))
+        print(f"no SFT checkpoint: training the light SFT once into {CACHE} (a few minutes)")
+        jobs.run_sft(load_recipe(ROOT / "recipes" / "experiments" / "light-sft.yaml", [f"output_dir={CACHE}"]))
     return str(CACHE / "final")
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--init", default=None, help="tiny SFT checkpoint (default: the demo's, else trained once)")
+    ap.add_argument("--init", default=None, help="tiny SFT checkpoint (default: runs/experiments/light-sft, else trained once)")
     ap.add_argument("--steps", type=int, default=6, help="measured steps per side")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--group", type=int, default=8)
     ap.add_argument("--difficulty", type=int, default=6)
+    ap.add_argument("--max-new-tokens", type=int, default=64, help="80 for 8-step problems (the demo's setting)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for tiny models)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -79,12 +81,12 @@ def main(argv=None):
     task = get_task("chain")
     problems = task.generate(2000, seed=2, difficulty=[args.difficulty])
     print(f"init={init} task=chain difficulty={args.difficulty} prompts={args.prompts} G={args.group} "
-          f"max_new_tokens=64 steps={args.steps} (+{args.warmup} warm-up)\n")
+          f"max_new_tokens={args.max_new_tokens} steps={args.steps} (+{args.warmup} warm-up)\n")
 
     def trainer(bread: bool, reuse: bool) -> RLTrainer:
         policy = TinyPolicy.load(init)
         rl = RLConfig(algorithm="grpo", prompts_per_step=args.prompts, group_size=args.group, lr=1e-4,
-                      max_new_tokens=64, rewards={"accuracy": 1.0, "format": 0.0},
+                      max_new_tokens=args.max_new_tokens, rewards={"accuracy": 1.0, "format": 0.0},
                       bread=BreadConfig(enabled=bread, remember_anchors=True))
         optimizer = make_optimizer(policy.model, rl.lr, rl.weight_decay)
         return RLTrainer(policy if reuse else NoReuse(policy), task, problems, rl, resolve_knobs(rl), optimizer, seed=0)

@@ -1,6 +1,6 @@
 """Experiment 1: BREAD vs GRPO from the same SFT checkpoint (claim of arXiv 2506.17211, METHODS.md §2).
 
-One light SFT on 1-8-step `chain` problems (recipes/quickstart/sft.yaml, shared by every run), then
+One light SFT on 1-8-step `chain` problems (recipes/experiments/light-sft.yaml, shared by every run), then
 GRPO and BREAD on hard problems with the same RL seeds, prompts, G and steps. Measured per run:
 held-out greedy accuracy every `--eval-every` steps, against RL steps and against generated tokens
 (BREAD's probe generations included, see `common.count_all_bread_probes`); steps and tokens BREAD
@@ -30,7 +30,7 @@ from common import (
     write_results,
 )
 
-RECIPES = {"GRPO": "recipes/quickstart/grpo.yaml", "BREAD": "recipes/quickstart/bread.yaml"}
+RECIPES = {"GRPO": "recipes/experiments/light-grpo.yaml", "BREAD": "recipes/experiments/light-bread.yaml"}
 
 
 def add_args(p):
@@ -41,7 +41,7 @@ def add_args(p):
     p.add_argument("--fresh", type=int, default=None,
                    help="re-evaluate SFT and every final policy on this many fresh problems (seed 7; default 600, quick 50)")
     p.add_argument("--regime", choices=["quickstart", "rewrite"], default="quickstart",
-                   help="quickstart: light SFT on 1-8-step equation traces (recipes/quickstart); rewrite: SFT on "
+                   help="quickstart: light SFT on 1-8-step equation traces (recipes/experiments/light-*.yaml); rewrite: SFT on "
                         "1-4-step rewrite traces (recipes/experiments/sft-chain-rewrite.yaml), RL on 6 steps")
 
 

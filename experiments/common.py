@@ -121,7 +121,7 @@ def run_recipe(kind: str, recipe: str | None, overrides: list[str], data: dict |
     return (jobs.run_sft if kind == "sft" else jobs.run_rl)(cfg, resume=resume)
 
 
-def ensure_sft(output_dir: str | Path, recipe: str = "recipes/quickstart/sft.yaml", overrides=()) -> Path:
+def ensure_sft(output_dir: str | Path, recipe: str = "recipes/experiments/light-sft.yaml", overrides=()) -> Path:
     """The final policy of an SFT run, training it first if it is not there."""
     run_recipe("sft", recipe, [f"output_dir={output_dir}", *overrides])
     return Path(output_dir) / "final"

@@ -36,7 +36,8 @@ def plot_runs(runs: dict[str, str | Path], y: str, x: str, path: Path, *, title:
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.lines:
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

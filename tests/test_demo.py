@@ -1,0 +1,34 @@
+"""The quick-start wiring end to end, shrunk to seconds: SFT -> GRPO and BREAD side by side -> report."""
+
+import json
+
+import pytest
+
+from thinkling.demo import run_demo
+from thinkling.errors import ThinklingError
+
+SMALL = ["sft.steps=3", "train.size=40", "eval.size=4", "evaluation.samples=2", "evaluation.every=1",
+         "rl.steps=2", "rl.prompts_per_step=2", "rl.group_size=2", "rl.save_every=1",
+         "rl.max_new_tokens=16", "evaluation.max_new_tokens=16", "model.tiny.d_model=16", "model.tiny.n_layers=1",
+         "model.tiny.n_heads=2"]
+
+
+def test_demo_runs_both_methods_and_writes_the_report(tmp_path):
+    summary = run_demo(str(tmp_path / "demo"), SMALL)
+    root = tmp_path / "demo"
+    assert set(summary["runs"]) == {"GRPO", "BREAD"}
+    for run in summary["runs"].values():
+        assert run["steps"] == 2 and run["final_pass@1"] is not None and run["start_pass@1"] is not None
+    report = (root / "report.md").read_text()
+    assert "| GRPO |" in report and "| BREAD |" in report
+    for png in ("pass1_vs_step", "pass1_vs_tokens", "greedy_vs_step", "bread_expert_fraction"):
+        assert (root / f"{png}.png").stat().st_size > 0
+    assert json.loads((root / "summary.json").read_text())["runs"]["BREAD"]["steps"] == 2
+    with pytest.raises(ThinklingError, match="already exists"):
+        run_demo(str(root), SMALL)
+
+
+def test_a_bad_override_fails_before_any_training(tmp_path):
+    with pytest.raises(ThinklingError, match="rl.no_such_key|no_such_key"):
+        run_demo(str(tmp_path / "demo"), ["rl.no_such_key=1"])
+    assert not (tmp_path / "demo" / "sft").exists()

@@ -215,7 +215,6 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-
 def _pad(seqs: list, pad_id: int, left: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
     """ids and attention mask `[B, max_len]` of `seqs` padded on one side."""
     width = max(len(s) for s in seqs)

@@ -298,7 +298,6 @@ def _invert_cdf(probs: torch.Tensor, u: torch.Tensor, block: int = 256) -> torch
     return tokens
 
 
-
 # ------------------------------------------------------------------- engine
 
 

@@ -21,9 +21,9 @@ from _common import header
 
 from thinkling.models.base import SamplingParams
 from thinkling.models.hf import HFPolicy
-from thinkling.rollout.engine import RolloutEngine
+from thinkling.models.hf_engine import RolloutEngine
 from thinkling.rollout.prompts import prompt_text
-from thinkling.tasks.base import get_task
+from thinkling.tasks import get_task
 
 
 def replay(generate, prompts, trajectories, steps) -> torch.Tensor:
@@ -49,7 +49,7 @@ def main(argv=None):
     torch.set_num_threads(1)
     header("bf16 decoding drift vs the fp32 policy", ["benchmarks/bf16_drift.py", *sys.argv[1:]])
     policy = HFPolicy.load(args.model, device="cpu")
-    problems = get_task("chain").generate(8, seed=1, difficulty=[3, 4, 5])
+    problems = get_task("chain").problems(8, seed=1, difficulty=[3, 4, 5])
     prompts = [policy.encode_prompt(prompt_text(p)) for p in problems]
 
     def no_eos(logits, history):

@@ -29,7 +29,7 @@ from _common import Recorder, footer, header, rotate, table
 
 from thinkling.config import BreadConfig, RLConfig, load_recipe
 from thinkling.models.tiny import TinyPolicy
-from thinkling.tasks.base import get_task
+from thinkling.tasks import get_task
 from thinkling.train.common import make_optimizer
 from thinkling.train.rl import RLTrainer, resolve_knobs
 
@@ -79,7 +79,7 @@ def main(argv=None):
     header("BREAD probe overhead per RL step", ["benchmarks/bread_overhead.py", *sys.argv[1:]])
     init = checkpoint(args.init)
     task = get_task("chain")
-    problems = task.generate(2000, seed=2, difficulty=[args.difficulty])
+    problems = task.problems(2000, seed=2, difficulty=[args.difficulty])
     print(f"init={init} task=chain difficulty={args.difficulty} prompts={args.prompts} G={args.group} "
           f"max_new_tokens={args.max_new_tokens} steps={args.steps} (+{args.warmup} warm-up)\n")
 

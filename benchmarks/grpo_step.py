@@ -46,9 +46,9 @@ _NUMBER = re.compile(r"-?\d+")
 class ArithmeticTask(ChainTask):
     """The chain task with an instruction a chat model understands, scored on the last number written."""
 
-    def generate(self, n, seed, difficulty=None):
+    def problems(self, n, seed, difficulty=None):
         return [Problem(p.id, f"Compute {p.prompt}. Answer with the result.", p.answer, p.steps, p.difficulty, p.tags)
-                for p in super().generate(n, seed, difficulty)]
+                for p in super().problems(n, seed, difficulty)]
 
     def verify(self, problem, completion):
         numbers = _NUMBER.findall(completion)
@@ -157,7 +157,7 @@ def main(argv=None):
           f"{'bf16 mixed precision' if args.bf16 else 'fp32 compute'} μ=1 β=0\n")
 
     task = ArithmeticTask()
-    problems = task.generate(64, seed=0, difficulty=[2, 3])
+    problems = task.problems(64, seed=0, difficulty=[2, 3])
     if args.bf16:
         ours = {"thinkling": thinkling_trainer(path, task, problems, args, "bfloat16", bf16_update=True)}
     else:

@@ -7,7 +7,7 @@ Both sides sample (temperature 1) from the same distinct prompts (chain-task
 questions in the chat template) with eos suppressed, so each generates exactly
 batch x new-tokens tokens. Sides:
   hf           transformers `generate` on the fp32 model (HFPolicy.generate_reference)
-  engine       thinkling.rollout.engine in float32 (what HFPolicy.generate runs by default)
+  engine       thinkling.models.hf_engine in float32 (what HFPolicy.generate runs by default)
   engine-bf16  the engine with bfloat16 weights and KV cache (rollout_dtype="bfloat16")
   hf-bf16      `generate` on a bfloat16 copy of the model (--with-hf-bf16; the fair
                baseline for engine-bf16)
@@ -26,7 +26,7 @@ from _common import Recorder, footer, header, release_memory, rotate, table
 from thinkling.models.base import SamplingParams
 from thinkling.models.hf import HFPolicy
 from thinkling.rollout.prompts import prompt_text
-from thinkling.tasks.base import get_task
+from thinkling.tasks import get_task
 
 
 def ban(token: int):
@@ -62,7 +62,7 @@ def main(argv=None):
         hf16 = HFPolicy(copy.deepcopy(policy.model).to(torch.bfloat16), policy.tokenizer)
         sides["hf-bf16"] = hf16.generate_reference
     batches = [int(b) for b in args.batches.split(",")]
-    problems = get_task("chain").generate(max(batches), seed=0, difficulty=[3, 4, 5, 6])
+    problems = get_task("chain").problems(max(batches), seed=0, difficulty=[3, 4, 5, 6])
     prompts = [policy.encode_prompt(prompt_text(p)) for p in problems]
     print(f"model={args.model} new_tokens={args.new_tokens} prompt_tokens={min(map(len, prompts))}-{max(map(len, prompts))} "
           f"repeats={args.repeats} sides={','.join(sides)}\n")

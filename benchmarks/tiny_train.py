@@ -22,7 +22,7 @@ import torch
 from _common import Recorder, footer, header, rotate, table
 
 from thinkling.models.tiny import TinyPolicy
-from thinkling.tasks.base import get_task
+from thinkling.tasks import get_task
 from thinkling.train.common import make_optimizer, step_generator
 from thinkling.train.sft import collate, sft_examples, weighted_ce
 
@@ -61,7 +61,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     header("tiny transformer training tokens/s", ["benchmarks/tiny_train.py", *sys.argv[1:]])
     task = get_task("chain")
-    problems = task.generate(5000, seed=0, difficulty=[1, 2, 3, 4, 5, 6, 7, 8])
+    problems = task.problems(5000, seed=0, difficulty=[1, 2, 3, 4, 5, 6, 7, 8])
     sides = [(dtype, threads) for threads in (1, 2) for dtype in ("fp32", "bf16")]
     names = [f"{d} {t}t" for d, t in sides]
     rec = Recorder()

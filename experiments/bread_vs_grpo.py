@@ -183,7 +183,7 @@ def main():
 
 
 def _fresh_eval(sft, done, settings, n, max_new, options):
-    from thinkling.eval.evaluate import complete
+    from thinkling.rollout.scoring import complete
     from thinkling.models import load_policy
     from thinkling.models.base import SamplingParams
     from thinkling.tasks import get_task
@@ -196,7 +196,7 @@ def _fresh_eval(sft, done, settings, n, max_new, options):
 
     out = {}
     for s in settings:
-        problems = task.generate(n, 7, [s["difficulty"]])
+        problems = task.problems(n, 7, [s["difficulty"]])
         e = {"sft": acc(sft, problems)}
         for m in RECIPES:
             per = [acc(Path(j["folder"]) / "final", problems) for j in done if j["setting"] == s["name"] and j["method"] == m]

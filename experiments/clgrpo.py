@@ -67,7 +67,7 @@ def main():
     recipe.write_text(yaml.safe_dump(data, sort_keys=False))
 
     # ------------------------------------------------------------------ part A
-    from thinkling.train.pipeline import run_pipeline, stage_configs
+    from thinkling.pipeline import run_pipeline, stage_configs
 
     root = Path(data["output_dir"])
     saved = root / "pipeline.yaml"
@@ -117,7 +117,7 @@ def main():
     # ------------------------------------------------------------------ part B
     stage3_final = Path(vcfgs[1][2].output_dir) / "final"
     base = {k: v for k, v in variant.items() if k != "stages"}
-    from thinkling.train.pipeline import deep_merge
+    from thinkling.pipeline import deep_merge
 
     base = deep_merge(base, {k: v for k, v in data["stages"][3].items() if k not in ("name", "kind")})
     base["model"] = {**base.get("model", {}), "init": str(stage3_final)}

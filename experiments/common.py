@@ -110,7 +110,7 @@ def run_recipe(kind: str, recipe: str | None, overrides: list[str], data: dict |
     torch.set_num_threads(1)
     base = load_yaml(recipe) if recipe else {}
     if data:
-        from thinkling.train.pipeline import deep_merge
+        from thinkling.pipeline import deep_merge
 
         base = deep_merge(base, data)
     cfg = build(RunConfig, apply_overrides(base, overrides))
@@ -151,7 +151,7 @@ class VerboseChainTask(Task):
         self.verbose = bool(verbose)
         self.checks = checks
 
-    def generate(self, n, seed, difficulty=None):
+    def problems(self, n, seed, difficulty=None):
         levels = difficulty_levels("chain_verbose", difficulty, default=3, minimum=1)
         rng = rng_for("chain_verbose", seed)
         problems = []
@@ -195,9 +195,9 @@ def sft_tagged(output: Path, task_name: str, task_options: dict, difficulty, *, 
 
     from thinkling.config import SFTConfig
     from thinkling.models.tiny import TinyPolicy
-    from thinkling.rewards.length import LENGTH_LEVELS
+    from thinkling.rollout.prompts import LENGTH_LEVELS
     from thinkling.rollout.prompts import prompt_ids
-    from thinkling.tasks.base import get_task
+    from thinkling.tasks import get_task
     from thinkling.train.sft import make_example, train_sft
 
     final = Path(output) / "final"
@@ -205,7 +205,7 @@ def sft_tagged(output: Path, task_name: str, task_options: dict, difficulty, *, 
         return final
     torch.set_num_threads(1)
     task = get_task(task_name, **task_options)
-    problems = task.generate(size, seed, difficulty)
+    problems = task.problems(size, seed, difficulty)
     policy = TinyPolicy.create(model or {"d_model": 96, "n_layers": 3, "n_heads": 4, "max_seq_len": 192}, seed=seed)
     rng = random.Random(seed + 99)
     examples = []
@@ -245,12 +245,12 @@ def evaluate_model(policy, task, problems, *, max_new_tokens: int, samples: int 
     """thinkling's evaluation (greedy + `samples` sampled completions at T=1) without the progress bar."""
     from thinkling.config import EvalConfig
     from thinkling.eval.evaluate import evaluate
-    from thinkling.jobs import stop_processor
+    from thinkling.rollout.stopping import make_stop_processor
 
     cfg = EvalConfig(max_new_tokens=max_new_tokens, samples=samples, temperature=1.0, batch_size=256,
                      ts_alpha=ts_alpha, budget=budget)
     summary, rows = evaluate(policy, task, problems, cfg, seed=seed, level=level,
-                             stop_processor=processor or stop_processor(policy, task, ts_alpha, budget))
+                             stop_processor=processor or make_stop_processor(policy, task, ts_alpha=ts_alpha, budget=budget))
     greedy = [r for r in rows if r["mode"] == "greedy"]
     sampled = [r for r in rows if r["mode"] != "greedy"]
     summary["check_lines_greedy"] = sum(r["completion"].count("check") for r in greedy) / len(greedy)

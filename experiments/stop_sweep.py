@@ -68,7 +68,7 @@ def main():
 
     policy = load_policy(path)
     task = get_task("chain_verbose", checks=args.checks)
-    problems = task.generate(size, 1, VERBOSE_EVAL_K)
+    problems = task.problems(size, 1, VERBOSE_EVAL_K)
     max_new = 160
     points = {"TS": [], "BF": [], "BF-line": [], "BF-eol": []}
     for a in alphas:

@@ -104,7 +104,7 @@ def main():
     from thinkling.tasks import get_task
 
     task = get_task("chain_verbose", checks=args.checks)
-    problems = task.generate(size, 1, VERBOSE_EVAL_K)
+    problems = task.problems(size, 1, VERBOSE_EVAL_K)
     evals = {"SFT": eval_levels(sft, problems, task, samples)}
     for j in done:
         name = f"GRPO acc-only s{j['seed']}" if j.get("control") else f"TLDR s{j['seed']}"

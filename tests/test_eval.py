@@ -43,11 +43,11 @@ def test_interrupted_eval_continues_where_it_stopped(tmp_path, tiny_policy):
 def test_anchor_prefix_is_a_prefix_of_the_expert_target():
     """BREAD anchors must be exactly what SFT would have shown the model."""
     from thinkling.rollout.prompts import anchor_text
-    from thinkling.tasks.base import get_task
+    from thinkling.tasks import get_task
 
     for name, d in (("chain", 5), ("mnns", 4), ("countdown", 4)):
         task = get_task(name)
-        for p in task.generate(5, 0, d):
+        for p in task.problems(5, 0, d):
             for k in range(len(p.steps) + 1):
                 assert task.target(p).startswith(anchor_text(p, k)), (name, k)
 
@@ -56,7 +56,8 @@ def test_strict_accuracy_counts_only_answers_in_the_expected_form():
     """A math answer found by the last-number fallback is correct, but not strictly correct."""
     from types import SimpleNamespace
 
-    from thinkling.eval.evaluate import RowLog, _row, score, summarize
+    from thinkling.eval.evaluate import RowLog, _row, summarize
+    from thinkling.rollout.scoring import score
     from thinkling.tasks.base import Problem
     from thinkling.tasks.mathverify import MathTask
 

@@ -21,15 +21,15 @@ from thinkling import jobs  # noqa: E402
 from thinkling.algorithms import rl_knobs  # noqa: E402
 from thinkling.config import RLConfig, load_recipe  # noqa: E402
 from thinkling.errors import ThinklingError  # noqa: E402
-from thinkling.eval.evaluate import Completion  # noqa: E402
 from thinkling.models import load_policy  # noqa: E402
 from thinkling.models.base import SamplingParams  # noqa: E402
 from thinkling.models.hf import HFPolicy  # noqa: E402
 from thinkling.models.logprobs import first_loss_position  # noqa: E402
 from thinkling.models.registry import cache_dir  # noqa: E402
 from thinkling.rollout.groups import Group, branch_prefix  # noqa: E402
+from thinkling.rollout.scoring import Completion  # noqa: E402
 from thinkling.rollout.prompts import anchor_text, prompt_ids  # noqa: E402
-from thinkling.tasks.base import Problem, Task, Verdict  # noqa: E402
+from thinkling.tasks import Problem, Task, Verdict, problem_set  # noqa: E402
 from thinkling.train.common import make_optimizer  # noqa: E402
 from thinkling.train.rl import RLTrainer, build_batch, minibatch_loss  # noqa: E402
 
@@ -133,7 +133,7 @@ class _VowelTask(Task):
     name = "vowels"
     end_of_thinking = None
 
-    def generate(self, n, seed, difficulty=None):
+    def problems(self, n, seed, difficulty=None):
         return PROBLEMS[:n]
 
     def verify(self, problem, completion):
@@ -188,7 +188,7 @@ def test_smollm2_lora_sft_then_grpo_and_bread(tmp_path):
     # The NLL of the 4 training problems, before (base + fresh adapters = base) and after.
     tuned = load_policy(tmp_path / "sft")
     base = HFPolicy.load("smollm2-135m", dtype="bfloat16", device="cpu")
-    task, problems = jobs.problems_for(sft_cfg.train, "train")
+    task, problems = problem_set(sft_cfg.train, "train")
     nll = {}
     for name, policy in (("base", base), ("tuned", tuned)):
         ids, mask, weights = collate(sft_examples(policy, task, problems), policy.pad_id)

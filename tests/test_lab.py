@@ -149,18 +149,18 @@ def test_bad_attention_options_name_the_key(attention, options, key):
 @pytest.mark.parametrize("name", ["recall", "copying"])
 def test_lab_tasks_are_deterministic_and_their_targets_verify(name):
     task = get_task(name)
-    problems = task.generate(30, seed=3, difficulty=[2, 8, 32])
-    assert [(p.prompt, p.answer) for p in problems] == [(p.prompt, p.answer) for p in task.generate(30, 3, [2, 8, 32])]
-    assert [p.prompt for p in problems] != [p.prompt for p in task.generate(30, 4, [2, 8, 32])]
+    problems = task.problems(30, seed=3, difficulty=[2, 8, 32])
+    assert [(p.prompt, p.answer) for p in problems] == [(p.prompt, p.answer) for p in task.problems(30, 3, [2, 8, 32])]
+    assert [p.prompt for p in problems] != [p.prompt for p in task.problems(30, 4, [2, 8, 32])]
     for p in problems:
         assert task.verify(p, task.target(p)).correct and task.target(p) == f"A:{p.answer}"
         assert not task.verify(p, "A:" + p.answer[::-1] + "x").correct
     with pytest.raises(ThinklingError, match="difficulty"):
-        task.generate(2, seed=0, difficulty=60)
+        task.problems(2, seed=0, difficulty=60)
 
 
 def test_recall_answer_is_the_value_of_the_query_key():
-    for p in get_task("recall").generate(50, seed=0, difficulty=[1, 5, 20]):
+    for p in get_task("recall").problems(50, seed=0, difficulty=[1, 5, 20]):
         pairs, query = p.prompt.split(" ")
         table = dict(zip(pairs[::2], pairs[1::2]))
         assert len(table) == p.difficulty and table[query] == p.answer
@@ -168,7 +168,7 @@ def test_recall_answer_is_the_value_of_the_query_key():
 
 def test_copying_answer_is_the_letters_without_noise():
     task = get_task("copying", max_gap=3)
-    for p in task.generate(50, seed=0, difficulty=[1, 6, 20]):
+    for p in task.problems(50, seed=0, difficulty=[1, 6, 20]):
         assert p.prompt.replace(".", "") == p.answer and len(set(p.answer)) == p.difficulty
     with pytest.raises(ThinklingError, match="max_gap"):
         get_task("copying", max_gap=-1)

@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from thinkling.errors import ThinklingError
-from thinkling.train.pipeline import run_pipeline, stage_configs
+from thinkling.pipeline import run_pipeline, stage_configs
 
 SMALL = ["model.tiny={d_model: 16, n_layers: 1, n_heads: 2, max_seq_len: 96}", "train.size=16", "train.difficulty=[1]",
          "eval.size=2", "eval.difficulty=1", "evaluation.max_new_tokens=6", "sft.steps=2", "sft.batch_size=4",

@@ -4,15 +4,8 @@ import pytest
 import torch
 
 from thinkling.errors import ThinklingError
-from thinkling.rewards import (
-    LENGTH_LEVELS,
-    LengthSpec,
-    RewardSpec,
-    compute_rewards,
-    sample_levels,
-    tag_prompt,
-    tldr_length_factor,
-)
+from thinkling.rewards import LengthSpec, RewardSpec, compute_rewards, tldr_length_factor
+from thinkling.rollout.prompts import LENGTH_LEVELS, sample_levels, tag_prompt
 
 
 def test_tldr_length_factor_by_hand():

@@ -9,7 +9,7 @@ from thinkling.models.logprobs import first_loss_position
 from thinkling.rollout.bread import anchor_failed_groups
 from thinkling.rollout.groups import Group, branch_prefix, sample_groups
 from thinkling.rollout.prompts import anchor_text, prompt_text
-from thinkling.tasks.base import get_task
+from thinkling.tasks import get_task
 from thinkling.train.rl import build_batch, minibatch_loss, resolve_knobs
 
 TINY = "model.tiny={d_model: 32, n_layers: 1, n_heads: 2, max_seq_len: 160}"
@@ -39,7 +39,7 @@ class AnchorNeedingPolicy:
 
 def test_bread_finds_the_shortest_successful_anchor(tiny_policy):
     task = get_task("chain")
-    problems = task.generate(3, 0, 8)
+    problems = task.problems(3, 0, 8)
     policy = AnchorNeedingPolicy(tiny_policy, problems, need=5)
     failed = sample_groups(policy, task, [(p, None, 0) for p in problems], 2, None)
     assert not any(g.has_success for g in failed)
@@ -58,7 +58,7 @@ def test_bread_finds_the_shortest_successful_anchor(tiny_policy):
 
 def test_bread_drops_problems_without_traces_or_unsolved(tiny_policy):
     task = get_task("chain")
-    problems = task.generate(2, 0, 4)
+    problems = task.problems(2, 0, 4)
     policy = AnchorNeedingPolicy(tiny_policy, problems, need=99)  # never solvable
     failed = sample_groups(policy, task, [(p, None, 0) for p in problems], 2, None)
     kept, stats = anchor_failed_groups(policy, task, failed, 2, lambda r: None, 2, None)
@@ -74,10 +74,10 @@ def _knobs(**over):
 def test_prompt_and_anchor_tokens_get_exactly_zero_gradient(tiny_policy):
     """Regression: hint/anchor tokens must never enter the loss (a known bug elsewhere trained on them)."""
     task = get_task("chain")
-    p = task.generate(1, 0, 4)[0]
+    p = task.problems(1, 0, 4)[0]
     prefix, n_anchor = branch_prefix(tiny_policy, p, None, 2)
     completion = tiny_policy.encode_text("A:" + p.answer) + [tiny_policy.eos_id]
-    from thinkling.eval.evaluate import score
+    from thinkling.rollout.scoring import score
 
     comps = [score(tiny_policy, task, p, completion), score(tiny_policy, task, p, completion[:3])]
     group = Group(p, prefix, comps, anchor_steps=2, anchor_tokens=n_anchor, rewards=[1.0, 0.0])
@@ -102,9 +102,9 @@ def test_prompt_and_anchor_tokens_get_exactly_zero_gradient(tiny_policy):
 def test_mu1_gradient_is_reinforce_with_baseline(tiny_policy):
     """With μ = 1 the clipped loss has the REINFORCE gradient: -Σ A·∇log π / tokens."""
     task = get_task("chain")
-    p = task.generate(1, 0, 2)[0]
+    p = task.problems(1, 0, 2)[0]
     prefix = branch_prefix(tiny_policy, p, None, 0)[0]
-    from thinkling.eval.evaluate import score
+    from thinkling.rollout.scoring import score
 
     ids_a = tiny_policy.encode_text("A:1") + [tiny_policy.eos_id]
     ids_b = tiny_policy.encode_text("A:22") + [tiny_policy.eos_id]
@@ -159,7 +159,7 @@ def test_dynamic_sampling_drops_groups_with_equal_rewards(tmp_path, tiny_policy)
 
     task = get_task("chain")
     cfg = RLConfig(algorithm="dapo", prompts_per_step=3, group_size=2, max_new_tokens=4)
-    trainer = RLTrainer(tiny_policy, task, task.generate(8, 0, 6), cfg, resolve_knobs(cfg), None, seed=0)
+    trainer = RLTrainer(tiny_policy, task, task.problems(8, 0, 6), cfg, resolve_knobs(cfg), None, seed=0)
     groups, stats = trainer.collect(0)  # an untrained model fails everything: every group has equal rewards
     assert groups == [] and stats["groups_dropped_equal"] == stats["groups_sampled"] == 3
 
@@ -191,7 +191,7 @@ def test_bread_needs_expert_traces(tmp_path):
 def test_bread_counts_every_probe_token(tiny_policy):
     """BREAD's cost includes failed probes, not only the branch it keeps."""
     task = get_task("chain")
-    problems = task.generate(2, 0, 8)
+    problems = task.problems(2, 0, 8)
     policy = AnchorNeedingPolicy(tiny_policy, problems, need=5)
     failed = sample_groups(policy, task, [(p, None, 0) for p in problems], 2, None)
     kept, stats = anchor_failed_groups(policy, task, failed, 2, lambda r: None, None, None)
@@ -215,7 +215,7 @@ def test_tldr_run_logs_per_level_length_and_accuracy(tmp_path):
 
 
 def test_level_metrics_average_over_each_levels_completions():
-    from thinkling.eval.evaluate import Completion
+    from thinkling.rollout.scoring import Completion
     from thinkling.tasks.base import Problem
     from thinkling.train.rl import level_metrics
 
@@ -233,7 +233,7 @@ def test_asymmetric_clip_warns_when_it_cannot_act(tmp_path, capsys):
 
     def warned(*over):
         cfg = load_recipe("recipes/quickstart/grpo.yaml", [*_rl_overrides(tmp_path, "w"), *over])
-        validate_rl(cfg, get_task("chain").generate(4, 0, 2))
+        validate_rl(cfg, get_task("chain").problems(4, 0, 2))
         return "clip never acts" in " ".join(capsys.readouterr().err.split())  # rich wraps long lines
 
     assert warned("rl.algorithm=clgrpo") and warned("rl.algorithm=dapo")
@@ -246,11 +246,11 @@ def test_asymmetric_clip_warns_when_it_cannot_act(tmp_path, capsys):
 def test_bf16_update_and_skipped_prompt_logits_keep_the_loss(tiny_policy):
     """`rl.bf16` autocasts the update's forward: the loss and gradient stay close to fp32; and
     sequence_logprobs from the first trained position equals the full computation there."""
-    from thinkling.eval.evaluate import score
+    from thinkling.rollout.scoring import score
     from thinkling.models.logprobs import sequence_logprobs
 
     task = get_task("chain")
-    p = task.generate(1, 0, 3)[0]
+    p = task.problems(1, 0, 3)[0]
     prefix = branch_prefix(tiny_policy, p, None, 0)[0]
     comps = [score(tiny_policy, task, p, tiny_policy.encode_text(t) + [tiny_policy.eos_id]) for t in ("A:1", "A:22")]
     batch = build_batch([Group(p, prefix, comps)], torch.tensor([[0.7, -0.7]]), tiny_policy.pad_id)

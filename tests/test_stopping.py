@@ -215,7 +215,7 @@ def chain_model():
 
     task = get_task("chain")
     policy = TinyPolicy.create({"d_model": 32, "n_layers": 2, "n_heads": 2, "max_seq_len": 128}, seed=0)
-    train_sft(policy, sft_examples(policy, task, task.generate(2000, 0, [2, 3])),
+    train_sft(policy, sft_examples(policy, task, task.problems(2000, 0, [2, 3])),
               SFTConfig(steps=400, batch_size=32, lr=3e-3, warmup_steps=10), seed=0)
     return policy, task
 
@@ -228,7 +228,7 @@ def test_budget_forcing_on_chain_puts_the_answer_marker_at_a_line_start(chain_mo
 
     policy, task = chain_model
     assert task.line_based
-    problems = task.generate(30, 1, [3])
+    problems = task.problems(30, 1, [3])
     cfg = EvalConfig(max_new_tokens=48, samples=1)
 
     def completions(processor):

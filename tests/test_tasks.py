@@ -34,15 +34,15 @@ def test_registry_has_every_builtin_task():
 @pytest.mark.parametrize("name", sorted(SYNTHETIC))
 def test_generators_are_deterministic_in_the_seed(name):
     task = get_task(name)
-    assert fingerprint(task.generate(20, seed=3)) == fingerprint(task.generate(20, seed=3))
-    assert [p.prompt for p in task.generate(20, seed=3)] != [p.prompt for p in task.generate(20, seed=4)]
+    assert fingerprint(task.problems(20, seed=3)) == fingerprint(task.problems(20, seed=3))
+    assert [p.prompt for p in task.problems(20, seed=3)] != [p.prompt for p in task.problems(20, seed=4)]
 
 
 @pytest.mark.parametrize("name", sorted(SYNTHETIC))
 def test_expert_traces_verify_and_wrong_answers_fail(name):
     task = get_task(name)
     for level in SYNTHETIC[name]:
-        for p in task.generate(25, seed=level, difficulty=level):
+        for p in task.problems(25, seed=level, difficulty=level):
             assert p.difficulty == level and p.prompt.isascii()
             assert task.verify(p, task.target(p)).correct, (p.prompt, p.steps)
             assert task.format_ok(task.target(p))
@@ -56,13 +56,13 @@ def test_bad_difficulty_and_count_are_user_errors(name):
     task = get_task(name)
     for bad in (0, -1, "3", [], 2.5):
         with pytest.raises(ThinklingError, match="difficulty"):
-            task.generate(2, seed=0, difficulty=bad)
+            task.problems(2, seed=0, difficulty=bad)
     with pytest.raises(ThinklingError, match="n must be"):
-        task.generate(None, seed=0)
+        task.problems(None, seed=0)
 
 
 def test_difficulty_list_mixes_levels():
-    problems = get_task("chain").generate(60, seed=0, difficulty=[2, 5])
+    problems = get_task("chain").problems(60, seed=0, difficulty=[2, 5])
     assert {p.difficulty for p in problems} == {2.0, 5.0}
     assert all(len(p.steps) == p.difficulty for p in problems)
 
@@ -70,7 +70,7 @@ def test_difficulty_list_mixes_levels():
 @pytest.mark.parametrize("digits", [1, 2])
 def test_chain_steps_stay_in_range_and_chain_left_to_right(digits):
     top = 10 ** (digits + 1) - 1
-    for p in get_task("chain", digits=digits, trace="equation").generate(200, seed=1, difficulty=6):
+    for p in get_task("chain", digits=digits, trace="equation").problems(200, seed=1, difficulty=6):
         tokens = p.prompt.split()
         value = int(tokens[0])
         assert 0 <= value <= top
@@ -85,7 +85,7 @@ def test_chain_steps_stay_in_range_and_chain_left_to_right(digits):
 
 
 def test_chain_example_format():
-    p = get_task("chain", trace="equation").generate(1, seed=0, difficulty=3)[0]
+    p = get_task("chain", trace="equation").problems(1, seed=0, difficulty=3)[0]
     start, *ops = p.prompt.split(" ")
     assert len(ops) == 3 and all(op[0] in "+-" and op[1:].isdigit() for op in ops)
     assert p.steps[0].startswith(start + ops[0] + "=")
@@ -96,7 +96,7 @@ def test_chain_example_format():
 def test_chain_rewrite_trace_turns_an_anchor_into_a_shorter_problem():
     """After k rewrite steps, what is left is exactly an (n-k)-step chain prompt with the same answer."""
     task = get_task("chain", trace="rewrite")
-    for p in task.generate(50, seed=3, difficulty=6):
+    for p in task.problems(50, seed=3, difficulty=6):
         start, *ops = p.prompt.split(" ")
         for k, step in enumerate(p.steps, start=1):
             equation, *rest = step.split(" ")
@@ -111,7 +111,7 @@ def signed_totals(digits):
 
 def test_mnns_answer_is_the_brute_force_minimum_and_all_optimal_traces_are_listed():
     task = get_task("mnns")
-    for p in task.generate(200, seed=0, difficulty=[1, 2, 3, 4, 5, 6]):
+    for p in task.problems(200, seed=0, difficulty=[1, 2, 3, 4, 5, 6]):
         digits = p.meta["digits"]
         assert p.prompt == " ".join(map(str, digits)) and all(1 <= d <= 9 for d in digits)
         totals = signed_totals(digits)
@@ -146,7 +146,7 @@ def test_countdown_accepts_any_valid_route_and_rejects_cheats():
 
 def test_countdown_verifier_uses_the_steps_and_the_answer_line():
     task = get_task("countdown")
-    p = task.generate(1, seed=0)[0]
+    p = task.problems(1, seed=0)[0]
     numbers, target = p.prompt.split(" -> ")
     assert task.verify(p, task.target(p)).correct
     assert not task.verify(p, f"A:{target}").correct  # the answer alone proves nothing
@@ -156,15 +156,15 @@ def test_countdown_verifier_uses_the_steps_and_the_answer_line():
 
 def test_gym_adapter_scores_with_the_dataset_scorer():
     task = get_task("gym", dataset="basic_arithmetic")
-    problems = task.generate(6, seed=0)
-    assert fingerprint(problems) == fingerprint(task.generate(6, seed=0))
-    assert [p.prompt for p in problems] != [p.prompt for p in task.generate(6, seed=1)]
+    problems = task.problems(6, seed=0)
+    assert fingerprint(problems) == fingerprint(task.problems(6, seed=0))
+    assert [p.prompt for p in problems] != [p.prompt for p in task.problems(6, seed=1)]
     for p in problems:
         assert p.steps == () and 0.0 <= p.difficulty <= 1.0
         assert task.verify(p, "thinking...\n" + task.target(p)).correct
         assert not task.verify(p, f"A:{p.answer}0").correct
         assert not task.verify(p, p.answer).correct  # no A: line
-    leveled = task.generate(10, seed=0, difficulty=[0, 3])
+    leveled = task.problems(10, seed=0, difficulty=[0, 3])
     assert {p.difficulty for p in leveled} <= {0.0, 3.0}
 
 
@@ -192,7 +192,7 @@ def test_jsonl_reads_gsm8k_and_math_records(tmp_path):
     math = {"problem": "Q2?", "solution": solution, "answer": "bad", "level": "Level 4", "type": "Number Theory"}
     bare = {"question": "Q3?", "answer": 7, "id": "mine"}
     path = write(tmp_path, [json.dumps(gsm), "", json.dumps(math), json.dumps(bare)])
-    gsm, math, bare = get_task("jsonl", path=str(path)).generate(None, seed=0)
+    gsm, math, bare = get_task("jsonl", path=str(path)).problems(None, seed=0)
     assert gsm.answer == "1000" and gsm.steps == ("She has 2 + 3 = 5 apples.", "Then 5 * 2 = 10.")
     assert math.answer == "\\frac{1}{\\sqrt{2}}" and math.steps == ("First.", "So $\\boxed{\\frac{1}{\\sqrt{2}}}$.")
     assert math.difficulty == 4.0 and math.tags == ("number_theory",) and math.id == "data-3"
@@ -207,14 +207,14 @@ def test_jsonl_limit_is_the_first_n_in_file_order(tmp_path):
     path = write(tmp_path, [json.dumps({"question": f"Q{i}?", "answer": f"#### {i}", "level": i % 2})
                             for i in range(10)])
     task = get_task("jsonl", path=str(path))
-    first = task.generate(4, seed=1)
-    assert [p.answer for p in first] == ["0", "1", "2", "3"] and first == task.generate(4, seed=2)
-    assert [p.answer for p in task.generate(2, seed=0, difficulty=1)] == ["1", "3"]  # filter, then the first n
-    assert [p.answer for p in get_task("jsonl", path=str(path), skip=8).generate(None, seed=0)] == ["8", "9"]
+    first = task.problems(4, seed=1)
+    assert [p.answer for p in first] == ["0", "1", "2", "3"] and first == task.problems(4, seed=2)
+    assert [p.answer for p in task.problems(2, seed=0, difficulty=1)] == ["1", "3"]  # filter, then the first n
+    assert [p.answer for p in get_task("jsonl", path=str(path), skip=8).problems(None, seed=0)] == ["8", "9"]
     with pytest.raises(ThinklingError, match="skip"):
         get_task("jsonl", path=str(path), skip=-1)
     with pytest.raises(ThinklingError, match="leaves no problem"):
-        get_task("jsonl", path=str(path), skip=10).generate(None, seed=0)
+        get_task("jsonl", path=str(path), skip=10).problems(None, seed=0)
 
 
 @pytest.mark.parametrize(
@@ -314,9 +314,9 @@ def test_math_check_off_the_main_thread_and_under_a_time_limit():
 def test_chain_slips_make_consistent_imperfect_traces():
     from thinkling.tasks.chain import ChainTask
 
-    clean = ChainTask().generate(50, seed=3, difficulty=[4])
-    assert ChainTask(slips=0.0).generate(50, seed=3, difficulty=[4]) == clean
-    noisy = ChainTask(slips=0.5).generate(200, seed=3, difficulty=[4])
+    clean = ChainTask().problems(50, seed=3, difficulty=[4])
+    assert ChainTask(slips=0.0).problems(50, seed=3, difficulty=[4]) == clean
+    noisy = ChainTask(slips=0.5).problems(200, seed=3, difficulty=[4])
     wrong = 0
     for p in noisy:
         value = int(p.prompt.split()[0])

@@ -48,11 +48,11 @@ def main():
     for task_name, hp in TASKS.items():
         task = get_task(task_name)
         sft = SFTConfig(steps=250 if args.quick else hp["steps"], batch_size=64, lr=hp["lr"], warmup_steps=50)
-        train = task.generate(20000, seed=0, difficulty=n)
+        train = task.problems(20000, seed=0, difficulty=n)
         for label, attention in MODELS.items():
             t0 = time.time()
             policy = train_policy({**base, **attention}, task, train, sft, seed=0)
-            acc = {L: greedy_accuracy(policy, task, task.generate(n_test, seed=1, difficulty=L), L + 8) for L in lengths}
+            acc = {L: greedy_accuracy(policy, task, task.problems(n_test, seed=1, difficulty=L), L + 8) for L in lengths}
             results.setdefault(task_name, {})[label] = {"params": policy.model.num_parameters(), "accuracy": acc}
             rows.append([task_name, label, policy.model.num_parameters(), *acc.values()])
             print(f"{task_name:8s} {label:9s} {[round(a, 3) for a in acc.values()]} ({time.time() - t0:.0f} s)", flush=True)

@@ -48,12 +48,12 @@ def main():
     sft = SFTConfig(steps=150 if quick else 800, batch_size=48, lr=3e-3, warmup_steps=50)
     base = {"d_model": 64, "n_heads": 4, "n_layers": 2, "max_seq_len": 192}
     task = get_task("chain")
-    tests = {k: task.generate(200 if quick else 300, seed=100, difficulty=k) for k in test_lengths}
+    tests = {k: task.problems(200 if quick else 300, seed=100, difficulty=k) for k in test_lengths}
     results, params = {}, {}
     for label, attention in MODELS.items():
         for seed in seeds:
             t0 = time.time()
-            train = task.generate(30000, seed=seed, difficulty=train_lengths)
+            train = task.problems(30000, seed=seed, difficulty=train_lengths)
             policy = train_policy({**base, **attention}, task, train, sft, seed=seed)
             params[label] = policy.model.num_parameters()
             r = {k: {"accuracy": greedy_accuracy(policy, task, probs, 10 * k + 12),

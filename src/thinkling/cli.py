@@ -5,7 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 
+import yaml
+from rich.markup import escape
+from rich.table import Table
+
+from thinkling.config import EvalConfig, TaskConfig, load_recipe
 from thinkling.errors import ThinklingError
+from thinkling.lab import EXPERIMENTS
+from thinkling.progress import console
+from thinkling.tasks import get_task, list_tasks
 
 
 def _recipe_parser(sub, name: str, help: str):
@@ -83,8 +91,6 @@ def _model_and_task_args(p, max_new_tokens: int) -> None:
 
 def _task_config(args):
     """The problems of `eval` / `sweep-stop`, with --dtype and --threads checked on the way."""
-    from thinkling.config import TaskConfig
-
     if args.dtype not in (None, "float32", "bfloat16"):
         raise ThinklingError(f"--dtype must be float32 or bfloat16, got '{args.dtype}'")
     if args.threads is not None and args.threads < 1:
@@ -103,9 +109,17 @@ def _parse_difficulty(text: str | None):
     return values[0] if len(values) == 1 else values
 
 
-def _parse_options(items: list[str]) -> dict:
-    import yaml
+def parse_values(text: str | None, kind, name: str) -> list:
+    """'0.5,1,2' -> [0.5, 1.0, 2.0] (kind float) for the CLI; '' or None -> []."""
+    if not text:
+        return []
+    try:
+        return [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ThinklingError(f"--{name}: expected a comma list of {kind.__name__}s, got {text!r}") from None
 
+
+def _parse_options(items: list[str]) -> dict:
     out = {}
     for item in items:
         if "=" not in item:
@@ -128,21 +142,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args) -> int:
-    from thinkling import jobs
-    from thinkling.config import EvalConfig, load_recipe
+    # The verbs import torch (seconds): loaded here, when one runs, so `thinkling --help` stays instant.
+    from thinkling import demo, jobs, pipeline
 
     if args.verb == "sft":
         jobs.run_sft(load_recipe(args.recipe, args.overrides), resume=args.resume)
     elif args.verb == "rl":
         jobs.run_rl(load_recipe(args.recipe, args.overrides), resume=args.resume)
     elif args.verb == "pipeline":
-        from thinkling.train.pipeline import run_pipeline
-
-        run_pipeline(args.recipe, args.overrides, resume=args.resume)
+        pipeline.run_pipeline(args.recipe, args.overrides, resume=args.resume)
     elif args.verb == "demo":
-        from thinkling.demo import run_demo
-
-        run_demo(args.out, args.overrides, resume=args.resume)
+        demo.run_demo(args.out, args.overrides, resume=args.resume)
     elif args.verb == "eval":
         task_cfg = _task_config(args)
         eval_cfg = EvalConfig(max_new_tokens=args.max_new_tokens, samples=args.samples, temperature=args.temperature,
@@ -150,8 +160,6 @@ def _dispatch(args) -> int:
         jobs.run_eval(args.model, task_cfg, eval_cfg, args.out, seed=args.seed, level=args.level,
                       dtype=args.dtype, threads=args.threads)
     elif args.verb == "sweep-stop":
-        from thinkling.eval.sweep import parse_values
-
         task_cfg = _task_config(args)
         jobs.run_stop_sweep(args.model, task_cfg, parse_values(args.alphas, float, "alphas"),
                             parse_values(args.budgets, int, "budgets"), args.out, args.max_new_tokens,
@@ -167,10 +175,7 @@ def _dispatch(args) -> int:
 
 
 def _models(args) -> None:
-    from rich.table import Table
-
     from thinkling.models.registry import list_models, pull
-    from thinkling.progress import console
 
     if args.action == "pull":
         console.print(f"{args.alias}: {pull(args.alias)}")
@@ -185,11 +190,6 @@ def _models(args) -> None:
 
 
 def _lab() -> None:
-    from rich.table import Table
-
-    from thinkling.lab import EXPERIMENTS
-    from thinkling.progress import console
-
     table = Table(title="architecture lab (add --quick for a one-minute smoke run)")
     for col in ("experiment", "what it shows", "command"):
         table.add_column(col)
@@ -199,12 +199,6 @@ def _lab() -> None:
 
 
 def _tasks(args) -> None:
-    from rich.markup import escape
-    from rich.table import Table
-
-    from thinkling.progress import console
-    from thinkling.tasks.base import get_task, list_tasks
-
     if args.action == "list":
         table = Table(title="tasks")
         table.add_column("name")
@@ -214,7 +208,7 @@ def _tasks(args) -> None:
         console.print(table)
         return
     task = get_task(args.name)
-    for p in task.generate(args.n, args.seed, _parse_difficulty(args.difficulty)):
+    for p in task.problems(args.n, args.seed, _parse_difficulty(args.difficulty)):
         console.rule(f"{p.id}  difficulty={p.difficulty}  tags={list(p.tags)}")
         console.print("[bold]prompt[/]", escape(p.prompt), sep="\n", highlight=False)
         console.print("[bold]target[/]", escape(task.target(p)), sep="\n", highlight=False)

@@ -14,6 +14,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from thinkling import jobs
 from thinkling.config import load_recipe
 from thinkling.errors import ThinklingError
 from thinkling.eval.report import markdown_table, plot_runs, read_metrics, series
@@ -33,8 +34,6 @@ def _recipe(name: str) -> Path:
 
 
 def run_demo(out: str = "runs/demo", overrides: list[str] = (), resume: bool = False) -> dict:
-    from thinkling import jobs
-
     root = Path(out)
     if root.exists() and any(root.iterdir()) and not resume:
         raise ThinklingError(f"demo folder {root} already exists; pass --resume or --out another folder")
@@ -73,8 +72,6 @@ def run_demo(out: str = "runs/demo", overrides: list[str] = (), resume: bool = F
 
 def _rl_stage(name: str, folder: str, sft_final: str, overrides: list[str], quiet: bool) -> float:
     """One RL run of the demo (also the body of a worker process); returns its wall time."""
-    from thinkling import jobs
-
     console.quiet = quiet
     t = time.time()
     cfg = load_recipe(_recipe(f"{name}.yaml"), [f"output_dir={folder}", f"model.init={sft_final}", *overrides])

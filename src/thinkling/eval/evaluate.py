@@ -10,50 +10,17 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
+
+from rich.table import Table
 
 from thinkling.errors import ThinklingError
 from thinkling.eval.metrics import pass_at_k
 from thinkling.models.base import SamplingParams
-from thinkling.rollout.prompts import prompt_ids
+from thinkling.progress import bar, console
+from thinkling.rollout.scoring import Completion, complete
+from thinkling.rollout.stopping import make_stop_processor
 from thinkling.tasks.base import Problem, Task
-
-
-@dataclass
-class Completion:
-    text: str
-    ids: list[int]
-    correct: bool
-    extracted: str | None
-    format_ok: bool
-
-    @property
-    def tokens(self) -> int:
-        return len(self.ids)
-
-
-def score(policy, task: Task, problem: Problem, ids: list[int]) -> Completion:
-    text = policy.decode(ids)
-    verdict = task.verify(problem, text)
-    return Completion(text, ids, verdict.correct, verdict.extracted, task.format_ok(text))
-
-
-def complete(policy, task: Task, problems: list[Problem], params: SamplingParams, *,
-             batch_size: int = 256, level: str | None = None, on_batch=None) -> list[Completion]:
-    """One scored completion per problem, generated in batches; `on_batch(problems, completions)` after each."""
-    out: list[Completion] = []
-    for start in range(0, len(problems), batch_size):
-        chunk = problems[start : start + batch_size]
-        chunk_params = params
-        if params.seed is not None:  # each batch its own stream
-            chunk_params = SamplingParams(**{**vars(params), "seed": params.seed + start})
-        done = [score(policy, task, p, ids) for p, ids in
-                zip(chunk, policy.generate([prompt_ids(policy, p, level) for p in chunk], chunk_params))]
-        out += done
-        if on_batch is not None:
-            on_batch(chunk, done)
-    return out
 
 
 class RowLog:
@@ -107,6 +74,38 @@ def evaluate(policy, task: Task, problems: list[Problem], cfg, *, seed: int = 0,
         complete(policy, task, todo, params, batch_size=cfg.batch_size, level=level, on_batch=on_batch)
     rows = [log.rows[(p.id, mode)] for mode, _ in modes for p in problems]
     return summarize(problems, log, [m for m, _ in modes]), rows
+
+
+def evaluate_policy(policy, task: Task, problems: list[Problem], cfg, seed: int = 0, level: str | None = None,
+                    description: str = "eval", log: RowLog | None = None) -> tuple[dict, list[dict]]:
+    """`evaluate` with a progress bar and the stopping control `cfg` asks for (`ts_alpha`, `budget`)."""
+    total = len(problems) * (1 + (cfg.samples if cfg.samples > 1 else 0))
+    with bar(description, total) as advance:
+        return evaluate(policy, task, problems, cfg, seed=seed, level=level, progress=advance, log=log,
+                        stop_processor=make_stop_processor(policy, task, ts_alpha=cfg.ts_alpha, budget=cfg.budget))
+
+
+def eval_metrics(summary: dict) -> dict:
+    """What a run logs of an evaluation: greedy accuracy and tokens, plus sampled pass@1 when
+    `samples` > 1 (what RL at temperature 1 optimises; greedy can hide it)."""
+    out = {"eval/accuracy": summary["accuracy"], "eval/mean_tokens": summary["mean_tokens"]}
+    if "pass@1" in summary:
+        out["eval/pass@1"] = summary["pass@1"]
+    return out
+
+
+def print_summary(summary: dict, title: str) -> None:
+    table = Table(title=title)
+    passes = [k for k in next(iter(summary["by_difficulty"].values()), {}) if k.startswith("pass@")]
+    for col in ("difficulty", "n", "accuracy", "strict accuracy", "mean tokens", *passes):
+        table.add_column(col, justify="right")
+    for d, e in summary["by_difficulty"].items():
+        table.add_row(d, str(e["n"]), f"{e['accuracy']:.3f}", f"{e['strict_accuracy']:.3f}",
+                      f"{e['mean_tokens']:.1f}", *[f"{e[k]:.3f}" for k in passes])
+    extra = [f"{summary[k]:.3f}" for k in passes]
+    table.add_row("all", str(summary["n"]), f"{summary['accuracy']:.3f}", f"{summary['strict_accuracy']:.3f}",
+                  f"{summary['mean_tokens']:.1f}", *extra)
+    console.print(table)
 
 
 def summarize(problems: list[Problem], log: RowLog, modes: list[str]) -> dict:

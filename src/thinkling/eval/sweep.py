@@ -33,22 +33,17 @@ import math
 from pathlib import Path
 from types import SimpleNamespace
 
+from thinkling.config import EvalConfig
 from thinkling.errors import ThinklingError
+from thinkling.eval.evaluate import RowLog, evaluate
+from thinkling.models import open_policy
 from thinkling.progress import bar, console
+from thinkling.rollout.stopping import make_stop_processor
 from thinkling.runs import atomic_write_text
+from thinkling.tasks import problem_set
 
 # Tokens allowed after a forced marker: the answer itself (a number, a short \boxed{}).
 ANSWER_ROOM = 24
-
-
-def parse_values(text: str | None, kind, name: str) -> list:
-    """'0.5,1,2' -> [0.5, 1.0, 2.0] (kind float) for the CLI; '' or None -> []."""
-    if not text:
-        return []
-    try:
-        return [kind(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ThinklingError(f"--{name}: expected a comma list of {kind.__name__}s, got {text!r}") from None
 
 
 def _check(values, name: str, kind, low) -> list:
@@ -73,11 +68,6 @@ def stop_sweep(model, task_cfg, alphas, budgets, out_dir, max_new_tokens: int, *
     `samples` (>= 2) sampled completions per problem are scored too and plotted.
     Returns the table.
     """
-    from thinkling.config import EvalConfig
-    from thinkling.eval.evaluate import RowLog, evaluate
-    from thinkling.jobs import policy_for_eval, problems_for
-    from thinkling.rollout.stopping import make_stop_processor
-
     alphas = _check(alphas, "alphas", (int, float), 0)
     budgets = _check(budgets, "budgets", int, 0)
     if not alphas and not budgets:
@@ -87,8 +77,8 @@ def stop_sweep(model, task_cfg, alphas, budgets, out_dir, max_new_tokens: int, *
     sampled = temperature > 0
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    task, problems = problems_for(task_cfg, "eval")
-    policy = policy_for_eval(model, dtype) if isinstance(model, str) else model
+    task, problems = problem_set(task_cfg, "eval")
+    policy = open_policy(model, dtype) if isinstance(model, str) else model
     marker_task = (SimpleNamespace(end_of_thinking=budget_marker, line_based=getattr(task, "line_based", False))
                    if budget_marker else task)
 

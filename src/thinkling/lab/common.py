@@ -11,7 +11,9 @@ import torch.nn.functional as F
 
 from thinkling.config import SFTConfig
 from thinkling.eval.report import markdown_table
+from thinkling.models.base import SamplingParams
 from thinkling.models.tiny import TinyPolicy
+from thinkling.rollout.scoring import complete
 from thinkling.train.sft import collate, sft_examples, train_sft
 
 
@@ -52,9 +54,6 @@ def train_policy(model: dict, task, problems, sft: SFTConfig, seed: int, progres
 @torch.no_grad()
 def greedy_accuracy(policy: TinyPolicy, task, problems, max_new_tokens: int, batch_size: int = 250) -> float:
     """Fraction of problems whose greedy completion (KV-cache sampler) verifies."""
-    from thinkling.eval.evaluate import complete
-    from thinkling.models.base import SamplingParams
-
     done = complete(policy, task, problems, SamplingParams(max_new_tokens, 0.0), batch_size=batch_size)
     return sum(c.correct for c in done) / len(done)
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from thinkling.config import ModelConfig
 from thinkling.errors import ThinklingError
 from thinkling.models.base import Policy, SamplingParams
+from thinkling.models.tiny import TinyPolicy
+from thinkling.models import vllm_backend
 
-__all__ = ["Policy", "SamplingParams", "build_policy", "load_policy"]
+__all__ = ["Policy", "SamplingParams", "build_policy", "load_policy", "open_policy"]
 
 
 def load_policy(directory: str | Path) -> Policy:
@@ -24,13 +27,9 @@ def load_policy(directory: str | Path) -> Policy:
     except (ValueError, KeyError):
         raise ThinklingError(f"{meta_file}: corrupt policy.json") from None
     if backend == "tiny":
-        from thinkling.models.tiny import TinyPolicy
-
         return TinyPolicy.load(str(path))
     if backend == "hf":
-        from thinkling.models.hf import HFPolicy
-
-        return HFPolicy.load(str(path))
+        return _hf().load(str(path))
     raise ThinklingError(f"{meta_file}: unknown backend '{backend}'")
 
 
@@ -39,9 +38,7 @@ def build_policy(cfg, seed: int) -> Policy:
     if cfg.generator not in ("engine", "vllm"):
         raise ThinklingError(f"config key 'model.generator': unknown generator '{cfg.generator}' (engine | vllm)")
     if cfg.generator == "vllm":
-        from thinkling.models.vllm_backend import _require_vllm
-
-        _require_vllm()  # before loading any weights
+        vllm_backend._require_vllm()  # before loading any weights
     if cfg.rollout_dtype not in (None, "float32", "bfloat16"):
         raise ThinklingError(f"config key 'model.rollout_dtype': must be float32 or bfloat16, got {cfg.rollout_dtype!r}")
     policy = _build(cfg, seed)
@@ -60,15 +57,11 @@ def _build(cfg, seed: int) -> Policy:
     if cfg.init:
         return load_policy(cfg.init)
     if cfg.backend == "tiny":
-        from thinkling.models.tiny import TinyPolicy
-
         return TinyPolicy.create(dict(cfg.tiny), seed=seed)
     if cfg.backend == "hf":
-        from thinkling.models.hf import HFPolicy
-
         if not cfg.name:
             raise ThinklingError("config key 'model.name' is required for model.backend=hf (an alias, a local path or a hub id)")
-        return HFPolicy.load(
+        return _hf().load(
             cfg.name,  # aliases resolve inside; saved adapters keep the portable name
             dtype=cfg.dtype,
             lora=cfg.lora,
@@ -77,3 +70,20 @@ def _build(cfg, seed: int) -> Policy:
             system_prompt=cfg.system_prompt,
         )
     raise ThinklingError(f"config key 'model.backend': unknown backend '{cfg.backend}' (tiny | hf)")
+
+
+def open_policy(model: str, dtype: str | None = None) -> Policy:
+    """What `thinkling eval --model` takes: a saved policy / run folder, or an alias / hub id
+    loaded as an HF model in `dtype`."""
+    if Path(model).exists():
+        if dtype is not None:
+            raise ThinklingError("--dtype applies to model aliases and hub ids; a saved policy keeps its own")
+        return load_policy(model)
+    return build_policy(ModelConfig(backend="hf", name=model, dtype=dtype or "float32"), seed=0)
+
+
+def _hf():
+    """HFPolicy, imported on first use: transformers takes seconds to import, and tiny-model runs never need it."""
+    from thinkling.models.hf import HFPolicy
+
+    return HFPolicy

@@ -23,7 +23,9 @@ import transformers
 
 from thinkling.errors import ThinklingError
 from thinkling.models.base import LogitsProcessor, SamplingParams
+from thinkling.models.hf_engine import RolloutEngine, unsupported_reason
 from thinkling.models.registry import gguf_load_kwargs, load_from_hub, resolve_model
+from thinkling.models import vllm_backend
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -224,7 +226,7 @@ class HFPolicy:
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
         """One completion per prompt, ending at the first eos (kept).
 
-        Runs the rollout engine (thinkling.rollout.engine: shared prompt
+        Runs the rollout engine (thinkling.models.hf_engine: shared prompt
         prefill, preallocated KV cache, finished rows dropped) when it supports
         the model, else transformers' `generate` (`generate_reference`). Both
         sample the same distribution; `rollout_dtype = "bfloat16"` makes the
@@ -244,8 +246,6 @@ class HFPolicy:
 
     def rollout_engine(self):
         """The engine for the current model and settings, or None when it cannot run this model."""
-        from thinkling.rollout.engine import RolloutEngine, unsupported_reason
-
         if not self.use_engine:
             return None
         dtype = _check_dtype(self.rollout_dtype)
@@ -310,12 +310,10 @@ class HFPolicy:
     def use_vllm(self, **engine_kwargs) -> HFPolicy:
         """Generate rollouts with vLLM (Linux + CUDA GPU): the current weights, LoRA merged,
         are written once to a temporary folder for vLLM to load; `weights_changed` keeps them in step."""
-        from thinkling.models.vllm_backend import VLLMGenerator, _require_vllm
-
-        _require_vllm()  # fail before writing anything
+        vllm_backend._require_vllm()  # fail before writing anything
         folder = tempfile.mkdtemp(prefix="thinkling-vllm-")
         self.save(folder, merge=True)
-        self.vllm = VLLMGenerator(folder, dtype=_dtype_name(self.model), **engine_kwargs)
+        self.vllm = vllm_backend.VLLMGenerator(folder, dtype=_dtype_name(self.model), **engine_kwargs)
         return self
 
     def weights_changed(self) -> None:

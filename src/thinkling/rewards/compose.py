@@ -17,7 +17,8 @@ from typing import Any, Mapping
 import torch
 
 from thinkling.errors import ThinklingError
-from thinkling.rewards.length import LENGTH_LEVELS, tldr_length_factor
+from thinkling.rewards.length import tldr_length_factor
+from thinkling.rollout.prompts import LENGTH_LEVELS
 
 _WHERE = "rl.rewards"
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from thinkling.eval.evaluate import Completion, score
+from thinkling.rollout.scoring import Completion, score
 from thinkling.models.base import SamplingParams
 from thinkling.rollout.prompts import anchor_text, prompt_ids
 from thinkling.tasks.base import Problem

@@ -1,9 +1,36 @@
-"""How a problem becomes prompt ids: one place, so SFT, RL and eval agree."""
+"""How a problem becomes prompt ids: one place, so SFT, RL and eval agree.
+
+TLDR's length levels live here too: a level is a control tag in the prompt
+(`[short] 3+4=?`), and RL draws one per training prompt.
+"""
 
 from __future__ import annotations
 
-from thinkling.rewards.length import tag_prompt
+import random
+
+from thinkling.errors import ThinklingError
 from thinkling.tasks.base import Problem
+
+LENGTH_LEVELS = ("short", "medium", "long")
+
+
+def check_level(level: str) -> str:
+    if level not in LENGTH_LEVELS:
+        raise ThinklingError(f"unknown length level '{level}'; known: {', '.join(LENGTH_LEVELS)}")
+    return level
+
+
+def tag_prompt(prompt: str, level: str) -> str:
+    """The prompt with its length level as a control tag, e.g. "[short] 3+4=?"."""
+    return f"[{check_level(level)}] {prompt}"
+
+
+def sample_levels(n: int, seed: int, levels: tuple[str, ...] = LENGTH_LEVELS) -> list[str]:
+    """`n` levels drawn uniformly from `levels`, deterministic in `seed` (one per training prompt)."""
+    for level in levels:
+        check_level(level)
+    rng = random.Random(seed)
+    return [rng.choice(levels) for _ in range(n)]
 
 
 def prompt_text(problem: Problem, level: str | None = None) -> str:

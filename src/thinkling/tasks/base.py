@@ -53,7 +53,7 @@ def extract_final_answer(completion: str) -> str | None:
 class Task:
     """A family of problems with a verifier.
 
-    Subclasses implement `generate` (deterministic in `seed`) and may override
+    Subclasses implement `problems` (deterministic in `seed`) and may override
     `verify` / `format_ok` when their answers are not plain strings.
     """
 
@@ -66,7 +66,7 @@ class Task:
     # Set False for a marker that may follow any token (`</think>`, EOS).
     line_based: bool = True
 
-    def generate(self, n: int | None, seed: int, difficulty=None) -> list[Problem]:
+    def problems(self, n: int | None, seed: int, difficulty=None) -> list[Problem]:
         """`n` problems (all of a fixed benchmark when None), deterministic in `seed`.
 
         `difficulty` is an int, a list of ints (each problem draws one uniformly),
@@ -98,23 +98,3 @@ def register_task(name: str):
         return factory
 
     return deco
-
-
-def get_task(name: str, **options) -> Task:
-    _load_builtin_tasks()
-    if name not in _REGISTRY:
-        raise ThinklingError(f"unknown task '{name}'; known tasks: {', '.join(sorted(_REGISTRY))}")
-    try:
-        return _REGISTRY[name](**options)
-    except TypeError as e:
-        raise ThinklingError(f"task '{name}': bad options {options}: {e}") from None
-
-
-def list_tasks() -> dict[str, Callable[..., Task]]:
-    _load_builtin_tasks()
-    return dict(sorted(_REGISTRY.items()))
-
-
-def _load_builtin_tasks() -> None:
-    # Imported lazily so that `thinkling.tasks.base` has no import cycle.
-    import thinkling.tasks  # noqa: F401

@@ -47,7 +47,7 @@ class ChainTask(Task):
         self.trace = trace
         self.slips = float(slips)
 
-    def generate(self, n, seed, difficulty=None):
+    def problems(self, n, seed, difficulty=None):
         levels = difficulty_levels("chain", difficulty, default=3, minimum=1)
         rng = rng_for("chain", seed)
         top = 10 ** (self.digits + 1) - 1

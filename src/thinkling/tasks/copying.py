@@ -30,7 +30,7 @@ class SelectiveCopyingTask(Task):
             raise ThinklingError(f"task 'copying': max_gap must be an int >= 0, got {max_gap!r}")
         self.max_gap = max_gap
 
-    def generate(self, n, seed, difficulty=None):
+    def problems(self, n, seed, difficulty=None):
         levels = difficulty_levels("copying", difficulty, default=8, minimum=1)
         if max(levels) > len(LETTERS):
             raise ThinklingError(f"task 'copying': difficulty (number of letters) is at most {len(LETTERS)}")

@@ -60,7 +60,7 @@ class CountdownTask(Task):
                 raise ThinklingError(f"task 'countdown': {key} must be an int >= 2, got {v!r}")
         self.max_number, self.max_value = max_number, max_value
 
-    def generate(self, n, seed, difficulty=None):
+    def problems(self, n, seed, difficulty=None):
         levels = difficulty_levels("countdown", difficulty, default=3, minimum=2)
         rng = rng_for("countdown", seed)
         problems = []

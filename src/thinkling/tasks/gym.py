@@ -5,7 +5,7 @@ and a scorer per dataset, but no expert steps. The completion ends with the
 `A:` answer line as in the synthetic tasks, except that the answer may span
 several lines (grids, boards); the dataset's own `score_answer` judges it.
 
-Difficulty: `generate(..., difficulty=L)` draws from the dataset's curriculum
+Difficulty: `problems(..., difficulty=L)` draws from the dataset's curriculum
 at level L (0 = easiest) and records L. Without it, a problem's difficulty is
 where its metadata values sit in the configured ranges, averaged (0..1), or
 0 when the metadata does not say.
@@ -55,14 +55,14 @@ class GymTask(Task):
         if dataset not in DATASETS:
             raise ThinklingError(f"task 'gym': unknown reasoning-gym dataset {dataset!r}")
         if {"size", "seed"} & set(gym_kwargs):
-            raise ThinklingError("task 'gym': size and seed come from generate(n, seed); remove them from the options")
+            raise ThinklingError("task 'gym': size and seed come from problems(n, seed); remove them from the options")
         self.dataset, self.gym_kwargs = dataset, gym_kwargs
-        try:  # also validates the options now rather than at the first generate
+        try:  # also validates the options now rather than at the first call
             self._scorer = create_dataset(dataset, size=1, seed=0, **gym_kwargs)
         except Exception as e:
             raise ThinklingError(f"task 'gym' ({dataset}): bad options {gym_kwargs}: {e}") from None
 
-    def generate(self, n, seed, difficulty=None):
+    def problems(self, n, seed, difficulty=None):
         from reasoning_gym.factory import create_dataset
 
         n = check_count("gym", n)

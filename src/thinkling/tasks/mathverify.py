@@ -170,7 +170,7 @@ class MathTask(Task):
             self._problems = problems[self.skip :]
         return self._problems
 
-    def generate(self, n, seed, difficulty=None):
+    def problems(self, n, seed, difficulty=None):
         """The first `n` problems (all when n is None), after `skip` and the `difficulty` filter;
         `seed` is unused: a subset of a fixed set is a prefix, comparable across runs and seeds."""
         pool = self.all_problems()

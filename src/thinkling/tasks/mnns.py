@@ -51,7 +51,7 @@ class MNNSTask(Task):
             raise ThinklingError(f"task 'mnns': max_digit must be an int in 1..9, got {max_digit!r}")
         self.max_digit = max_digit
 
-    def generate(self, n, seed, difficulty=None):
+    def problems(self, n, seed, difficulty=None):
         levels = difficulty_levels("mnns", difficulty, default=4, minimum=1)
         if max(levels) > MAX_DIGITS:
             raise ThinklingError(f"task 'mnns': difficulty (number of digits) is at most {MAX_DIGITS}")

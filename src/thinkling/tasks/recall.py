@@ -25,7 +25,7 @@ class AssociativeRecallTask(Task):
 
     description = "Associative recall: n letter->digit pairs then a query key; answer its value (difficulty = n)"
 
-    def generate(self, n, seed, difficulty=None):
+    def problems(self, n, seed, difficulty=None):
         levels = difficulty_levels("recall", difficulty, default=8, minimum=1)
         if max(levels) > len(KEYS):
             raise ThinklingError(f"task 'recall': difficulty (number of pairs) is at most {len(KEYS)}")

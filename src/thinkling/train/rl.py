@@ -1,7 +1,9 @@
 """The RL loop: sample groups -> (BREAD branch) -> rewards -> advantages -> clipped policy loss.
 
 One loop serves GRPO, Dr.GRPO, DAPO, CLGRPO, BREAD and TLDR: they differ only
-in the knobs `resolve_knobs` fills from the preset and the recipe.
+in the knobs `resolve_knobs` fills from the preset and the recipe. `train_rl`
+is the whole loop (step, log, samples, evaluation, checkpoints); `RLTrainer`
+holds one step's work (collect, update).
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ from thinkling.errors import ThinklingError
 from thinkling.models.base import SamplingParams
 from thinkling.models.logprobs import first_loss_position, sequence_logprobs, token_logprobs
 from thinkling.progress import console
-from thinkling.rewards import RewardSpec, compute_rewards, sample_levels
+from thinkling.rewards import RewardSpec, compute_rewards
 from thinkling.rollout.bread import anchor_failed_groups
 from thinkling.rollout.groups import Group, sample_groups
-from thinkling.train.common import lr_at, set_lr, step_generator, weights_changed
+from thinkling.rollout.prompts import anchor_text, sample_levels
+from thinkling.train.common import lr_at, make_optimizer, set_lr, step_generator, weights_changed
 
 def resolve_knobs(rl_cfg) -> dict:
     """The preset named by `rl.algorithm`, with every explicitly set key overriding it."""
@@ -255,7 +258,6 @@ class RLTrainer:
     def _count_expert_tokens(self, groups: list[Group]) -> None:
         """Expert tokens BREAD showed the model, against two denominators: the full traces of the
         anchored problems, and the full traces of every problem trained on (what SFT would use)."""
-        from thinkling.rollout.prompts import anchor_text
 
         for grp in groups:
             full = len(self.policy.encode_text(anchor_text(grp.problem, len(grp.problem.steps))))
@@ -270,6 +272,49 @@ class RLTrainer:
     def load_state(self, state: dict) -> None:
         self.anchor_memory = dict(state.get("anchor_memory", {}))
         self.totals.update(state.get("totals", {}))
+
+
+def train_rl(policy, task, problems, cfg, knobs: dict, *, seed: int, run=None, start_step: int = 0,
+             optimizer=None, state: dict | None = None, evaluate=None, eval_every: int = 0,
+             progress=None) -> RLTrainer:
+    """Train for `cfg.steps` RL steps (continuing from `start_step`), mirroring `train_sft`.
+
+    Every step logs its metrics to `run`; every `cfg.samples_every` steps a few groups go to
+    `run`'s samples; `evaluate(step) -> metrics` runs at step 0 of a fresh run and every
+    `eval_every` steps before the last (the caller evaluates the final policy); a checkpoint
+    (policy, optimizer, trainer state) is written every `cfg.save_every` steps and at the end.
+    Step N's prompts and samples depend only on (seed, N), so a resumed run repeats exactly
+    what an uninterrupted one does. Returns the trainer (its `totals` count generated tokens).
+    """
+    optimizer = optimizer or make_optimizer(policy.model, cfg.lr, cfg.weight_decay)
+    trainer = RLTrainer(policy, task, problems, cfg, knobs, optimizer, seed=seed)
+    if state:
+        trainer.load_state(state)
+    policy.model.eval()
+
+    def evaluate_now(step: int) -> None:
+        metrics = evaluate(step)
+        if run is not None:
+            run.log(step, {**metrics, "total/generated_tokens": trainer.totals["generated_tokens"]})
+
+    if evaluate is not None and start_step == 0 and eval_every:
+        evaluate_now(0)
+    for step in range(start_step, cfg.steps):
+        metrics, groups = trainer.step(step, cfg.steps)
+        done = step + 1
+        if run is not None and (done % cfg.log_every == 0 or done == cfg.steps):
+            run.log(done, metrics)
+        if run is not None and cfg.samples_every and done % cfg.samples_every == 0:
+            run.write_samples(done, [{"id": g.problem.id, "anchor_steps": g.anchor_steps, "reward": r,
+                                      "correct": c.correct, "completion": c.text}
+                                     for g in groups[:4] for c, r in zip(g.completions, g.rewards)])
+        if evaluate is not None and eval_every and done % eval_every == 0 and done != cfg.steps:
+            evaluate_now(done)
+        if run is not None and (done % cfg.save_every == 0 or done == cfg.steps):
+            run.save_checkpoint(done, policy, optimizer, trainer.state())
+        if progress is not None:
+            progress(done, metrics)
+    return trainer
 
 
 def level_metrics(groups: list[Group], levels: tuple[str, ...]) -> dict:

@@ -64,7 +64,7 @@ def sft_examples(policy, task, problems) -> list[Example]:
 
 
 def train_sft(policy, examples: list[Example], cfg, *, seed: int, run=None, start_step: int = 0,
-              optimizer=None, on_eval=None, eval_every: int = 0, progress=None, data_parallel=None) -> dict:
+              optimizer=None, evaluate=None, eval_every: int = 0, progress=None, data_parallel=None) -> dict:
     """Train for `cfg.steps` steps (continuing from `start_step`).
 
     Batches are drawn from a per-step random stream, so step N sees the same
@@ -74,6 +74,7 @@ def train_sft(policy, examples: list[Example], cfg, *, seed: int, run=None, star
     With a `data_parallel` world of several processes (`train.distributed`),
     each process trains on its shard of that batch and gradients are summed, so
     the step equals the single-process one; only process 0 evaluates.
+    `evaluate(step) -> metrics` runs every `eval_every` steps before the last and is logged to `run`.
     """
     if not examples:
         raise ThinklingError("SFT: the training set is empty")
@@ -118,10 +119,12 @@ def train_sft(policy, examples: list[Example], cfg, *, seed: int, run=None, star
             last = {"loss": loss.item(), "lr": lr, "grad_norm": float(grad_norm),
                     "tokens_per_s": tokens / max(1e-9, time.time() - t0)}
             run.log(done, last)
-        if on_eval is not None and eval_every and (done % eval_every == 0) and done != cfg.steps and (
+        if evaluate is not None and eval_every and (done % eval_every == 0) and done != cfg.steps and (
                 dp is None or dp.is_main):
             model.eval()
-            on_eval(done)
+            metrics = evaluate(done)
+            if run is not None:
+                run.log(done, metrics)
             model.train()
         if run is not None and (done % cfg.save_every == 0 or done == cfg.steps):
             run.save_checkpoint(done, policy, optimizer, {})

@@ -13,7 +13,9 @@ import json
 from pathlib import Path
 
 import yaml
+from rich.table import Table
 
+from thinkling import jobs
 from thinkling.config import RunConfig, apply_overrides, build, load_yaml
 from thinkling.errors import ThinklingError
 from thinkling.progress import console
@@ -62,8 +64,6 @@ def stage_configs(data: dict) -> list[tuple[str, str, RunConfig]]:
 
 
 def run_pipeline(recipe: str, overrides: list[str] = (), resume: bool = False) -> list[dict]:
-    from thinkling import jobs
-
     data = apply_overrides(load_yaml(recipe), list(overrides))
     stages = stage_configs(data)
     root = Path(data.get("output_dir", "runs/pipeline"))
@@ -89,8 +89,6 @@ def run_pipeline(recipe: str, overrides: list[str] = (), resume: bool = False) -
 
 
 def _print(results: list[dict], root: Path) -> None:
-    from rich.table import Table
-
     table = Table(title=f"pipeline {root}")
     for col in ("stage", "kind", "accuracy", "format rate", "mean tokens"):
         table.add_column(col)

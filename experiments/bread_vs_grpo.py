@@ -80,7 +80,7 @@ def main():
         sft = ensure_sft(out.parent / ("sft-chain-rewrite" + ("-quick" if quick else "")),
                          "recipes/experiments/sft-chain-rewrite.yaml", ["sft.steps=100"] if quick else [])
         extra = ["train.options={trace: rewrite}", "eval.options={trace: rewrite}", "rl.max_new_tokens=128",
-                 "evaluation.max_new_tokens=128"]
+                 "eval.max_new_tokens=128"]
     else:
         sft = ensure_sft(out.parent / "sft-chain")  # the quick-start SFT, shared with the other experiments
     settings = [{"name": "d6-lr1e-4", "difficulty": 6, "lr": 1e-4, "seeds": list(range(n_seeds))}]
@@ -98,7 +98,7 @@ def main():
                              "overrides": [f"output_dir={folder}", f"model.init={sft}", f"seed={seed}",
                                            f"rl.lr={s['lr']}", f"rl.steps={steps}", f"train.difficulty=[{s['difficulty']}]",
                                            f"eval.difficulty=[{s['difficulty']}]", f"eval.size={eval_size}",
-                                           f"evaluation.every={every}", f"rl.save_every={steps}",
+                                           f"eval.every={every}", f"rl.save_every={steps}",
                                            "rl.samples_every=0", *extra]})
     t0 = time.time()
     done = run_parallel(one_run, jobs, args.jobs)

@@ -129,7 +129,7 @@ def main():
         folder = out / f"sweep-{lr_tag}" / tag
         return {"tag": tag, "eps": eps, "seed": seed, "folder": str(folder), "data": copy.deepcopy(base),
                 "overrides": [f"output_dir={folder}", f"seed={seed}", f"rl.eps_low={eps[0]}", f"rl.eps_high={eps[1]}",
-                              f"rl.steps={steps}", f"rl.save_every={steps}", f"evaluation.every={every}", *extra]}
+                              f"rl.steps={steps}", f"rl.save_every={steps}", f"eval.every={every}", *extra]}
 
     for eps in (PAIRS[0], PAIRS[2]):  # μ = 1: clipping is inert, both runs must be identical
         jobs.append(job(f"mu1-eps{eps[0]}-{eps[1]}-s0", eps, 0, ["rl.ppo_epochs=1", "rl.minibatches=1"]))

@@ -84,7 +84,7 @@ def main():
     for seed in range(n_seeds):
         folder = out / f"rl{tag}-s{seed}"
         over = [f"output_dir={folder}", f"model.init={sft}", f"seed={seed}", f"rl.steps={steps}",
-                f"rl.save_every={steps}", f"evaluation.every={max(1, steps // 5)}"]
+                f"rl.save_every={steps}", f"eval.every={max(1, steps // 5)}"]
         if args.lr is not None:
             over.append(f"rl.lr={args.lr}")
         if args.lam is not None:

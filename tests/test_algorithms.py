@@ -1,5 +1,6 @@
 """Advantage estimators, the clipped policy loss, KL, aggregation and presets against hand-computed numbers."""
 
+import dataclasses
 import math
 
 import pytest
@@ -9,6 +10,7 @@ from thinkling.algorithms import (
     ADVANTAGE_ESTIMATORS,
     AGGREGATIONS,
     PRESETS,
+    RL_KNOBS,
     agg_loss,
     compute_advantages,
     entropy_from_logits,
@@ -16,7 +18,6 @@ from thinkling.algorithms import (
     kl_penalty,
     policy_loss,
     rl_knobs,
-    validate_rl_knobs,
 )
 from thinkling.errors import ThinklingError
 
@@ -291,26 +292,27 @@ def test_entropy_bonus_and_entropy_from_logits():
 
 
 def test_presets():
-    assert PRESETS["grpo"]["aggregation"] == "seq-mean-token-mean"
-    assert (PRESETS["grpo"]["eps_low"], PRESETS["grpo"]["eps_high"]) == (0.2, 0.2)
-    assert PRESETS["dr_grpo"]["advantage"] == "dr_grpo"
-    assert PRESETS["dr_grpo"]["aggregation"] == "seq-mean-token-sum-norm"
+    assert PRESETS["grpo"].aggregation == "seq-mean-token-mean"
+    assert (PRESETS["grpo"].eps_low, PRESETS["grpo"].eps_high, PRESETS["grpo"].loss) == (0.2, 0.2, "clip")
+    assert PRESETS["dr_grpo"].advantage == "dr_grpo"
+    assert PRESETS["dr_grpo"].aggregation == "seq-mean-token-sum-norm"
     dapo = PRESETS["dapo"]
-    assert (dapo["eps_low"], dapo["eps_high"], dapo["aggregation"], dapo["dynamic_sampling"], dapo["beta"]) == (
+    assert (dapo.eps_low, dapo.eps_high, dapo.aggregation, dapo.dynamic_sampling, dapo.beta) == (
         0.2, 0.28, "token-mean", True, 0.0)
     cl = PRESETS["clgrpo"]
-    assert (cl["eps_low"], cl["eps_high"], cl["advantage"], cl["aggregation"]) == (0.2, 0.1, "grpo", "token-mean")
-    keys = {"advantage", "eps_low", "eps_high", "beta", "kl_estimator", "aggregation", "dynamic_sampling",
-            "entropy_coef"}
+    assert (cl.eps_low, cl.eps_high, cl.advantage, cl.aggregation) == (0.2, 0.1, "grpo", "token-mean")
+    assert set(RL_KNOBS) == {"advantage", "loss", "eps_low", "eps_high", "beta", "kl_estimator", "aggregation",
+                             "dynamic_sampling", "entropy_coef"}
     for preset in PRESETS.values():
-        assert set(preset) == keys
-        validate_rl_knobs(preset)
+        preset.validate()
 
 
 def test_rl_knobs_overrides():
     knobs = rl_knobs("clgrpo", {"eps_high": 0.05, "beta": None})
-    assert knobs["eps_high"] == 0.05 and knobs["beta"] == 0.0
-    assert PRESETS["clgrpo"]["eps_high"] == 0.1  # the preset itself is untouched
+    assert knobs.eps_high == 0.05 and knobs.beta == 0.0
+    assert PRESETS["clgrpo"].eps_high == 0.1  # the preset itself is untouched
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        knobs.beta = 1.0
     with pytest.raises(ThinklingError, match="rl.algorithm"):
         rl_knobs("ppo")
     with pytest.raises(ThinklingError, match="rl.epsilon"):
@@ -326,7 +328,8 @@ def test_rl_knobs_overrides():
     ({"aggregation": "sum"}, "rl.aggregation"),
     ({"kl_estimator": "k4"}, "rl.kl_estimator"),
     ({"dynamic_sampling": "yes"}, "rl.dynamic_sampling"),
+    ({"loss": "ppo2"}, "rl.loss"),
 ])
-def test_validate_rl_knobs_names_the_key(bad, key):
+def test_knobs_validate_names_the_key(bad, key):
     with pytest.raises(ThinklingError, match=key.replace(".", r"\.")):
-        validate_rl_knobs(bad)
+        rl_knobs("grpo", bad)

@@ -10,7 +10,7 @@ from thinkling.cli import main
 
 TINY = "model.tiny={d_model: 16, n_layers: 1, n_heads: 2, max_seq_len: 96}"
 FAST = [TINY, "train.size=16", "train.difficulty=1", "eval.size=2", "eval.difficulty=1", "sft.steps=2",
-        "sft.batch_size=4", "evaluation.max_new_tokens=6"]
+        "sft.batch_size=4", "eval.max_new_tokens=6"]
 
 
 def _run(capsys, *argv):

@@ -53,8 +53,8 @@ def test_unknown_or_unavailable_generator_is_one_clear_error():
     from thinkling.errors import ThinklingError
     from thinkling.models import build_policy
 
-    with pytest.raises(ThinklingError, match="model.generator.*unknown generator 'fast'"):
-        build_policy(ModelConfig(generator="fast"), seed=0)
+    with pytest.raises(ThinklingError, match="model.generator': must be engine or vllm, got 'fast'"):
+        load_recipe(None, ["model.generator=fast"])
     with pytest.raises(ThinklingError, match="vllm"):  # no vLLM / GPU here: refused before any weights load
         build_policy(ModelConfig(backend="hf", name="smollm2-135m", generator="vllm"), seed=0)
 
@@ -65,6 +65,6 @@ def test_rollout_dtype_is_checked():
     from thinkling.models import build_policy
 
     with pytest.raises(ThinklingError, match="model.rollout_dtype.*float32 or bfloat16"):
-        build_policy(ModelConfig(rollout_dtype="fp8"), seed=0)
+        load_recipe(None, ["model.rollout_dtype=fp8"])
     with pytest.raises(ThinklingError, match="model.rollout_dtype' applies to hf"):
         build_policy(ModelConfig(rollout_dtype="bfloat16", tiny={"d_model": 16, "n_layers": 1, "n_heads": 2}), seed=0)

@@ -7,9 +7,9 @@ import pytest
 from thinkling.demo import run_demo
 from thinkling.errors import ThinklingError
 
-SMALL = ["sft.steps=3", "train.size=40", "eval.size=4", "evaluation.samples=2", "evaluation.every=1",
+SMALL = ["sft.steps=3", "train.size=40", "eval.size=4", "eval.samples=2", "eval.every=1",
          "rl.steps=2", "rl.prompts_per_step=2", "rl.group_size=2", "rl.save_every=1",
-         "rl.max_new_tokens=16", "evaluation.max_new_tokens=16", "model.tiny.d_model=16", "model.tiny.n_layers=1",
+         "rl.max_new_tokens=16", "eval.max_new_tokens=16", "model.tiny.d_model=16", "model.tiny.n_layers=1",
          "model.tiny.n_heads=2"]
 
 

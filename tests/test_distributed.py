@@ -96,7 +96,7 @@ def test_torchrun_cli_sft_writes_one_run_folder(tmp_path):
     out = tmp_path / "run"
     overrides = [f"output_dir={out}", f"model.tiny={json.dumps(TINY)}", "train.size=32", "train.difficulty=[1,2]",
                  "eval.size=4", "eval.difficulty=1", "sft.steps=2", "sft.batch_size=6", "sft.log_every=1",
-                 "evaluation.max_new_tokens=8"]
+                 "eval.max_new_tokens=8"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
            "-m", "thinkling.cli", "sft", "recipes/chain-sft.yaml", *overrides]

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from thinkling.config import EvalConfig, TaskConfig
+from thinkling.config import EvalConfig
 from thinkling.errors import ThinklingError
 from thinkling.eval.metrics import pass_at_k
 
@@ -20,15 +20,14 @@ def test_interrupted_eval_continues_where_it_stopped(tmp_path, tiny_policy):
     from thinkling import jobs
 
     tiny_policy.save(str(tmp_path / "pol"))
-    task = TaskConfig(name="chain", size=12, difficulty=[1, 2], seed=5)
-    cfg = EvalConfig(max_new_tokens=10, samples=2, batch_size=4)
+    cfg = EvalConfig(name="chain", size=12, difficulty=[1, 2], seed=5, max_new_tokens=10, samples=2, batch_size=4)
     out = tmp_path / "ev.json"
-    full = jobs.run_eval(str(tmp_path / "pol"), task, cfg, str(out))
+    full = jobs.run_eval(str(tmp_path / "pol"), cfg, str(out))
     rows = (tmp_path / "ev.jsonl").read_text().splitlines()
     assert len(rows) == 12 * 3
     # interrupt: keep the first 10 rows and half a line
     (tmp_path / "ev.jsonl").write_text("\n".join(rows[:10]) + "\n" + rows[10][:15])
-    again = jobs.run_eval(str(tmp_path / "pol"), task, cfg, str(out))
+    again = jobs.run_eval(str(tmp_path / "pol"), cfg, str(out))
     assert again["accuracy"] == full["accuracy"] and again["mean_tokens"] == full["mean_tokens"]
     kept = [json.loads(x) for x in (tmp_path / "ev.jsonl").read_text().splitlines()[:10]]
     assert kept == [json.loads(x) for x in rows[:10]]
@@ -37,7 +36,7 @@ def test_interrupted_eval_continues_where_it_stopped(tmp_path, tiny_policy):
     lines[3] = "garbage"
     (tmp_path / "ev.jsonl").write_text("\n".join(lines) + "\n")
     with pytest.raises(ThinklingError, match="ev.jsonl:4"):
-        jobs.run_eval(str(tmp_path / "pol"), task, cfg, str(out))
+        jobs.run_eval(str(tmp_path / "pol"), cfg, str(out))
 
 
 def test_anchor_prefix_is_a_prefix_of_the_expert_target():

@@ -111,9 +111,8 @@ def test_lora_sft_job_end_to_end_on_disjoint_benchmark_slices(base_dir, tmp_path
     cfg = load_recipe(None, [
         f"output_dir={tmp_path}/sft", "model.backend=hf", f"model.name={base_dir}", "model.lora={r: 4, alpha: 8}",
         f"train={{name: gsm8k, options: {{path: {data}, skip: 3}}, size: null}}",
-        f"eval={{name: gsm8k, options: {{path: {data}}}, size: 3}}",
-        "sft={steps: 2, batch_size: 2, lr: 1.0e-2, warmup_steps: 0, log_every: 1}",
-        "evaluation={max_new_tokens: 4, batch_size: 4}"])
+        f"eval={{name: gsm8k, options: {{path: {data}}}, size: 3, max_new_tokens: 4, batch_size: 4}}",
+        "sft={steps: 2, batch_size: 2, lr: 1.0e-2, warmup_steps: 0, log_every: 1}"])
     summary = jobs.run_sft(cfg)
     assert summary["n"] == 3
     rows = [json.loads(line) for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
@@ -177,7 +176,7 @@ def test_smollm2_lora_sft_then_grpo_and_bread(tmp_path):
 
     torch.set_num_threads(1)
     timings = {}
-    common = ["evaluation={max_new_tokens: 8, batch_size: 8}", "eval={name: gsm8k, size: 2}"]
+    common = ["eval={name: gsm8k, size: 2, max_new_tokens: 8, batch_size: 8}"]
     start = time.monotonic()
     sft_cfg = load_recipe("recipes/smollm2/sft-gsm8k.yaml", [
         f"output_dir={tmp_path}/sft", "train={name: gsm8k, options: {skip: 200}, size: 4}",

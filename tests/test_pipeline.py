@@ -8,7 +8,7 @@ from thinkling.errors import ThinklingError
 from thinkling.pipeline import run_pipeline, stage_configs
 
 SMALL = ["model.tiny={d_model: 16, n_layers: 1, n_heads: 2, max_seq_len: 96}", "train.size=16", "train.difficulty=[1]",
-         "eval.size=2", "eval.difficulty=1", "evaluation.max_new_tokens=6", "sft.steps=2", "sft.batch_size=4",
+         "eval.size=2", "eval.difficulty=1", "eval.max_new_tokens=6", "sft.steps=2", "sft.batch_size=4",
          "rl.steps=2", "rl.prompts_per_step=2", "rl.group_size=2", "rl.max_new_tokens=6"]
 
 

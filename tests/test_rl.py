@@ -127,7 +127,7 @@ def test_mu1_gradient_is_reinforce_with_baseline(tiny_policy):
 def _rl_overrides(tmp, name, extra=()):
     return [f"output_dir={tmp}/{name}", TINY, "model.init=null", "train.size=32", "train.difficulty=[2]", "eval.size=4",
             "eval.difficulty=2", "rl.steps=4", "rl.prompts_per_step=2", "rl.group_size=3", "rl.max_new_tokens=12",
-            "rl.save_every=2", "rl.lr=1e-3", "evaluation.max_new_tokens=12", *extra]
+            "rl.save_every=2", "rl.lr=1e-3", "eval.max_new_tokens=12", *extra]
 
 
 def test_rl_resume_equals_uninterrupted_run(tmp_path):

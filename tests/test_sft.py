@@ -44,7 +44,7 @@ def test_resume_gives_the_same_weights(tmp_path):
 
     common = ["model.tiny={d_model: 32, n_layers: 1, n_heads: 2, max_seq_len: 96}", "train.size=64",
               "train.difficulty=[1,2]", "eval.size=4", "eval.difficulty=1", "sft.steps=6", "sft.batch_size=8",
-              "sft.save_every=3", "sft.warmup_steps=2", "evaluation.max_new_tokens=8"]
+              "sft.save_every=3", "sft.warmup_steps=2", "eval.max_new_tokens=8"]
     jobs.run_sft(load_recipe("recipes/chain-sft.yaml", [f"output_dir={tmp_path}/a", *common]))
     jobs.run_sft(load_recipe("recipes/chain-sft.yaml", [f"output_dir={tmp_path}/b", *common]))
     # simulate a crash after step 3: forget everything written later

@@ -9,7 +9,7 @@ import yaml
 from rich.markup import escape
 from rich.table import Table
 
-from thinkling.config import EvalConfig, TaskConfig, load_recipe
+from thinkling.config import EvalConfig, load_recipe
 from thinkling.errors import ThinklingError
 from thinkling.lab import EXPERIMENTS
 from thinkling.progress import console
@@ -89,14 +89,21 @@ def _model_and_task_args(p, max_new_tokens: int) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 for tiny policies)")
 
 
-def _task_config(args):
-    """The problems of `eval` / `sweep-stop`, with --dtype and --threads checked on the way."""
+def _eval_config(args) -> EvalConfig:
+    """The problems and decoding of `eval` / `sweep-stop`, validated (errors name the flag);
+    --dtype and --threads are checked on the way."""
     if args.dtype not in (None, "float32", "bfloat16"):
         raise ThinklingError(f"--dtype must be float32 or bfloat16, got '{args.dtype}'")
     if args.threads is not None and args.threads < 1:
         raise ThinklingError(f"--threads must be >= 1, got {args.threads}")
-    return TaskConfig(name=args.task, options=_parse_options(args.option), size=args.limit or None,
-                      difficulty=_parse_difficulty(args.difficulty), seed=args.seed)
+    if args.limit < 0:
+        raise ThinklingError(f"--limit must be >= 0 (0 = all), got {args.limit}")
+    cfg = EvalConfig(name=args.task, options=_parse_options(args.option), size=args.limit or None,
+                     difficulty=_parse_difficulty(args.difficulty), seed=args.seed, max_new_tokens=args.max_new_tokens,
+                     samples=args.samples, temperature=args.temperature, batch_size=args.batch_size,
+                     ts_alpha=getattr(args, "ts_alpha", 1.0), budget=getattr(args, "budget", None))
+    cfg.validate("--")
+    return cfg
 
 
 def _parse_difficulty(text: str | None):
@@ -154,14 +161,10 @@ def _dispatch(args) -> int:
     elif args.verb == "demo":
         demo.run_demo(args.out, args.overrides, resume=args.resume)
     elif args.verb == "eval":
-        task_cfg = _task_config(args)
-        eval_cfg = EvalConfig(max_new_tokens=args.max_new_tokens, samples=args.samples, temperature=args.temperature,
-                              batch_size=args.batch_size, ts_alpha=args.ts_alpha, budget=args.budget)
-        jobs.run_eval(args.model, task_cfg, eval_cfg, args.out, seed=args.seed, level=args.level,
+        jobs.run_eval(args.model, _eval_config(args), args.out, seed=args.seed, level=args.level,
                       dtype=args.dtype, threads=args.threads)
     elif args.verb == "sweep-stop":
-        task_cfg = _task_config(args)
-        jobs.run_stop_sweep(args.model, task_cfg, parse_values(args.alphas, float, "alphas"),
+        jobs.run_stop_sweep(args.model, _eval_config(args), parse_values(args.alphas, float, "alphas"),
                             parse_values(args.budgets, int, "budgets"), args.out, args.max_new_tokens,
                             samples=args.samples, temperature=args.temperature, batch_size=args.batch_size,
                             seed=args.seed, dtype=args.dtype, threads=args.threads, budget_marker=args.budget_marker)

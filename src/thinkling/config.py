@@ -8,6 +8,7 @@ recipe fails before any work starts.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +18,24 @@ from typing import Any, Union
 import yaml
 
 from thinkling.errors import ThinklingError
+
+
+def _name(where: str, key: str) -> str:
+    """How an error names a key: dotted under a recipe section, as a flag for the CLI (`where` = "--")."""
+    if where == "--":
+        return "--" + {"size": "limit", "name": "task"}.get(key, key).replace("_", "-")
+    return f"{where}.{key}" if where else key
+
+
+def _check(where: str, key: str, ok: bool, rule: str, value) -> None:
+    if not ok:
+        raise ThinklingError(f"config key '{_name(where, key)}': must be {rule}, got {value!r}")
+
+
+def _at_least(obj, where: str, low, *keys: str) -> None:
+    for key in keys:
+        value = getattr(obj, key)
+        _check(where, key, value is None or value >= low, f">= {low}", value)
 
 
 @dataclass
@@ -33,18 +52,42 @@ class ModelConfig:
     generator: str = "engine"  # hf rollouts: engine (thinkling's, falls back to HF generate) | vllm (CUDA GPU)
     rollout_dtype: str | None = None  # hf engine weights: float32 | bfloat16 (~2x faster on AVX-512-bf16 CPUs, approximate); default dtype
 
+    def validate(self, where: str = "model") -> None:
+        _check(where, "backend", self.backend in ("tiny", "hf"), "tiny or hf", self.backend)
+        _check(where, "dtype", self.dtype in DTYPES, " or ".join(DTYPES), self.dtype)
+        _check(where, "rollout_dtype", self.rollout_dtype in (None, *DTYPES), " or ".join(DTYPES), self.rollout_dtype)
+        _check(where, "generator", self.generator in ("engine", "vllm"), "engine or vllm", self.generator)
+        _check(where, "name", bool(self.name) or bool(self.init) or self.backend != "hf",
+               "an alias, a local path or a hub id for backend hf", self.name)
+
+
+DTYPES = ("float32", "bfloat16")
+
 
 @dataclass
 class TaskConfig:
+    """Which problems: a task by name, its options, how many, how hard, and the generator seed."""
+
     name: str = "chain"
     options: dict = field(default_factory=dict)
     size: int | None = 1000  # None = the whole benchmark
     difficulty: Any = None  # int, list of ints, or None
     seed: int = 0  # generator seed (train and eval sets use different seeds)
 
+    def validate(self, where: str = "train") -> None:
+        _at_least(self, where, 1, "size")
+        d = self.difficulty
+        levels = d if isinstance(d, list) else [d]
+        _check(where, "difficulty", d is None or (bool(levels) and all(_is_number(x) for x in levels)),
+               "a number, a non-empty list of numbers, or null", d)
+
 
 @dataclass
-class EvalConfig:
+class EvalConfig(TaskConfig):
+    """The held-out problems (the task keys) and how to evaluate them."""
+
+    size: int | None = 200
+    seed: int = 1
     every: int = 0  # steps between evaluations during training (0 = only at the end)
     max_new_tokens: int = 64
     samples: int = 1  # k samples per problem for pass@k (besides the greedy pass)
@@ -53,6 +96,13 @@ class EvalConfig:
     batch_size: int = 256
     ts_alpha: float = 1.0  # temperature-scaled stopping factor (1 = off)
     budget: int | None = None  # budget forcing: force end-of-thinking after this many tokens
+
+    def validate(self, where: str = "eval") -> None:
+        super().validate(where)
+        _at_least(self, where, 0, "every", "temperature")
+        _at_least(self, where, 1, "max_new_tokens", "samples", "batch_size", "budget")
+        _check(where, "top_p", 0 < self.top_p <= 1, "in (0, 1]", self.top_p)
+        _check(where, "ts_alpha", self.ts_alpha > 0, "> 0", self.ts_alpha)
 
 
 @dataclass
@@ -68,12 +118,22 @@ class SFTConfig:
     save_every: int = 500
     bf16: bool = False  # autocast the forward in bfloat16
 
+    def validate(self, where: str = "sft") -> None:
+        _at_least(self, where, 1, "steps", "batch_size", "log_every", "save_every")
+        _at_least(self, where, 0, "warmup_steps", "weight_decay")
+        _check(where, "lr", self.lr > 0, "> 0", self.lr)
+        _check(where, "grad_clip", self.grad_clip > 0, "> 0", self.grad_clip)
+        _check(where, "min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "in [0, 1]", self.min_lr_ratio)
+
 
 @dataclass
 class BreadConfig:
     enabled: bool = False
     max_probes: int | None = None  # None = ceil(log2 n) + 1
     remember_anchors: bool = True  # start the next search below the last anchor
+
+    def validate(self, where: str = "rl.bread") -> None:
+        _at_least(self, where, 1, "max_probes")
 
 
 @dataclass
@@ -92,6 +152,7 @@ class RLConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     advantage: str | None = None
+    loss: str | None = None  # per-token surrogate (algorithms.POLICY_LOSSES): clip
     eps_low: float | None = None
     eps_high: float | None = None
     beta: float | None = None
@@ -107,6 +168,17 @@ class RLConfig:
     samples_every: int = 10  # write sample generations every n steps
     bf16: bool = False  # bf16 autocast for the update's forward passes; weights, grads and AdamW stay fp32
 
+    def validate(self, where: str = "rl") -> None:
+        _at_least(self, where, 1, "steps", "prompts_per_step", "ppo_epochs", "minibatches", "max_new_tokens",
+                  "save_every", "log_every")
+        _at_least(self, where, 0, "warmup_steps", "weight_decay", "resample_rounds", "samples_every")
+        _check(where, "group_size", self.group_size >= 2, ">= 2 (group-relative advantages need a group)",
+               self.group_size)
+        _check(where, "lr", self.lr > 0, "> 0", self.lr)
+        _check(where, "grad_clip", self.grad_clip > 0, "> 0", self.grad_clip)
+        _check(where, "temperature", self.temperature > 0, "> 0 (RL samples its rollouts)", self.temperature)
+        _check(where, "top_p", 0 < self.top_p <= 1, "in (0, 1]", self.top_p)
+
 
 @dataclass
 class RunConfig:
@@ -115,10 +187,13 @@ class RunConfig:
     threads: int | None = None  # torch CPU threads; None = 1 for the tiny backend (fastest), torch's default otherwise
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TaskConfig = field(default_factory=TaskConfig)
-    eval: TaskConfig = field(default_factory=lambda: TaskConfig(size=200, seed=1))
-    evaluation: EvalConfig = field(default_factory=EvalConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     rl: RLConfig = field(default_factory=RLConfig)
+
+    def validate(self, where: str = "") -> None:
+        _at_least(self, where, 1, "threads")
+        _check(where, "output_dir", bool(self.output_dir), "a folder name", self.output_dir)
 
 
 # ---------------------------------------------------------------- validation
@@ -137,7 +212,15 @@ def build(cls, data: Any, where: str = ""):
         key = f"{where}.{unknown[0]}" if where else unknown[0]
         raise ThinklingError(f"unknown config key '{key}' (allowed here: {', '.join(sorted(names))})")
     values = {k: _coerce(hints[k], v, f"{where}.{k}" if where else k) for k, v in data.items()}
-    return cls(**values)
+    obj = cls(**values)
+    validate = getattr(obj, "validate", None)
+    if validate is not None:  # nested sections validated themselves when they were built
+        validate(where)
+    return obj
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _kind(v) -> str:
@@ -170,13 +253,18 @@ def _coerce(tp, value, key):
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML reads 1e-3 as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML reads 1e-3 as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):
+                raise ThinklingError(f"config key '{key}': must be a finite number, got {value!r}")
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value

@@ -57,7 +57,7 @@ def _resume_policy(run: RunDir, cfg, resume: bool):
 def _evaluator(policy, task, problems, cfg):
     """`evaluate(step) -> metrics` for the trainers' periodic held-out evaluation."""
     def evaluate(step: int) -> dict:
-        summary, _ = evaluate_policy(policy, task, problems, cfg.evaluation, cfg.seed, description=f"eval@{step}")
+        summary, _ = evaluate_policy(policy, task, problems, cfg.eval, cfg.seed, description=f"eval@{step}")
         return eval_metrics(summary)
 
     return evaluate
@@ -68,7 +68,6 @@ def run_sft(cfg, resume: bool = False) -> dict:
     """SFT in one process, or data-parallel under torchrun / accelerate launch (`train.distributed`):
     every process trains the same steps; process 0 alone writes the run folder, evaluates and
     reports, the others only read it (to resume from its checkpoint) and return {"rank": r}."""
-    validate_sft(cfg)
     configure_threads(cfg.threads, cfg.model)
     seed_everything(cfg.seed)
     train_task, train_problems = problem_set(cfg.train, "train")
@@ -86,20 +85,11 @@ def run_sft(cfg, resume: bool = False) -> dict:
     console.print(f"SFT: {n_params / 1e6:.2f} M parameters, {len(examples)} examples, {cfg.sft.steps} steps -> {run.path}")
     with bar("sft", cfg.sft.steps - start) as advance:
         train_sft(policy, examples, cfg.sft, seed=cfg.seed, run=run, start_step=start, optimizer=optimizer,
-                  evaluate=_evaluator(policy, eval_task, eval_problems, cfg), eval_every=cfg.evaluation.every,
+                  evaluate=_evaluator(policy, eval_task, eval_problems, cfg), eval_every=cfg.eval.every,
                   data_parallel=dp, progress=lambda step, loss: advance(1, info=f"loss {loss:.3f}"))
     if not dp.is_main:
         return {"rank": dp.rank}
     return finish(run, policy, eval_task, eval_problems, cfg, step=cfg.sft.steps)
-
-
-def validate_sft(cfg) -> None:
-    s = cfg.sft
-    for key in ("steps", "batch_size", "log_every", "save_every"):
-        if getattr(s, key) < 1:
-            raise ThinklingError(f"config key 'sft.{key}' must be >= 1, got {getattr(s, key)}")
-    if s.lr <= 0:
-        raise ThinklingError(f"config key 'sft.lr' must be > 0, got {s.lr}")
 
 
 # ---------------------------------------------------------------------- RL
@@ -121,7 +111,7 @@ def run_rl(cfg, resume: bool = False) -> dict:
         trainer = train_rl(
             policy, task, problems, cfg.rl, knobs, seed=cfg.seed, run=run, start_step=start, optimizer=optimizer,
             state=run.load_state(ckpt) if ckpt is not None else None,
-            evaluate=_evaluator(policy, eval_task, eval_problems, cfg), eval_every=cfg.evaluation.every,
+            evaluate=_evaluator(policy, eval_task, eval_problems, cfg), eval_every=cfg.eval.every,
             progress=lambda step, m: advance(1, info=f"reward {m.get('reward_mean', 0):.2f} acc {m.get('accuracy', 0):.2f}"))
     return finish(run, policy, eval_task, eval_problems, cfg, step=cfg.rl.steps,
                   extra={"total/generated_tokens": trainer.totals["generated_tokens"]})
@@ -135,7 +125,7 @@ def finish(run: RunDir, policy, eval_task, eval_problems, cfg, step: int, extra:
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
-    summary, rows = evaluate_policy(policy, eval_task, eval_problems, cfg.evaluation, cfg.seed, description="final eval")
+    summary, rows = evaluate_policy(policy, eval_task, eval_problems, cfg.eval, cfg.seed, description="final eval")
     run.log(step, {**eval_metrics(summary), **(extra or {})})
     atomic_write_text(run.path / "eval.json", json.dumps(summary, indent=2))
     run.write_samples(step, rows[:200])
@@ -145,15 +135,15 @@ def finish(run: RunDir, policy, eval_task, eval_problems, cfg, step: int, extra:
 
 
 # -------------------------------------------------------------------- eval
-def run_eval(model: str, task_cfg, eval_cfg, out: str | None, seed: int = 0, level: str | None = None,
+def run_eval(model: str, eval_cfg, out: str | None, seed: int = 0, level: str | None = None,
              dtype: str | None = None, threads: int | None = None) -> dict:
-    """Evaluate a saved policy / model alias on a task.
+    """Evaluate a saved policy / model alias on the problems `eval_cfg` (an EvalConfig) names.
 
     With `out`, the summary goes to `out` (JSON) and every completion to `out`'s `.jsonl`
     as it is produced; rerunning the same command continues an interrupted evaluation.
     `dtype` loads an alias / hub id in float32 or bfloat16; `threads` sets torch's CPU threads.
     """
-    task, problems = problem_set(task_cfg, "eval")
+    task, problems = problem_set(eval_cfg, "eval")
     log = None
     if out:
         out_path = Path(out)

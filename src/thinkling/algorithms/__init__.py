@@ -9,17 +9,21 @@ from thinkling.algorithms.advantages import (
 from thinkling.algorithms.losses import (
     AGGREGATIONS,
     KL_ESTIMATORS,
+    POLICY_LOSSES,
     agg_loss,
     entropy_from_logits,
     kl_penalty,
     policy_loss,
+    register_policy_loss,
 )
-from thinkling.algorithms.presets import PRESETS, RL_KNOBS, rl_knobs, validate_rl_knobs
+from thinkling.algorithms.presets import PRESETS, RL_KNOBS, Knobs, rl_knobs
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
     "AGGREGATIONS",
     "KL_ESTIMATORS",
+    "Knobs",
+    "POLICY_LOSSES",
     "PRESETS",
     "RL_KNOBS",
     "agg_loss",
@@ -29,6 +33,6 @@ __all__ = [
     "kl_penalty",
     "policy_loss",
     "register_advantage",
+    "register_policy_loss",
     "rl_knobs",
-    "validate_rl_knobs",
 ]

@@ -9,6 +9,8 @@ into inf or nan.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from thinkling.errors import ThinklingError
@@ -82,6 +84,47 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
     return (torch.where(mask, x.detach(), 0.0).sum() / mask.sum().clamp(min=1)).item()
 
 
+PolicyLossFn = Callable[..., tuple[torch.Tensor, dict[str, float]]]
+
+POLICY_LOSSES: dict[str, PolicyLossFn] = {}
+
+
+def register_policy_loss(name: str):
+    """Decorator: make a per-token surrogate selectable by `name` (`rl.loss`).
+
+    A surrogate takes `(logp, old_logp, advantages [B, 1], mask, *, eps_low, eps_high)`, with
+    every input already a constant outside the mask, and returns the per-token loss `[B, T]`
+    and its stats. `policy_loss` adds the KL and entropy terms and aggregates.
+    """
+
+    def deco(fn: PolicyLossFn) -> PolicyLossFn:
+        POLICY_LOSSES[name] = fn
+        return fn
+
+    return deco
+
+
+@register_policy_loss("clip")
+def clipped_surrogate(logp, old_logp, adv, mask, *, eps_low: float, eps_high: float):
+    """PPO's clipped surrogate with separate lower / upper clip: −min(ρ·A, clip(ρ, 1−ε_low, 1+ε_high)·A).
+
+    Stats: `clip_frac` (tokens where the clipped term won and differs from the unclipped
+    one), split into `clip_frac_low` (ρ < 1−ε_low, A < 0) and `clip_frac_high`
+    (ρ > 1+ε_high, A > 0); `ratio_mean`.
+    """
+    ratio = torch.exp(logp - old_logp)
+    unclipped = -ratio * adv
+    clipped = -ratio.clamp(1 - eps_low, 1 + eps_high) * adv
+    clip_active = mask & (clipped > unclipped)
+    stats = {
+        "clip_frac": _masked_mean(clip_active.float(), mask),
+        "clip_frac_low": _masked_mean((clip_active & (ratio < 1 - eps_low)).float(), mask),
+        "clip_frac_high": _masked_mean((clip_active & (ratio > 1 + eps_high)).float(), mask),
+        "ratio_mean": _masked_mean(ratio, mask),
+    }
+    return torch.maximum(unclipped, clipped), stats
+
+
 def policy_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -91,6 +134,7 @@ def policy_loss(
     eps_low: float,
     eps_high: float,
     aggregation: str,
+    loss: str = "clip",
     ref_logp: torch.Tensor | None = None,
     beta: float = 0.0,
     kl_estimator: str = "k3",
@@ -98,20 +142,18 @@ def policy_loss(
     entropy_coef: float = 0.0,
     max_len: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Clipped surrogate loss with separate lower/upper clip, optional KL and entropy terms.
+    """The surrogate `loss` (default: the clipped one) plus optional KL and entropy terms, aggregated.
 
-    Per token: ℓ_t = −min(ρ_t·A, clip(ρ_t, 1−eps_low, 1+eps_high)·A) + β·KL_t − entropy_coef·H_t,
-    ρ_t = exp(logp − old_logp), then `agg_loss(ℓ, mask, aggregation, max_len)`.
+    Per token: ℓ_t = surrogate_t + β·KL_t − entropy_coef·H_t, then `agg_loss(ℓ, mask, aggregation, max_len)`.
     `advantages` is `[B]` (one value per sequence); `old_logp`, `ref_logp` and the
     advantages are treated as constants. `ref_logp` is only needed when beta > 0;
     when given, its KL is reported in the stats even at beta = 0.
 
-    Stats (floats, token means over the mask): `clip_frac` (tokens where the
-    clipped term won and differs from the unclipped one), split into
-    `clip_frac_low` (ρ < 1−eps_low, A < 0) and `clip_frac_high` (ρ > 1+eps_high,
-    A > 0); `ratio_mean`; `kl_mean` when ref_logp is given; `entropy_mean` when
-    entropy is given.
+    Stats (floats, token means over the mask): the surrogate's, `kl_mean` when ref_logp is
+    given, `entropy_mean` when entropy is given.
     """
+    if loss not in POLICY_LOSSES:
+        raise ThinklingError(f"unknown policy loss '{loss}'; known: {', '.join(POLICY_LOSSES)}")
     if beta > 0 and ref_logp is None:
         raise ThinklingError("beta > 0 needs ref_logp (log-probs of a reference policy)")
     if entropy_coef != 0 and entropy is None:
@@ -120,19 +162,7 @@ def policy_loss(
     logp = torch.where(mask, logp, 0.0)
     old_logp = torch.where(mask, old_logp.detach(), 0.0)
     adv = advantages.detach().reshape(-1, 1)
-
-    ratio = torch.exp(logp - old_logp)
-    unclipped = -ratio * adv
-    clipped = -ratio.clamp(1 - eps_low, 1 + eps_high) * adv
-    loss_mat = torch.maximum(unclipped, clipped)
-
-    clip_active = mask & (clipped > unclipped)
-    stats = {
-        "clip_frac": _masked_mean(clip_active.float(), mask),
-        "clip_frac_low": _masked_mean((clip_active & (ratio < 1 - eps_low)).float(), mask),
-        "clip_frac_high": _masked_mean((clip_active & (ratio > 1 + eps_high)).float(), mask),
-        "ratio_mean": _masked_mean(ratio, mask),
-    }
+    loss_mat, stats = POLICY_LOSSES[loss](logp, old_logp, adv, mask, eps_low=eps_low, eps_high=eps_high)
     if ref_logp is not None:
         kl = kl_penalty(logp, torch.where(mask, ref_logp.detach(), 0.0), kl_estimator)
         stats["kl_mean"] = _masked_mean(kl, mask)

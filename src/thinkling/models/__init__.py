@@ -34,13 +34,10 @@ def load_policy(directory: str | Path) -> Policy:
 
 
 def build_policy(cfg, seed: int) -> Policy:
-    """The policy a run starts from: a saved one (`model.init`), a fresh tiny model, or an HF model."""
-    if cfg.generator not in ("engine", "vllm"):
-        raise ThinklingError(f"config key 'model.generator': unknown generator '{cfg.generator}' (engine | vllm)")
+    """The policy a run starts from: a saved one (`model.init`), a fresh tiny model, or an HF model.
+    `cfg` is a validated ModelConfig (`ModelConfig.validate`)."""
     if cfg.generator == "vllm":
         vllm_backend._require_vllm()  # before loading any weights
-    if cfg.rollout_dtype not in (None, "float32", "bfloat16"):
-        raise ThinklingError(f"config key 'model.rollout_dtype': must be float32 or bfloat16, got {cfg.rollout_dtype!r}")
     policy = _build(cfg, seed)
     if cfg.rollout_dtype is not None:
         if not hasattr(policy, "rollout_dtype"):
@@ -59,8 +56,6 @@ def _build(cfg, seed: int) -> Policy:
     if cfg.backend == "tiny":
         return TinyPolicy.create(dict(cfg.tiny), seed=seed)
     if cfg.backend == "hf":
-        if not cfg.name:
-            raise ThinklingError("config key 'model.name' is required for model.backend=hf (an alias, a local path or a hub id)")
         return _hf().load(
             cfg.name,  # aliases resolve inside; saved adapters keep the portable name
             dtype=cfg.dtype,

@@ -15,7 +15,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from thinkling.algorithms import RL_KNOBS, compute_advantages, entropy_from_logits, group_has_signal, policy_loss, rl_knobs
+from thinkling.algorithms import (
+    RL_KNOBS,
+    Knobs,
+    compute_advantages,
+    entropy_from_logits,
+    group_has_signal,
+    policy_loss,
+    rl_knobs,
+)
 from thinkling.errors import ThinklingError
 from thinkling.models.base import SamplingParams
 from thinkling.models.logprobs import first_loss_position, sequence_logprobs, token_logprobs
@@ -26,41 +34,34 @@ from thinkling.rollout.groups import Group, sample_groups
 from thinkling.rollout.prompts import anchor_text, sample_levels
 from thinkling.train.common import lr_at, make_optimizer, set_lr, step_generator, weights_changed
 
-def resolve_knobs(rl_cfg) -> dict:
+def resolve_knobs(rl_cfg) -> Knobs:
     """The preset named by `rl.algorithm`, with every explicitly set key overriding it."""
     return rl_knobs(rl_cfg.algorithm, {k: getattr(rl_cfg, k) for k in RL_KNOBS})
 
 
-def validate_rl(cfg, train_problems) -> dict:
+def validate_rl(cfg, train_problems) -> Knobs:
+    """What `RLConfig.validate` cannot check alone: the algorithm's knobs, the reward spec, and
+    whether BREAD has expert traces to anchor on. Returns the knobs."""
     rl = cfg.rl
-    if rl.group_size < 2:
-        raise ThinklingError(f"config key 'rl.group_size' must be >= 2 (group-relative advantages need a group), got {rl.group_size}")
-    for key in ("steps", "prompts_per_step", "ppo_epochs", "minibatches", "max_new_tokens", "save_every", "log_every"):
-        if getattr(rl, key) < 1:
-            raise ThinklingError(f"config key 'rl.{key}' must be >= 1, got {getattr(rl, key)}")
-    if rl.lr <= 0:
-        raise ThinklingError(f"config key 'rl.lr' must be > 0, got {rl.lr}")
     if rl.bread.enabled and not any(p.steps for p in train_problems):
         raise ThinklingError(f"config key 'rl.bread.enabled': task '{cfg.train.name}' has no expert traces to anchor on")
-    if rl.bread.max_probes is not None and rl.bread.max_probes < 1:
-        raise ThinklingError("config key 'rl.bread.max_probes' must be >= 1")
     knobs = resolve_knobs(rl)
     RewardSpec.from_dict(rl.rewards)
     warn_inert_clip(rl, knobs)
     return knobs
 
 
-def warn_inert_clip(rl, knobs: dict) -> bool:
+def warn_inert_clip(rl, knobs: Knobs) -> bool:
     """Print a warning when asymmetric clipping (clgrpo's clip-low, dapo's clip-higher) cannot act.
 
     Why: with one PPO epoch and one mini-batch π_old is the current policy, the ratio is exactly 1
     and no ε ever clips, so the run is plain GRPO whatever ε_low / ε_high say. Not an error: such a
     run is valid, just probably not what the recipe meant. Returns whether it warned.
     """
-    if knobs["eps_low"] == knobs["eps_high"] or rl.ppo_epochs > 1 or rl.minibatches > 1:
+    if knobs.eps_low == knobs.eps_high or rl.ppo_epochs > 1 or rl.minibatches > 1:
         return False
     console.print(f"[yellow]warning:[/] rl.algorithm '{rl.algorithm}' clips asymmetrically "
-                  f"(eps_low={knobs['eps_low']}, eps_high={knobs['eps_high']}), but with rl.ppo_epochs=1 and "
+                  f"(eps_low={knobs.eps_low}, eps_high={knobs.eps_high}), but with rl.ppo_epochs=1 and "
                   "rl.minibatches=1 the ratio is exactly 1 and the clip never acts; "
                   "set rl.ppo_epochs=2 or rl.minibatches=2 to make it matter")
     return True
@@ -99,13 +100,13 @@ def build_batch(groups: list[Group], advantages: torch.Tensor, pad_id: int) -> B
 class RLTrainer:
     """Holds the policy, the frozen reference (only when β > 0) and the optimizer."""
 
-    def __init__(self, policy, task, problems, cfg, knobs: dict, optimizer, *, seed: int):
+    def __init__(self, policy, task, problems, cfg, knobs: Knobs, optimizer, *, seed: int):
         self.policy, self.task, self.problems, self.cfg, self.knobs = policy, task, problems, cfg, knobs
         self.optimizer = optimizer
         self.seed = seed
         self.reward_spec = RewardSpec.from_dict(cfg.rewards)
         self.ref = None
-        if knobs["beta"] > 0:  # β = 0 never builds a reference model
+        if knobs.beta > 0:  # β = 0 never builds a reference model
             self.ref = copy.deepcopy(policy)
             self.ref.model.requires_grad_(False)
             self.ref.model.eval()
@@ -124,7 +125,7 @@ class RLTrainer:
                  "bread/probe_groups": 0, "bread/dropped_unsolved": 0, "bread/dropped_no_trace": 0}
         kept: list[Group] = []
         generated = 0
-        for round_ in range(1 + (c.resample_rounds if self.knobs["dynamic_sampling"] else 0)):
+        for round_ in range(1 + (c.resample_rounds if self.knobs.dynamic_sampling else 0)):
             need = c.prompts_per_step - len(kept)
             if need <= 0:
                 break
@@ -150,13 +151,13 @@ class RLTrainer:
                 groups += branched
             for grp in groups:
                 grp.rewards = self._rewards(grp)
-            if self.knobs["dynamic_sampling"]:
+            if self.knobs.dynamic_sampling:
                 signal = group_has_signal(torch.tensor([grp.rewards for grp in groups])) if groups else []
                 stats["groups_dropped_equal"] += sum(1 for s in signal if not s)
                 groups = [grp for grp, s in zip(groups, signal) if s]
             kept += groups
         stats["generated_tokens"] = generated
-        return kept[: c.prompts_per_step] if self.knobs["dynamic_sampling"] else kept, stats
+        return kept[: c.prompts_per_step] if self.knobs.dynamic_sampling else kept, stats
 
     def _rewards(self, grp: Group) -> list[float]:
         comps = grp.completions
@@ -168,8 +169,8 @@ class RLTrainer:
     def update(self, groups: list[Group], step: int, total_steps: int) -> dict:
         c, k = self.cfg, self.knobs
         rewards = torch.tensor([grp.rewards for grp in groups])
-        adv = compute_advantages(k["advantage"], rewards)
-        if not adv.any() and k["beta"] == 0 and k["entropy_coef"] == 0:
+        adv = compute_advantages(k.advantage, rewards)
+        if not adv.any() and k.beta == 0 and k.entropy_coef == 0:
             # No learning signal: the gradient is exactly zero, but an optimizer step would still
             # move the weights along Adam's momentum. Skip it.
             return {"skipped_update": 1, "advantage_abs_mean": 0.0}
@@ -274,7 +275,7 @@ class RLTrainer:
         self.totals.update(state.get("totals", {}))
 
 
-def train_rl(policy, task, problems, cfg, knobs: dict, *, seed: int, run=None, start_step: int = 0,
+def train_rl(policy, task, problems, cfg, knobs: Knobs, *, seed: int, run=None, start_step: int = 0,
              optimizer=None, state: dict | None = None, evaluate=None, eval_every: int = 0,
              progress=None) -> RLTrainer:
     """Train for `cfg.steps` RL steps (continuing from `start_step`), mirroring `train_sft`.
@@ -333,7 +334,7 @@ def level_metrics(groups: list[Group], levels: tuple[str, ...]) -> dict:
     return out
 
 
-def minibatch_loss(policy, batch: Batch, rows, knobs: dict, *, max_len: int, old_logp=None, ref_logp=None):
+def minibatch_loss(policy, batch: Batch, rows, knobs: Knobs, *, max_len: int, old_logp=None, ref_logp=None):
     """The clipped policy loss of some rows of a batch; returns (loss, stats, logits), the logits
     of positions `first_loss_position(batch.loss_mask[rows])` onwards.
 
@@ -344,11 +345,11 @@ def minibatch_loss(policy, batch: Batch, rows, knobs: dict, *, max_len: int, old
     start = first_loss_position(batch.loss_mask[rows])  # logits before it are never needed
     logits = policy.logits(ids, batch.attention_mask[rows].to(device), keep_from=start)
     logp = F.pad(token_logprobs(logits[:, :-1], ids[:, start + 1 :]), (start, 0))
-    entropy = F.pad(entropy_from_logits(logits[:, :-1]), (start, 0)) if knobs["entropy_coef"] > 0 else None
+    entropy = F.pad(entropy_from_logits(logits[:, :-1]), (start, 0)) if knobs.entropy_coef > 0 else None
     loss, stats = policy_loss(
         logp, logp.detach() if old_logp is None else old_logp.to(device), batch.advantages[rows].to(device),
-        batch.loss_mask[rows].to(device), eps_low=knobs["eps_low"], eps_high=knobs["eps_high"],
-        aggregation=knobs["aggregation"], ref_logp=None if ref_logp is None else ref_logp.to(device),
-        beta=knobs["beta"], kl_estimator=knobs["kl_estimator"], entropy=entropy,
-        entropy_coef=knobs["entropy_coef"], max_len=max_len)
+        batch.loss_mask[rows].to(device), eps_low=knobs.eps_low, eps_high=knobs.eps_high,
+        aggregation=knobs.aggregation, loss=knobs.loss, ref_logp=None if ref_logp is None else ref_logp.to(device),
+        beta=knobs.beta, kl_estimator=knobs.kl_estimator, entropy=entropy,
+        entropy_coef=knobs.entropy_coef, max_len=max_len)
     return loss, stats, logits

@@ -14,7 +14,8 @@ transformers = pytest.importorskip("transformers")
 from thinkling.errors import ThinklingError
 from thinkling.models.base import SamplingParams
 from thinkling.models.hf import HFPolicy
-from thinkling.models.hf_engine import RolloutEngine, sample_tokens, unsupported_reason
+from thinkling.models.hf_engine import RolloutEngine, unsupported_reason
+from thinkling.models.sampling import sample_tokens
 
 V, PAD, EOS = 97, 0, 3
 ARCHS = {
@@ -178,7 +179,7 @@ def test_sampler_matches_the_softmax_distribution():
 
 
 def test_two_level_cdf_inversion_equals_a_full_cumsum():
-    from thinkling.models.hf_engine import _invert_cdf
+    from thinkling.models.sampling import _invert_cdf
 
     g = torch.Generator().manual_seed(1)
     probs = torch.softmax(torch.randn(64, 1000, generator=g) * 3, -1)

@@ -69,3 +69,16 @@ class Policy(Protocol):
 
     def save(self, directory: str) -> None:
         """Write weights + config + tokenizer so `load_policy(directory)` restores it."""
+
+
+def pad(rows: list[list], value, *, left: bool = False, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """`rows` of different lengths as one `[B, max_len]` tensor, filled with `value` on the right
+    (or on the left: generation keeps every row's last token in the same column)."""
+    width = max((len(r) for r in rows), default=0)
+    fill = [[value] * (width - len(r)) for r in rows]
+    return torch.tensor([f + list(r) if left else list(r) + f for r, f in zip(rows, fill)], dtype=dtype)
+
+
+def pad_batch(seqs: list[list[int]], pad_id: int, *, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids `[B, T]` and the attention mask `[B, T]` (1 on real tokens) of `seqs` padded on one side."""
+    return pad(seqs, pad_id, left=left), pad([[1] * len(s) for s in seqs], 0, left=left)

@@ -22,7 +22,7 @@ import torch
 import transformers
 
 from thinkling.errors import ThinklingError
-from thinkling.models.base import LogitsProcessor, SamplingParams
+from thinkling.models.base import LogitsProcessor, SamplingParams, pad_batch
 from thinkling.models.hf_engine import RolloutEngine, unsupported_reason
 from thinkling.models.registry import gguf_load_kwargs, load_from_hub, resolve_model
 from thinkling.models import vllm_backend
@@ -266,13 +266,8 @@ class HFPolicy:
         params.validate()
         if not prompts:
             return []
-        width = max(len(p) for p in prompts)
-        input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, prompt in enumerate(prompts):
-            if prompt:
-                input_ids[row, width - len(prompt) :] = torch.tensor(prompt)
-                attention_mask[row, width - len(prompt) :] = 1
+        input_ids, attention_mask = pad_batch(prompts, self.pad_id, left=True)
+        width = input_ids.shape[1]
         kwargs: dict[str, Any] = {"do_sample": params.temperature > 0}
         if params.temperature > 0:
             # top_k=0: transformers otherwise applies its global default top_k=50.

@@ -1,17 +1,14 @@
 """A fast sampler for Hugging Face Llama-family causal LMs, built for RL rollouts.
 
 `HFPolicy.generate` uses it; `HFPolicy.generate_reference` (transformers'
-`generate`) is the reference it is tested against. Why it is faster on a CPU:
+`generate`) is the reference it is tested against. The decode loop is
+`sampling.decode` (shared prompts prefilled once, finished rows dropped, one
+sampling call per step); this module is the model side. Why it is faster on a CPU:
 
-- GRPO asks for G completions of each prompt. Each distinct prompt (or BREAD
-  prompt + anchor prefix) is prefilled once and its KV rows are copied to its
-  G duplicates.
 - The KV cache is one preallocated tensor `[layers, 2, rows, kv_heads,
   capacity, head_dim]`: a decode step writes one slot in place (no
   concatenation) and attends over a view of the filled slots; no attention mask
   is built at all when the prompts have equal lengths.
-- Finished rows stop costing compute: when a quarter of the batch has finished,
-  the cache and the per-row state are compacted to the live rows (one gather).
 - The forward pass is written here over the model's own weights (in float32
   the parameters themselves, no copy). With `dtype=torch.bfloat16` the weights
   are cast to bf16 and prepacked for oneDNN, while the residual stream, norms,
@@ -19,9 +16,6 @@
   fp32 on this AVX-512-bf16 CPU, but the sampled distribution then differs
   slightly from the fp32 policy (docs/performance.md measures how much), so it
   is an opt-in.
-- Sampling draws one uniform per row and inverts the float64 CDF, which is the
-  same distribution as `torch.multinomial` but several times cheaper over a
-  49k vocabulary (multinomial's exponential draws dominated a decode step).
 
 Weights are re-read lazily: the bf16 copy (or LoRA-folded weights) is rebuilt
 only when a parameter changed (`Tensor._version` moves on every in-place
@@ -44,10 +38,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from thinkling.errors import ThinklingError
-from thinkling.models.base import SamplingParams
+from thinkling.models.base import SamplingParams, pad_batch
+from thinkling.models.sampling import decode
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-COMPACT_FRACTION = 0.25  # compact the batch once this share of its rows has finished
 
 
 class Unsupported(Exception):
@@ -246,58 +240,6 @@ def _weights_key(model: nn.Module) -> tuple:
     return tuple((p.data_ptr(), p._version) for p in model.parameters())
 
 
-# ------------------------------------------------------------------ sampling
-
-
-def sample_tokens(
-    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """One token per row of `logits [B, V]`: argmax at temperature 0, else a draw from
-    softmax(logits / temperature) restricted to the top-p nucleus (the smallest set of
-    most likely tokens with mass >= top_p, renormalised).
-
-    The draw inverts the CDF with one uniform per row: the same distribution as
-    `torch.multinomial`, whose exponential draws over a 49k vocabulary cost more
-    than a decode step's attention.
-    """
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float()
-    probs = torch.softmax(logits if temperature == 1 else logits / temperature, dim=-1)
-    order = None
-    if top_p < 1:
-        probs, order = probs.sort(dim=-1, descending=True)
-        probs[(probs.cumsum(dim=-1) - probs) >= top_p] = 0
-    u = torch.rand(probs.shape[0], 1, dtype=torch.float64, generator=generator, device=probs.device)
-    tokens = _invert_cdf(probs, u)
-    return tokens if order is None else order.gather(1, tokens[:, None]).squeeze(1)
-
-
-def _invert_cdf(probs: torch.Tensor, u: torch.Tensor, block: int = 256) -> torch.Tensor:
-    """The token whose CDF interval holds `u * total mass`, per row.
-
-    Two levels, in float64: pick the block of `block` tokens from the cumulative
-    block masses, then the token inside it. A float64 cumsum over the whole
-    vocabulary costs ~10x more (it is sequential); a float32 one would shift
-    rare tokens' probabilities by ~1e-5.
-    """
-    B, V = probs.shape
-    blocks = F.pad(probs, (0, -V % block)).view(B, -1, block)
-    mass = blocks.sum(dim=-1, dtype=torch.float64)
-    ends = mass.cumsum(dim=-1)
-    target = u * ends[:, -1:]
-    b = torch.searchsorted(ends, target, right=True).clamp(max=ends.shape[1] - 1)
-    start = ends.gather(1, b) - mass.gather(1, b)
-    inside = blocks[torch.arange(B, device=probs.device), b.squeeze(1)].double().cumsum(dim=-1) + start
-    i = torch.searchsorted(inside, target, right=True).clamp(max=block - 1)
-    tokens = (b * block + i).squeeze(1)
-    # float rounding at an interval edge can land on a zero-probability token: take the mode instead
-    bad = (tokens >= V) | (probs.gather(1, tokens.clamp(max=V - 1)[:, None]).squeeze(1) == 0)
-    if bool(bad.any()):
-        tokens[bad] = probs[bad].argmax(dim=-1)
-    return tokens
-
-
 # ------------------------------------------------------------------- engine
 
 
@@ -388,111 +330,54 @@ class RolloutEngine:
     def _logits(w: _Weights, hidden: torch.Tensor) -> torch.Tensor:
         return w.head(hidden).float()
 
-    def _pick(self, logits, history, params: SamplingParams, generator) -> torch.Tensor:
-        if params.logits_processor is not None:
-            logits = params.logits_processor(logits, history)
-        return sample_tokens(logits, params.temperature, params.top_p, generator)
-
     # ------------------------------------------------------------ generate
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
-        """One completion per prompt: generated ids, ending with eos if it was emitted.
-
-        Distinct prompts are left-padded and prefilled once; every row then
-        decodes into the same cache slot per step. Rows that finish are fed
-        padding until a quarter of the batch has finished, then dropped.
-        """
-        params.validate()
+        """One completion per prompt: generated ids, ending with eos if it was emitted (`sampling.decode`)."""
         for i, p in enumerate(prompts):
             if not p:
                 raise ThinklingError(f"generate: prompt {i} is empty")
-        steps = params.max_new_tokens
-        if not prompts or steps == 0:
-            return [[] for _ in prompts]
+        return decode(prompts, params, self._prefill, eos_id=self.eos_id, pad_id=self.pad_id,
+                      share_prompts=self.share_prefixes)
+
+    def _prefill(self, prompts: list[list[int]], steps: int) -> tuple[_EngineState, torch.Tensor]:
+        """Prefill the (distinct) prompts left-padded into a cache with room for `steps` more tokens."""
         w, device = self.weights(), self.device
-        generator = None
-        if params.seed is not None:
-            generator = torch.Generator(device=device).manual_seed(params.seed)
-
-        kv, keys, logits, next_pos, width = self._prefill(w, prompts, steps)
-        padded = not bool(keys.all())
-        origin = torch.arange(len(prompts), device=device)  # prompt index of each batch row
-        history = torch.full((len(prompts), steps), self.pad_id, dtype=torch.long, device=device)
-        alive = torch.ones(len(prompts), dtype=torch.bool, device=device)
-        out: list[list[int]] = [[] for _ in prompts]
-
-        for t in range(steps):
-            if bool(alive.all()):
-                tokens = self._pick(logits, history[:, :t], params, generator)
-            else:
-                live = alive.nonzero().squeeze(1)
-                tokens = torch.full_like(origin, self.pad_id)
-                tokens[live] = self._pick(logits[live], history[live, :t], params, generator)
-            history[:, t] = tokens
-            finished = alive & (tokens == self.eos_id) if t + 1 < steps else alive
-            if bool(finished.any()):
-                for r in finished.nonzero().squeeze(1).tolist():
-                    out[int(origin[r])] = history[r, : t + 1].tolist()
-                alive &= ~finished
-                n_alive = int(alive.sum())
-                if n_alive == 0:
-                    break
-                if (len(alive) - n_alive) >= COMPACT_FRACTION * len(alive):
-                    keep = alive.nonzero().squeeze(1)
-                    kv = self._compact(kv, keep, width + t)
-                    origin, history, next_pos, tokens, alive, keys = (
-                        x[keep] for x in (origin, history, next_pos, tokens, alive, keys)
-                    )
-            slot = width + t
-            mask = keys[:, None, None, : slot + 1] if padded else None
-            hidden = self._forward(w, tokens[:, None], next_pos[:, None], kv, slot, mask)
-            logits = self._logits(w, hidden)
-            next_pos += 1
-        return out
-
-    def _prefill(self, w: _Weights, prompts: list[list[int]], steps: int):
-        """Prefill each distinct prompt once (left-padded) and copy its cache rows to its duplicates.
-
-        Returns the cache `[layers, 2, rows, kv_heads, width + steps, head_dim]`, the mask of
-        real key slots `[rows, width + steps]`, first-token logits, next positions, and the
-        padded prompt width (the slot of the first generated token).
-        """
-        device = self.device
-        row_of: dict = {}
-        unique, first = [], []
-        for i, p in enumerate(prompts):
-            key = tuple(p) if self.share_prefixes else i
-            if key not in row_of:
-                row_of[key] = len(unique)
-                unique.append(p)
-            first.append(row_of[key])
-        width = max(len(p) for p in unique)
-        ids = torch.full((len(unique), width), self.pad_id, dtype=torch.long)
-        valid = torch.zeros((len(unique), width), dtype=torch.bool)
-        for r, p in enumerate(unique):
-            ids[r, width - len(p) :] = torch.tensor(p)
-            valid[r, width - len(p) :] = True
-        ids, valid = ids.to(device), valid.to(device)
+        ids, valid = pad_batch(prompts, self.pad_id, left=True)
+        ids, valid = ids.to(device), valid.to(device).bool()
+        width = ids.shape[1]
         positions = (valid.long().cumsum(1) - 1).clamp(min=0)
         mask = None
         if not bool(valid.all()):  # causal over real keys; a padding query sees itself so its softmax is defined
             causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
             mask = ((causal & valid[:, None, :]) | torch.eye(width, dtype=torch.bool, device=device))[:, None]
-        shape = (len(w.layers), 2, len(unique), w.n_kv, width, w.head_dim)
-        cache = torch.empty(shape, dtype=self.dtype, device=device)
-        hidden = self._forward(w, ids, positions, cache, 0, mask)
-
-        rows = torch.tensor(first, device=device)
-        kv = torch.empty((*shape[:2], len(prompts), w.n_kv, width + steps, w.head_dim), dtype=self.dtype, device=device)
-        kv[:, :, :, :, :width] = cache.index_select(2, rows)
+        kv = torch.empty((len(w.layers), 2, len(prompts), w.n_kv, width + steps, w.head_dim), dtype=self.dtype,
+                         device=device)
+        hidden = self._forward(w, ids, positions, kv, 0, mask)
         keys = torch.ones((len(prompts), width + steps), dtype=torch.bool, device=device)
-        keys[:, :width] = valid.index_select(0, rows)
-        logits = self._logits(w, hidden).index_select(0, rows)
-        return kv, keys, logits, positions[:, -1].index_select(0, rows) + 1, width
+        keys[:, :width] = valid
+        state = _EngineState(self, w, kv, keys, positions[:, -1] + 1, slot=width, padded=not bool(valid.all()))
+        return state, self._logits(w, hidden)
 
-    @staticmethod
-    def _compact(kv: torch.Tensor, keep: torch.Tensor, filled: int) -> torch.Tensor:
-        """The cache rows `keep`, copying only the `filled` slots written so far."""
-        new = kv.new_empty((kv.shape[0], kv.shape[1], len(keep), *kv.shape[3:]))
-        new[:, :, :, :, :filled] = kv[:, :, keep, :, :filled]
-        return new
+
+class _EngineState:
+    """The engine's `sampling.DecodeState`: the KV cache, the mask of real key slots, each row's
+    next position, and the cache slot the next token goes to (the same for every row)."""
+
+    def __init__(self, engine: RolloutEngine, w: _Weights, kv, keys, next_pos, *, slot: int, padded: bool):
+        self.engine, self.w, self.kv, self.keys, self.next_pos = engine, w, kv, keys, next_pos
+        self.slot, self.padded = slot, padded
+
+    def select(self, rows: torch.Tensor) -> _EngineState:
+        """The state of `rows`, copying only the cache slots written so far."""
+        kv = self.kv.new_empty((self.kv.shape[0], self.kv.shape[1], len(rows), *self.kv.shape[3:]))
+        kv[:, :, :, :, : self.slot] = self.kv[:, :, rows, :, : self.slot]
+        return _EngineState(self.engine, self.w, kv, self.keys[rows], self.next_pos[rows], slot=self.slot,
+                            padded=self.padded)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        mask = self.keys[:, None, None, : self.slot + 1] if self.padded else None
+        hidden = self.engine._forward(self.w, tokens[:, None], self.next_pos[:, None], self.kv, self.slot, mask)
+        self.slot += 1
+        self.next_pos = self.next_pos + 1
+        return self.engine._logits(self.w, hidden)

@@ -20,7 +20,8 @@ from torch import nn
 
 from thinkling.errors import ThinklingError
 from thinkling.models.attention import KVCache, build_attention, check_attention, rope_table
-from thinkling.models.base import SamplingParams
+from thinkling.models.base import SamplingParams, pad_batch
+from thinkling.models.sampling import decode, sample_tokens
 from thinkling.models.tokenizer import CharTokenizer
 
 MLP_KINDS = ("swiglu", "gelu")
@@ -203,30 +204,6 @@ class TinyTransformer(nn.Module):
         return self.norm(x)
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None = None):
-    """One token id per row of `logits [B, V]`: argmax at temperature 0, else nucleus sampling."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1:
-        probs, order = probs.sort(dim=-1, descending=True)
-        probs[(probs.cumsum(dim=-1) - probs) >= top_p] = 0  # keep the smallest head with mass >= top_p
-        return order.gather(-1, torch.multinomial(probs, 1, generator=generator)).squeeze(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-def _pad(seqs: list, pad_id: int, left: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """ids and attention mask `[B, max_len]` of `seqs` padded on one side."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(seqs), width, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        cols = slice(width - len(s), width) if left else slice(0, len(s))
-        ids[i, cols] = torch.tensor(s, dtype=torch.long)
-        mask[i, cols] = 1
-    return ids.to(device), mask.to(device)
-
-
 FILES = ("policy.json", "config.json", "tokenizer.json", "model.safetensors")
 
 
@@ -238,6 +215,22 @@ def _read_json(path: Path) -> dict:
     if not isinstance(d, dict):
         raise ThinklingError(f"{path}: expected a JSON object")
     return d
+
+
+class _TinyDecodeState:
+    """The tiny model's `sampling.DecodeState`: its KV cache and each row's next position."""
+
+    def __init__(self, model: TinyTransformer, cache: KVCache, next_pos: torch.Tensor, limit: int):
+        self.model, self.cache, self.next_pos, self.limit = model, cache, next_pos, limit
+
+    def select(self, rows: torch.Tensor) -> _TinyDecodeState:
+        return _TinyDecodeState(self.model, self.cache.select(rows), self.next_pos[rows], self.limit)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        logits = self.model(tokens[:, None], position_ids=self.next_pos[:, None], cache=self.cache)[:, -1]
+        # A row past its budget is fed padding until compaction: keep its position inside the RoPE table.
+        self.next_pos = (self.next_pos + 1).clamp(max=self.limit - 1)
+        return logits.float()
 
 
 class TinyPolicy:
@@ -299,88 +292,40 @@ class TinyPolicy:
                 raise ThinklingError(f"generate: prompt {i} has a token id outside the vocabulary")
         return [min(params.max_new_tokens, limit - len(p)) for p in prompts]
 
-    @staticmethod
-    def _pick(logits, history, params: SamplingParams, generator) -> torch.Tensor:
-        if params.logits_processor is not None:
-            logits = params.logits_processor(logits, history)
-        return sample_next(logits, params.temperature, params.top_p, generator)
-
-    @staticmethod
-    def _generator(params: SamplingParams) -> torch.Generator | None:
-        return None if params.seed is None else torch.Generator().manual_seed(params.seed)
-
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], params: SamplingParams, share_prompts: bool = True) -> list[list[int]]:
-        """One completion per prompt (ending with eos if emitted), sampled in one batch.
+        """One completion per prompt (ending with eos if emitted), sampled in one batch by
+        `sampling.decode`: each distinct prompt is prefilled once (left-padded, so every row
+        writes its next token into the same cache slot), finished rows are dropped.
+        `share_prompts=False` prefills every row."""
+        model, limit = self.model, self.model.config.max_seq_len
 
-        Distinct prompts are prefilled once, left-padded so every row writes its
-        next token into the same cache slot, and their cache rows are copied to
-        the duplicates (`share_prompts=False` prefills every row). Finished rows
-        are fed padding until half the batch is finished; then the batch is
-        compacted (a cache copy, so done rarely).
-        """
-        budgets = self._budgets(prompts, params)
-        out: list[list[int]] = [[] for _ in prompts]
-        todo = [i for i, b in enumerate(budgets) if b > 0]
-        if not todo:
-            return out
-        generator, device = self._generator(params), self.device
-        prefill_row: dict = {}  # prompt -> its row in the prefill batch
-        unique, first = [], []
-        for i in todo:
-            key = tuple(prompts[i]) if share_prompts else i
-            if key not in prefill_row:
-                prefill_row[key] = len(unique)
-                unique.append(prompts[i])
-            first.append(prefill_row[key])
-        ids, valid = _pad(unique, self.pad_id, left=True, device=device)
-        steps = max(budgets)
-        cache = self.model.new_cache(len(unique), ids.shape[1] + steps)
-        positions = (valid.cumsum(1) - 1).clamp(min=0)
-        hidden = self.model.hidden(ids, attention_mask=valid, position_ids=positions, cache=cache)
-        rows = torch.tensor(first, device=device)
-        logits = self.model.lm_head(hidden[:, -1]).index_select(0, rows)
-        cache = cache.select(rows)
-        next_pos = positions[:, -1].index_select(0, rows) + 1
-        origin = torch.tensor(todo, device=device)  # prompt index of each batch row
-        budget = torch.tensor([budgets[i] for i in todo], device=device)
-        history = torch.full((len(todo), steps), self.pad_id, dtype=torch.long, device=device)
-        alive = torch.ones(len(todo), dtype=torch.bool, device=device)
-        for t in range(steps):
-            live = alive.nonzero().squeeze(1)
-            tokens = torch.full_like(alive, self.pad_id, dtype=torch.long)
-            tokens[live] = self._pick(logits[live], history[live, :t], params, generator)
-            history[:, t] = tokens
-            finished = alive & ((tokens == self.eos_id) | (budget <= t + 1))
-            for r in finished.nonzero().squeeze(1).tolist():
-                out[int(origin[r])] = history[r, : t + 1].tolist()
-            alive &= ~finished
-            n_alive = int(alive.sum())
-            if n_alive == 0:
-                break
-            if 2 * n_alive <= len(alive):
-                keep = alive.nonzero().squeeze(1)
-                cache = cache.select(keep)
-                origin, budget, history, next_pos, tokens, alive = (
-                    x[keep] for x in (origin, budget, history, next_pos, tokens, alive)
-                )
-            logits = self.model(tokens[:, None], position_ids=next_pos[:, None], cache=cache)[:, -1]
-            next_pos += alive  # a finished row's position stays inside max_seq_len
-        return out
+        def prefill(unique: list[list[int]], steps: int):
+            ids, valid = pad_batch(unique, self.pad_id, left=True)
+            ids, valid = ids.to(self.device), valid.to(self.device)
+            cache = model.new_cache(len(unique), ids.shape[1] + steps)
+            positions = (valid.cumsum(1) - 1).clamp(min=0)
+            hidden = model.hidden(ids, attention_mask=valid, position_ids=positions, cache=cache)
+            return _TinyDecodeState(model, cache, positions[:, -1] + 1, limit), model.lm_head(hidden[:, -1]).float()
+
+        return decode(prompts, params, prefill, eos_id=self.eos_id, pad_id=self.pad_id,
+                      budgets=self._budgets(prompts, params), share_prompts=share_prompts)
 
     @torch.inference_mode()
     def generate_reference(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
         """`generate` without any of its speed-ups: every step recomputes the whole
         right-padded batch of unfinished sequences. Tests compare the two."""
         budgets = self._budgets(prompts, params)
-        generator = self._generator(params)
+        generator = None if params.seed is None else torch.Generator().manual_seed(params.seed)
         out: list[list[int]] = [[] for _ in prompts]
         active = [i for i, b in enumerate(budgets) if b > 0]
         while active:
-            ids, mask = _pad([prompts[i] + out[i] for i in active], self.pad_id, left=False, device=self.device)
-            logits = self.logits(ids, mask)[torch.arange(len(active)), mask.sum(1) - 1]
+            ids, mask = pad_batch([prompts[i] + out[i] for i in active], self.pad_id)
+            logits = self.logits(ids, mask)[torch.arange(len(active)), mask.sum(1) - 1].float()
             history = torch.tensor([out[i] for i in active], dtype=torch.long, device=self.device)
-            tokens = self._pick(logits, history.view(len(active), -1), params, generator).tolist()
+            if params.logits_processor is not None:
+                logits = params.logits_processor(logits, history.view(len(active), -1))
+            tokens = sample_tokens(logits, params.temperature, params.top_p, generator).tolist()
             for i, tok in zip(active, tokens):
                 out[i].append(tok)
             active = [i for i in active if out[i][-1] != self.eos_id and len(out[i]) < budgets[i]]

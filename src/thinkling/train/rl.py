@@ -25,7 +25,7 @@ from thinkling.algorithms import (
     rl_knobs,
 )
 from thinkling.errors import ThinklingError
-from thinkling.models.base import SamplingParams
+from thinkling.models.base import SamplingParams, pad, pad_batch
 from thinkling.models.logprobs import first_loss_position, sequence_logprobs, token_logprobs
 from thinkling.progress import console
 from thinkling.rewards import RewardSpec, compute_rewards
@@ -86,14 +86,8 @@ def build_batch(groups: list[Group], advantages: torch.Tensor, pad_id: int) -> B
             seqs.append(g.prefix + c.ids)
             masks.append([0] * len(g.prefix) + [1] * len(c.ids))
             advs.append(float(advantages[gi, ci]))
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(seqs), T), dtype=torch.long)
-    loss_mask = torch.zeros((len(seqs), T), dtype=torch.float32)
-    for i, (s, m) in enumerate(zip(seqs, masks)):
-        ids[i, : len(s)] = torch.tensor(s)
-        attn[i, : len(s)] = 1
-        loss_mask[i, : len(s)] = torch.tensor(m, dtype=torch.float32)
+    ids, attn = pad_batch(seqs, pad_id)
+    loss_mask = pad(masks, 0.0, dtype=torch.float32)
     return Batch(ids, attn, loss_mask[:, 1:], torch.tensor(advs))
 
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from thinkling.errors import ThinklingError
+from thinkling.models.base import pad, pad_batch
 from thinkling.rollout.prompts import prompt_ids
 from thinkling.train.common import lr_at, make_optimizer, set_lr, step_generator, weights_changed
 
@@ -32,16 +33,8 @@ def make_example(policy, prompt: list[int], completion: str, token_weights: list
 
 def collate(examples: list[Example], pad_id: int):
     """Right-pad a batch: input ids, attention mask, per-token target weights."""
-    T = max(len(e.ids) for e in examples)
-    ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(examples), T), dtype=torch.long)
-    weights = torch.zeros((len(examples), T))
-    for i, e in enumerate(examples):
-        n = len(e.ids)
-        ids[i, :n] = torch.tensor(e.ids)
-        mask[i, :n] = 1
-        weights[i, :n] = torch.tensor(e.weights)
-    return ids, mask, weights
+    ids, mask = pad_batch([e.ids for e in examples], pad_id)
+    return ids, mask, pad([e.weights for e in examples], 0.0, dtype=torch.float32)
 
 
 def weighted_ce(logits: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,

@@ -1,0 +1,149 @@
+"""Batched sampling for rollouts, one loop for every backend.
+
+A backend supplies `prefill(prompts, steps) -> (state, logits)` for its distinct
+prompts and a `DecodeState` that feeds one token per row and can keep or repeat
+rows; `decode` does the rest, the same way for the tiny model and for Hugging
+Face models:
+
+- GRPO asks for G completions of each prompt: each distinct prompt (or BREAD
+  prompt + anchor) is prefilled once and its state copied to its duplicates;
+- rows that finish are fed padding until a quarter of the batch has finished,
+  then the state is compacted to the live rows (one gather, so done rarely);
+- `sample_tokens` draws every row's token in one call.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from thinkling.models.base import SamplingParams
+
+COMPACT_FRACTION = 0.25  # compact the batch once this share of its rows has finished
+
+
+class DecodeState(Protocol):
+    """A backend's per-row decoding state (KV cache, positions) for a batch of rows."""
+
+    def select(self, rows: torch.Tensor) -> DecodeState:
+        """The state of `rows` (repeat a row to duplicate a prompt, omit it to drop it)."""
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row `[B]`; returns the next-token logits `[B, V]` (float32)."""
+
+
+Prefill = Callable[[list[list[int]], int], tuple[DecodeState, torch.Tensor]]
+
+
+def decode(prompts: list[list[int]], params: SamplingParams, prefill: Prefill, *, eos_id: int, pad_id: int,
+           budgets: list[int] | None = None, share_prompts: bool = True) -> list[list[int]]:
+    """One completion per prompt (ending with eos if emitted), sampled in one batch.
+
+    `prefill(unique_prompts, steps)` returns the state of the distinct prompts and their
+    first-token logits; `steps` is the most new tokens any row may take. `budgets[i]` caps
+    prompt i's new tokens (default: `params.max_new_tokens`); `share_prompts=False`
+    prefills every row (for tests and benchmarks).
+    """
+    params.validate()
+    budgets = [params.max_new_tokens] * len(prompts) if budgets is None else budgets
+    out: list[list[int]] = [[] for _ in prompts]
+    todo = [i for i, b in enumerate(budgets) if b > 0]
+    if not todo:
+        return out
+    row_of: dict = {}
+    unique, first = [], []
+    for i in todo:
+        key = tuple(prompts[i]) if share_prompts else i
+        if key not in row_of:
+            row_of[key] = len(unique)
+            unique.append(prompts[i])
+        first.append(row_of[key])
+    steps = max(budgets[i] for i in todo)
+    state, logits = prefill(unique, steps)
+    device = logits.device
+    rows = torch.tensor(first, device=device)
+    state, logits = state.select(rows), logits.index_select(0, rows)
+    generator = None if params.seed is None else torch.Generator(device=device).manual_seed(params.seed)
+
+    def pick(logits: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
+        if params.logits_processor is not None:
+            logits = params.logits_processor(logits, history)
+        return sample_tokens(logits, params.temperature, params.top_p, generator)
+
+    origin = torch.tensor(todo, device=device)  # prompt index of each batch row
+    budget = torch.tensor([budgets[i] for i in todo], device=device)
+    history = torch.full((len(todo), steps), pad_id, dtype=torch.long, device=device)
+    alive = torch.ones(len(todo), dtype=torch.bool, device=device)
+    for t in range(steps):
+        if bool(alive.all()):
+            tokens = pick(logits, history[:, :t])
+        else:
+            live = alive.nonzero().squeeze(1)
+            tokens = torch.full_like(origin, pad_id)
+            tokens[live] = pick(logits[live], history[live, :t])
+        history[:, t] = tokens
+        finished = alive & ((tokens == eos_id) | (budget <= t + 1))
+        if bool(finished.any()):
+            for r in finished.nonzero().squeeze(1).tolist():
+                out[int(origin[r])] = history[r, : t + 1].tolist()
+            alive &= ~finished
+            n_alive = int(alive.sum())
+            if n_alive == 0:
+                break
+            if len(alive) - n_alive >= COMPACT_FRACTION * len(alive):
+                keep = alive.nonzero().squeeze(1)
+                state = state.select(keep)
+                origin, budget, history, tokens, alive = (x[keep] for x in (origin, budget, history, tokens, alive))
+        logits = state.step(tokens)
+    return out
+
+
+def sample_tokens(
+    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """One token per row of `logits [B, V]`: argmax at temperature 0, else a draw from
+    softmax(logits / temperature) restricted to the top-p nucleus (the smallest set of
+    most likely tokens with mass >= top_p, renormalised).
+
+    The draw inverts the CDF with one uniform per row: the same distribution as
+    `torch.multinomial`, whose exponential draws over a 49k vocabulary cost more
+    than a decode step's attention.
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float()
+    probs = torch.softmax(logits if temperature == 1 else logits / temperature, dim=-1)
+    order = None
+    if top_p < 1:
+        probs, order = probs.sort(dim=-1, descending=True)
+        probs[(probs.cumsum(dim=-1) - probs) >= top_p] = 0
+    u = torch.rand(probs.shape[0], 1, dtype=torch.float64, generator=generator, device=probs.device)
+    tokens = _invert_cdf(probs, u)
+    return tokens if order is None else order.gather(1, tokens[:, None]).squeeze(1)
+
+
+def _invert_cdf(probs: torch.Tensor, u: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """The token whose CDF interval holds `u * total mass`, per row.
+
+    Two levels, in float64: pick the block of `block` tokens from the cumulative
+    block masses, then the token inside it. A float64 cumsum over the whole
+    vocabulary costs ~10x more (it is sequential); a float32 one would shift
+    rare tokens' probabilities by ~1e-5.
+    """
+    B, V = probs.shape
+    blocks = F.pad(probs, (0, -V % block)).view(B, -1, block)
+    mass = blocks.sum(dim=-1, dtype=torch.float64)
+    ends = mass.cumsum(dim=-1)
+    target = u * ends[:, -1:]
+    b = torch.searchsorted(ends, target, right=True).clamp(max=ends.shape[1] - 1)
+    start = ends.gather(1, b) - mass.gather(1, b)
+    inside = blocks[torch.arange(B, device=probs.device), b.squeeze(1)].double().cumsum(dim=-1) + start
+    i = torch.searchsorted(inside, target, right=True).clamp(max=block - 1)
+    tokens = (b * block + i).squeeze(1)
+    # float rounding at an interval edge can land on a zero-probability token: take the mode instead
+    bad = (tokens >= V) | (probs.gather(1, tokens.clamp(max=V - 1)[:, None]).squeeze(1) == 0)
+    if bool(bad.any()):
+        tokens[bad] = probs[bad].argmax(dim=-1)
+    return tokens

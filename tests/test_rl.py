@@ -266,3 +266,41 @@ def test_bf16_update_and_skipped_prompt_logits_keep_the_loss(tiny_policy):
     g16 = torch.autograd.grad(bf16, list(tiny_policy.model.parameters()))
     flat32, flat16 = torch.cat([g.flatten() for g in g32]), torch.cat([g.flatten() for g in g16])
     assert torch.nn.functional.cosine_similarity(flat32, flat16, dim=0) > 0.98
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.7])
+def test_trainer_logprobs_are_those_of_the_sampling_temperature(tiny_policy, temperature):
+    """Rollouts sampled at T come from softmax(logits / T): the trainer's log-probs of the sampled
+    tokens must be that distribution's, not the T = 1 one (checked against sampled frequencies)."""
+    import copy
+
+    from thinkling.models.base import SamplingParams
+    from thinkling.models.logprobs import sequence_logprobs
+
+    tiny_policy = copy.deepcopy(tiny_policy)
+    with torch.no_grad():  # a peaked next-token distribution, so the temperature matters
+        tiny_policy.model.lm_head.weight.mul_(5)
+    prompt = tiny_policy.encode_prompt("12 +3 -4\n")
+    n = 6000
+    firsts = [ids[0] for ids in tiny_policy.generate([prompt] * n, SamplingParams(1, temperature, 1.0, None, seed=3))]
+    freq = torch.bincount(torch.tensor(firsts), minlength=tiny_policy.model.config.vocab_size).float() / n
+    top = torch.topk(freq, 3).indices
+    ids = torch.tensor([prompt + [int(t)] for t in top])
+    mask = torch.ones_like(ids)
+    at_t = sequence_logprobs(tiny_policy, ids, mask, temperature=temperature)[:, -1].exp()
+    at_1 = sequence_logprobs(tiny_policy, ids, mask)[:, -1].exp()
+    tolerance = 4 * (freq[top] * (1 - freq[top]) / n).sqrt() + 1e-3
+    assert ((at_t - freq[top]).abs() <= tolerance).all(), (at_t, freq[top])
+    assert ((at_1 - freq[top]).abs() > tolerance).any()  # the unscaled log-probs are measurably wrong
+    # the trainer's update uses the same scaled log-probs
+    knobs = _knobs()
+    batch = build_batch([Group(None, prompt, [_comp([int(t)]) for t in top])], torch.zeros(1, 3), tiny_policy.pad_id)
+    _, _, logits = minibatch_loss(tiny_policy, batch, slice(None), knobs, max_len=1, temperature=temperature)
+    scaled = torch.log_softmax(logits[:, -2].float(), -1).gather(1, top[:, None]).squeeze(1).exp()
+    assert torch.allclose(scaled, at_t, atol=1e-5)
+
+
+def _comp(ids):
+    from thinkling.rollout.scoring import Completion
+
+    return Completion("", ids, False, None, False)

@@ -31,10 +31,15 @@ def first_loss_position(loss_mask: torch.Tensor) -> int:
 
 
 def sequence_logprobs(policy: Policy, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      keep_from: int = 0) -> torch.Tensor:
+                      keep_from: int = 0, temperature: float = 1.0) -> torch.Tensor:
     """log p(x_t | x_<t) for t = 1..T-1 of a right-padded batch, `[B, T-1]`; 0 where x_t is padding
-    and for t <= `keep_from` (positions the caller does not need, never computed)."""
+    and for t <= `keep_from` (positions the caller does not need, never computed).
+
+    `temperature` scales the logits first: the log-probs of the distribution a sampler at
+    that temperature drew from, which is the policy RL optimises."""
     logits = policy.logits(input_ids, attention_mask, keep_from=keep_from)[:, :-1]
+    if temperature != 1.0:
+        logits = logits / temperature
     targets = input_ids[:, keep_from + 1 :].to(logits.device)
     logprobs = F.pad(token_logprobs(logits, targets), (keep_from, 0))
     return logprobs.masked_fill(attention_mask[:, 1:].to(logits.device) == 0, 0.0)

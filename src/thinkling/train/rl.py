@@ -192,6 +192,7 @@ class RLTrainer:
                 rows = order[start : start + mb]
                 with autocast:
                     loss, stats, _ = minibatch_loss(self.policy, batch, rows, k, max_len=c.max_new_tokens,
+                                                    temperature=c.temperature,
                                                     old_logp=None if reuse_old else old_logp[rows],
                                                     ref_logp=None if ref_logp is None else ref_logp[rows])
                 self.optimizer.zero_grad(set_to_none=True)
@@ -210,7 +211,7 @@ class RLTrainer:
 
     def _logp(self, policy, batch: Batch, rows, device) -> torch.Tensor:
         return sequence_logprobs(policy, batch.ids[rows].to(device), batch.attention_mask[rows].to(device),
-                                 keep_from=first_loss_position(batch.loss_mask[rows]))
+                                 keep_from=first_loss_position(batch.loss_mask[rows]), temperature=self.cfg.temperature)
 
     # --------------------------------------------------------------------- step
     def step(self, step: int, total_steps: int) -> tuple[dict, list[Group]]:
@@ -328,16 +329,21 @@ def level_metrics(groups: list[Group], levels: tuple[str, ...]) -> dict:
     return out
 
 
-def minibatch_loss(policy, batch: Batch, rows, knobs: Knobs, *, max_len: int, old_logp=None, ref_logp=None):
+def minibatch_loss(policy, batch: Batch, rows, knobs: Knobs, *, max_len: int, old_logp=None, ref_logp=None,
+                   temperature: float = 1.0):
     """The clipped policy loss of some rows of a batch; returns (loss, stats, logits), the logits
-    of positions `first_loss_position(batch.loss_mask[rows])` onwards.
+    of positions `first_loss_position(batch.loss_mask[rows])` onwards, divided by `temperature`.
 
     `old_logp=None` means π_old is the current policy (μ = 1): the ratio is exactly 1.
+    `temperature` is the one the rollouts were sampled at: the policy being trained is
+    softmax(logits / T), so its log-probs (and entropy) come from the scaled logits.
     """
     device = next(policy.model.parameters()).device
     ids = batch.ids[rows].to(device)
     start = first_loss_position(batch.loss_mask[rows])  # logits before it are never needed
     logits = policy.logits(ids, batch.attention_mask[rows].to(device), keep_from=start)
+    if temperature != 1.0:
+        logits = logits / temperature
     logp = F.pad(token_logprobs(logits[:, :-1], ids[:, start + 1 :]), (start, 0))
     entropy = F.pad(entropy_from_logits(logits[:, :-1]), (start, 0)) if knobs.entropy_coef > 0 else None
     loss, stats = policy_loss(

@@ -38,7 +38,7 @@ CACHE = Path.home() / ".cache" / "thinkling" / "bench" / "light-sft"
 
 
 class NoReuse:
-    """A policy whose generate prefills every row, even the G copies of one prompt."""
+    """A policy whose sampler prefills every row, even the G copies of one prompt."""
 
     def __init__(self, policy):
         self._policy = policy
@@ -46,8 +46,8 @@ class NoReuse:
     def __getattr__(self, name):
         return getattr(self._policy, name)
 
-    def generate(self, prompts, params):
-        return self._policy.generate(prompts, params, share_prompts=False)
+    def sample(self, prompts, params):
+        return self._policy.sample(prompts, params, share_prompts=False)
 
 
 def checkpoint(init: str | None) -> str:

@@ -261,3 +261,28 @@ def test_shifted_bf16_head_is_precise_near_the_top():
     top = exact.topk(5, dim=-1).indices
     err = lambda x: (x.gather(1, top) - exact.gather(1, top)).abs().max()
     assert err(shifted) <= err(inputs_only) + 0.01 < err(plain)
+
+
+def test_engine_logprobs_are_the_trainers_in_fp32_and_drift_in_bf16():
+    """The engine records each sampled token's log-prob: in fp32 they equal the training forward's;
+    with bf16 rollout weights they differ a little, which `offpolicy/kl` measures."""
+    from thinkling.models.logprobs import sequence_logprobs
+    from thinkling.train.rl import sampler_correction
+
+    model = make_model()
+    policy = _policy(model)
+    params = SamplingParams(max_new_tokens=10, temperature=0.8, seed=4)
+    drift = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        samples = engine(model, dtype=dtype).sample(PROMPTS, params)
+        gaps = []
+        for prompt, s in zip(PROMPTS, samples):
+            ids = torch.tensor([prompt + s.ids])
+            trainer = sequence_logprobs(policy, ids, torch.ones_like(ids), temperature=0.8)[0, len(prompt) - 1:]
+            gaps.append(torch.tensor(s.logprobs) - trainer)
+        gap = torch.cat(gaps)
+        drift[dtype] = gap
+        _, stats = sampler_correction(-gap[None], torch.zeros(1, len(gap)), torch.ones(1, len(gap)), cap=2.0)
+        assert stats["offpolicy/ratio_max"] >= 1.0
+    assert drift[torch.float32].abs().max() < 1e-4
+    assert drift[torch.bfloat16].abs().max() > drift[torch.float32].abs().max()

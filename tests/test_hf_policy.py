@@ -331,8 +331,10 @@ def test_vllm_generator_is_used_and_gets_trained_weights(monkeypatch, base_dir):
         def __init__(self, path, dtype, **kw):
             built.append((path, dtype))
 
-        def generate(self, prompts, params):
-            return [[EOS] for _ in prompts]
+        def sample(self, prompts, params):
+            from thinkling.models.base import Sample
+
+            return [Sample([EOS]) for _ in prompts]
 
         def sync_weights(self, state):
             synced.append(state)

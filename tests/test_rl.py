@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -25,7 +26,9 @@ class AnchorNeedingPolicy:
         for name in ("encode_prompt", "encode_text", "decode", "eos_id", "pad_id", "model"):
             setattr(self, name, getattr(base, name))
 
-    def generate(self, prompts, params):
+    def sample(self, prompts, params):
+        from thinkling.models.base import Sample
+
         self.calls += 1
         out = []
         for ids in prompts:
@@ -33,7 +36,7 @@ class AnchorNeedingPolicy:
             prompt, _, anchor = text.partition("\n")
             steps = anchor.count("\n")
             answer = self.answers[prompt + "\n"] if steps >= self.need else "x"
-            out.append(self.base.encode_text(f"A:{answer}") + [self.base.eos_id])
+            out.append(Sample(self.base.encode_text(f"A:{answer}") + [self.base.eos_id]))
         return out
 
 
@@ -130,13 +133,14 @@ def _rl_overrides(tmp, name, extra=()):
             "rl.save_every=2", "rl.lr=1e-3", "eval.max_new_tokens=12", *extra]
 
 
-def test_rl_resume_equals_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("extra", [["rl.bread.enabled=true", "rl.ppo_epochs=2", "rl.minibatches=2"],
+                                   ["rl.beta=0.5"]])  # the KL anchor is the run's start, also after a resume
+def test_rl_resume_equals_uninterrupted_run(tmp_path, extra):
     import shutil
 
     from thinkling import jobs
     from thinkling.models import load_policy
 
-    extra = ["rl.bread.enabled=true", "rl.ppo_epochs=2", "rl.minibatches=2"]
     jobs.run_rl(load_recipe("recipes/quickstart/grpo.yaml", _rl_overrides(tmp_path, "a", extra)))
     jobs.run_rl(load_recipe("recipes/quickstart/grpo.yaml", _rl_overrides(tmp_path, "b", extra)))
     b = tmp_path / "b"
@@ -149,7 +153,8 @@ def test_rl_resume_equals_uninterrupted_run(tmp_path):
         assert torch.equal(wa[name], wb[name]), name
     rows_a = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     rows_b = [json.loads(x) for x in (b / "metrics.jsonl").read_text().splitlines()]
-    key = lambda rows: [(r["step"], r.get("reward_mean"), r.get("bread/probe_groups")) for r in rows]  # noqa: E731
+    key = lambda rows: [(r["step"], r.get("reward_mean"), r.get("bread/probe_groups"), r.get("kl_mean"))  # noqa: E731
+                        for r in rows]
     assert key(rows_a) == key(rows_b)
 
 
@@ -304,3 +309,53 @@ def _comp(ids):
     from thinkling.rollout.scoring import Completion
 
     return Completion("", ids, False, None, False)
+
+
+def test_rl_logs_the_dynamics_of_every_update(tmp_path):
+    """KL to the starting policy, update size, entropy estimate, advantage shares, signal groups."""
+    from thinkling import jobs
+
+    jobs.run_rl(load_recipe("recipes/quickstart/grpo.yaml", _rl_overrides(tmp_path, "d", ["rl.steps=3", "rl.entropy_coef=0.01"])))
+    rows = [json.loads(x) for x in (tmp_path / "d" / "metrics.jsonl").read_text().splitlines()]
+    updates = [r for r in rows if "loss" in r]
+    assert updates, "no step updated the policy"
+    for r in updates:
+        for key in ("kl_mean", "update_norm_rel", "weight_norm", "entropy_estimate", "tokens/adv_pos_frac",
+                    "tokens/adv_neg_frac", "groups_with_signal", "offpolicy/kl", "offpolicy/ratio_max"):
+            assert key in r, key
+        assert 0 < r["update_norm_rel"] < 1 and r["entropy_estimate"] > 0
+        assert abs(r["tokens/adv_pos_frac"] + r["tokens/adv_neg_frac"] - 1) < 1e-6 or r["groups_with_signal"] < 1
+        assert abs(r["offpolicy/kl"]) < 1e-4  # fp32 sampler and trainer agree
+    assert updates[0]["kl_mean"] < 1e-6 if updates[0]["step"] == 1 else True  # step 1 samples from the start
+    assert updates[-1]["kl_mean"] > 0
+
+
+def test_sampler_logprobs_equal_the_trainers(tiny_policy):
+    """The log-probs the sampler records are those the trainer computes for the same tokens
+    (temperature applied; with top-p, of the renormalised nucleus, so never below)."""
+    from thinkling.models.base import SamplingParams
+    from thinkling.models.logprobs import sequence_logprobs
+
+    prompts = [tiny_policy.encode_prompt(t) for t in ("12 +3 -4\n", "7 -1\n")]
+    for temperature, top_p in ((0.7, 1.0), (1.0, 0.9)):
+        samples = tiny_policy.sample(prompts * 3, SamplingParams(12, temperature, top_p, None, seed=5))
+        for prompt, s in zip(prompts * 3, samples):
+            ids = torch.tensor([prompt + s.ids])
+            trainer = sequence_logprobs(tiny_policy, ids, torch.ones_like(ids), temperature=temperature)[0, len(prompt) - 1:]
+            if top_p == 1.0:
+                assert torch.allclose(torch.tensor(s.logprobs), trainer, atol=1e-5)
+            else:
+                assert (torch.tensor(s.logprobs) >= trainer - 1e-5).all()
+
+
+def test_truncated_importance_weights_by_hand():
+    from thinkling.train.rl import sampler_correction
+
+    old = torch.log(torch.tensor([[0.5, 0.2, 0.9]]))
+    sampler = torch.log(torch.tensor([[0.25, 0.4, 0.9]]))  # ratios 2, 0.5, 1
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    weights, stats = sampler_correction(old, sampler, mask, cap=1.5)
+    assert torch.allclose(weights[0, :2], torch.tensor([1.5, 0.5]))
+    assert stats["offpolicy/truncated_frac"] == 0.5 and abs(stats["offpolicy/ratio_max"] - 2.0) < 1e-6
+    assert abs(stats["offpolicy/kl"] - (-(math.log(2) + math.log(0.5)) / 2)) < 1e-6
+    assert sampler_correction(old, sampler, mask, cap=None)[0] is None

@@ -167,6 +167,8 @@ class RLConfig:
     save_every: int = 25
     samples_every: int = 10  # write sample generations every n steps
     bf16: bool = False  # bf16 autocast for the update's forward passes; weights, grads and AdamW stay fp32
+    kl_to_start: bool = True  # log KL(π‖π_start) each step (runs the frozen starting policy on the samples)
+    tis_cap: float | None = None  # truncated importance sampling for off-policy rollouts (bf16, vLLM): weight cap
 
     def validate(self, where: str = "rl") -> None:
         _at_least(self, where, 1, "steps", "prompts_per_step", "ppo_epochs", "minibatches", "max_new_tokens",
@@ -178,6 +180,7 @@ class RLConfig:
         _check(where, "grad_clip", self.grad_clip > 0, "> 0", self.grad_clip)
         _check(where, "temperature", self.temperature > 0, "> 0 (RL samples its rollouts)", self.temperature)
         _check(where, "top_p", 0 < self.top_p <= 1, "in (0, 1]", self.top_p)
+        _check(where, "tis_cap", self.tis_cap is None or self.tis_cap >= 1, ">= 1 (or null: off)", self.tis_cap)
 
 
 @dataclass

@@ -3,6 +3,7 @@ evaluates, and reports."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -107,9 +108,13 @@ def run_rl(cfg, resume: bool = False) -> dict:
     bread = " + BREAD" if cfg.rl.bread.enabled else ""
     console.print(f"RL ({cfg.rl.algorithm}{bread}): {cfg.rl.steps} steps × {cfg.rl.prompts_per_step} prompts "
                   f"× G={cfg.rl.group_size} -> {run.path}")
+    # The starting policy, rebuilt from the recipe (a resumed run's policy is a checkpoint, not the start).
+    start_model = dataclasses.replace(cfg.model, generator="engine", rollout_dtype=None)  # scored, never sampled
+    reference = build_policy(start_model, cfg.seed) if knobs.beta > 0 or cfg.rl.kl_to_start else None
     with bar("rl", cfg.rl.steps - start) as advance:
         trainer = train_rl(
             policy, task, problems, cfg.rl, knobs, seed=cfg.seed, run=run, start_step=start, optimizer=optimizer,
+            reference=reference,
             state=run.load_state(ckpt) if ckpt is not None else None,
             evaluate=_evaluator(policy, eval_task, eval_problems, cfg), eval_every=cfg.eval.every,
             progress=lambda step, m: advance(1, info=f"reward {m.get('reward_mean', 0):.2f} acc {m.get('accuracy', 0):.2f}"))

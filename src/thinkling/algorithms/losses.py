@@ -141,13 +141,15 @@ def policy_loss(
     entropy: torch.Tensor | None = None,
     entropy_coef: float = 0.0,
     max_len: int | None = None,
+    token_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The surrogate `loss` (default: the clipped one) plus optional KL and entropy terms, aggregated.
 
     Per token: ℓ_t = surrogate_t + β·KL_t − entropy_coef·H_t, then `agg_loss(ℓ, mask, aggregation, max_len)`.
     `advantages` is `[B]` (one value per sequence); `old_logp`, `ref_logp` and the
     advantages are treated as constants. `ref_logp` is only needed when beta > 0;
-    when given, its KL is reported in the stats even at beta = 0.
+    when given, its KL is reported in the stats even at beta = 0. `token_weights` (constants,
+    e.g. truncated importance weights for off-policy samples) multiply the surrogate per token.
 
     Stats (floats, token means over the mask): the surrogate's, `kl_mean` when ref_logp is
     given, `entropy_mean` when entropy is given.
@@ -163,6 +165,8 @@ def policy_loss(
     old_logp = torch.where(mask, old_logp.detach(), 0.0)
     adv = advantages.detach().reshape(-1, 1)
     loss_mat, stats = POLICY_LOSSES[loss](logp, old_logp, adv, mask, eps_low=eps_low, eps_high=eps_high)
+    if token_weights is not None:
+        loss_mat = loss_mat * torch.where(mask, token_weights.detach(), 0.0)
     if ref_logp is not None:
         kl = kl_penalty(logp, torch.where(mask, ref_logp.detach(), 0.0), kl_estimator)
         stats["kl_mean"] = _masked_mean(kl, mask)

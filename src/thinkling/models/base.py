@@ -44,6 +44,16 @@ class SamplingParams:
             raise ThinklingError(f"sampling 'top_p': must be in (0, 1] (got {self.top_p!r})")
 
 
+@dataclass
+class Sample:
+    """One sampled completion: its token ids (ending with eos if emitted) and the sampler's
+    log-probability of each, under the distribution it drew from (temperature, top-p and
+    logits processor applied). `logprobs` is None when the backend cannot report them."""
+
+    ids: list[int]
+    logprobs: list[float] | None = None
+
+
 @runtime_checkable
 class Policy(Protocol):
     """A trainable language model with its tokenizer."""
@@ -63,6 +73,9 @@ class Policy(Protocol):
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep_from: int = 0) -> torch.Tensor:
         """Next-token logits of positions `keep_from..T-1`, `[B, T - keep_from, V]`, for a right-padded batch."""
+
+    def sample(self, prompts: list[list[int]], params: SamplingParams) -> list[Sample]:
+        """One completion per prompt, with the sampler's per-token log-probs when it has them."""
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
         """One completion per prompt: generated ids, ending with eos_id if it was emitted."""

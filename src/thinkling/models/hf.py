@@ -22,7 +22,7 @@ import torch
 import transformers
 
 from thinkling.errors import ThinklingError
-from thinkling.models.base import LogitsProcessor, SamplingParams, pad_batch
+from thinkling.models.base import LogitsProcessor, Sample, SamplingParams, pad_batch
 from thinkling.models.hf_engine import RolloutEngine, unsupported_reason
 from thinkling.models.registry import gguf_load_kwargs, load_from_hub, resolve_model
 from thinkling.models import vllm_backend
@@ -224,13 +224,17 @@ class HFPolicy:
         return out.logits
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
-        """One completion per prompt, ending at the first eos (kept).
+        return [s.ids for s in self.sample(prompts, params)]
+
+    def sample(self, prompts: list[list[int]], params: SamplingParams) -> list[Sample]:
+        """One completion per prompt, ending at the first eos (kept), with the sampler's log-probs.
 
         Runs the rollout engine (thinkling.models.hf_engine: shared prompt
         prefill, preallocated KV cache, finished rows dropped) when it supports
-        the model, else transformers' `generate` (`generate_reference`). Both
-        sample the same distribution; `rollout_dtype = "bfloat16"` makes the
-        engine decode with bf16 weights (faster on CPUs with AVX-512-bf16, approximate).
+        the model, else transformers' `generate` (`generate_reference`, no log-probs).
+        Both sample the same distribution; `rollout_dtype = "bfloat16"` makes the
+        engine decode with bf16 weights (faster on CPUs with AVX-512-bf16, approximate:
+        the log-probs then are the bf16 sampler's, which the trainer can correct for).
         With `use_vllm()`, vLLM generates, except under a per-step logits processor
         (budget forcing, temperature-scaled stopping), which vLLM does not run.
         """
@@ -238,11 +242,11 @@ class HFPolicy:
             if self._vllm_stale:
                 self.vllm.sync_weights(self.plain_state_dict())
                 self._vllm_stale = False
-            return self.vllm.generate(prompts, params)
+            return self.vllm.sample(prompts, params)
         engine = self.rollout_engine()
         if engine is None:
-            return self.generate_reference(prompts, params)
-        return engine.generate(prompts, params)
+            return [Sample(ids) for ids in self.generate_reference(prompts, params)]
+        return engine.sample(prompts, params)
 
     def rollout_engine(self):
         """The engine for the current model and settings, or None when it cannot run this model."""

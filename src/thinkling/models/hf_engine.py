@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from thinkling.errors import ThinklingError
-from thinkling.models.base import SamplingParams, pad_batch
+from thinkling.models.base import Sample, SamplingParams, pad_batch
 from thinkling.models.sampling import decode
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -331,9 +331,13 @@ class RolloutEngine:
         return w.head(hidden).float()
 
     # ------------------------------------------------------------ generate
-    @torch.inference_mode()
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
-        """One completion per prompt: generated ids, ending with eos if it was emitted (`sampling.decode`)."""
+        return [s.ids for s in self.sample(prompts, params)]
+
+    @torch.inference_mode()
+    def sample(self, prompts: list[list[int]], params: SamplingParams) -> list[Sample]:
+        """One completion per prompt, ending with eos if it was emitted, with the sampler's
+        per-token log-probs (`sampling.decode`)."""
         for i, p in enumerate(prompts):
             if not p:
                 raise ThinklingError(f"generate: prompt {i} is empty")

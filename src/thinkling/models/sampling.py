@@ -19,7 +19,7 @@ from typing import Callable, Protocol
 import torch
 import torch.nn.functional as F
 
-from thinkling.models.base import SamplingParams
+from thinkling.models.base import Sample, SamplingParams
 
 COMPACT_FRACTION = 0.25  # compact the batch once this share of its rows has finished
 
@@ -38,8 +38,9 @@ Prefill = Callable[[list[list[int]], int], tuple[DecodeState, torch.Tensor]]
 
 
 def decode(prompts: list[list[int]], params: SamplingParams, prefill: Prefill, *, eos_id: int, pad_id: int,
-           budgets: list[int] | None = None, share_prompts: bool = True) -> list[list[int]]:
-    """One completion per prompt (ending with eos if emitted), sampled in one batch.
+           budgets: list[int] | None = None, share_prompts: bool = True) -> list[Sample]:
+    """One completion per prompt (ending with eos if emitted), sampled in one batch, with the
+    log-probability of each token under the distribution it was drawn from.
 
     `prefill(unique_prompts, steps)` returns the state of the distinct prompts and their
     first-token logits; `steps` is the most new tokens any row may take. `budgets[i]` caps
@@ -48,7 +49,7 @@ def decode(prompts: list[list[int]], params: SamplingParams, prefill: Prefill, *
     """
     params.validate()
     budgets = [params.max_new_tokens] * len(prompts) if budgets is None else budgets
-    out: list[list[int]] = [[] for _ in prompts]
+    out = [Sample([], []) for _ in prompts]
     todo = [i for i, b in enumerate(budgets) if b > 0]
     if not todo:
         return out
@@ -67,27 +68,28 @@ def decode(prompts: list[list[int]], params: SamplingParams, prefill: Prefill, *
     state, logits = state.select(rows), logits.index_select(0, rows)
     generator = None if params.seed is None else torch.Generator(device=device).manual_seed(params.seed)
 
-    def pick(logits: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
+    def pick(logits: torch.Tensor, history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if params.logits_processor is not None:
             logits = params.logits_processor(logits, history)
-        return sample_tokens(logits, params.temperature, params.top_p, generator)
+        return sample_tokens(logits, params.temperature, params.top_p, generator, with_logprobs=True)
 
     origin = torch.tensor(todo, device=device)  # prompt index of each batch row
     budget = torch.tensor([budgets[i] for i in todo], device=device)
     history = torch.full((len(todo), steps), pad_id, dtype=torch.long, device=device)
+    history_logp = torch.zeros((len(todo), steps), dtype=torch.float32, device=device)
     alive = torch.ones(len(todo), dtype=torch.bool, device=device)
     for t in range(steps):
         if bool(alive.all()):
-            tokens = pick(logits, history[:, :t])
+            tokens, logp = pick(logits, history[:, :t])
         else:
             live = alive.nonzero().squeeze(1)
-            tokens = torch.full_like(origin, pad_id)
-            tokens[live] = pick(logits[live], history[live, :t])
-        history[:, t] = tokens
+            tokens, logp = torch.full_like(origin, pad_id), torch.zeros(len(origin), device=device)
+            tokens[live], logp[live] = pick(logits[live], history[live, :t])
+        history[:, t], history_logp[:, t] = tokens, logp
         finished = alive & ((tokens == eos_id) | (budget <= t + 1))
         if bool(finished.any()):
             for r in finished.nonzero().squeeze(1).tolist():
-                out[int(origin[r])] = history[r, : t + 1].tolist()
+                out[int(origin[r])] = Sample(history[r, : t + 1].tolist(), history_logp[r, : t + 1].tolist())
             alive &= ~finished
             n_alive = int(alive.sum())
             if n_alive == 0:
@@ -95,33 +97,41 @@ def decode(prompts: list[list[int]], params: SamplingParams, prefill: Prefill, *
             if len(alive) - n_alive >= COMPACT_FRACTION * len(alive):
                 keep = alive.nonzero().squeeze(1)
                 state = state.select(keep)
-                origin, budget, history, tokens, alive = (x[keep] for x in (origin, budget, history, tokens, alive))
+                origin, budget, history, history_logp, tokens, alive = (
+                    x[keep] for x in (origin, budget, history, history_logp, tokens, alive))
         logits = state.step(tokens)
     return out
 
 
-def sample_tokens(
-    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None = None
-) -> torch.Tensor:
+def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None = None,
+                  with_logprobs: bool = False):
     """One token per row of `logits [B, V]`: argmax at temperature 0, else a draw from
     softmax(logits / temperature) restricted to the top-p nucleus (the smallest set of
     most likely tokens with mass >= top_p, renormalised).
 
     The draw inverts the CDF with one uniform per row: the same distribution as
     `torch.multinomial`, whose exponential draws over a 49k vocabulary cost more
-    than a decode step's attention.
+    than a decode step's attention. `with_logprobs` also returns each drawn token's
+    log-probability under that distribution (under softmax(logits) for argmax).
     """
-    if temperature == 0:
-        return logits.argmax(dim=-1)
     logits = logits.float()
+    if temperature == 0:
+        tokens = logits.argmax(dim=-1)
+        if not with_logprobs:
+            return tokens
+        return tokens, torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None]).squeeze(1)
     probs = torch.softmax(logits if temperature == 1 else logits / temperature, dim=-1)
     order = None
     if top_p < 1:
         probs, order = probs.sort(dim=-1, descending=True)
         probs[(probs.cumsum(dim=-1) - probs) >= top_p] = 0
     u = torch.rand(probs.shape[0], 1, dtype=torch.float64, generator=generator, device=probs.device)
-    tokens = _invert_cdf(probs, u)
-    return tokens if order is None else order.gather(1, tokens[:, None]).squeeze(1)
+    picked = _invert_cdf(probs, u)
+    tokens = picked if order is None else order.gather(1, picked[:, None]).squeeze(1)
+    if not with_logprobs:
+        return tokens
+    mass = probs.sum(dim=-1) if top_p < 1 else 1.0  # the nucleus is renormalised
+    return tokens, (probs.gather(1, picked[:, None]).squeeze(1) / mass).log()
 
 
 def _invert_cdf(probs: torch.Tensor, u: torch.Tensor, block: int = 256) -> torch.Tensor:

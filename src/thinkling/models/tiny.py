@@ -20,7 +20,7 @@ from torch import nn
 
 from thinkling.errors import ThinklingError
 from thinkling.models.attention import KVCache, build_attention, check_attention, rope_table
-from thinkling.models.base import SamplingParams, pad_batch
+from thinkling.models.base import Sample, SamplingParams, pad_batch
 from thinkling.models.sampling import decode, sample_tokens
 from thinkling.models.tokenizer import CharTokenizer
 
@@ -292,8 +292,11 @@ class TinyPolicy:
                 raise ThinklingError(f"generate: prompt {i} has a token id outside the vocabulary")
         return [min(params.max_new_tokens, limit - len(p)) for p in prompts]
 
-    @torch.inference_mode()
     def generate(self, prompts: list[list[int]], params: SamplingParams, share_prompts: bool = True) -> list[list[int]]:
+        return [s.ids for s in self.sample(prompts, params, share_prompts)]
+
+    @torch.inference_mode()
+    def sample(self, prompts: list[list[int]], params: SamplingParams, share_prompts: bool = True) -> list[Sample]:
         """One completion per prompt (ending with eos if emitted), sampled in one batch by
         `sampling.decode`: each distinct prompt is prefilled once (left-padded, so every row
         writes its next token into the same cache slot), finished rows are dropped.

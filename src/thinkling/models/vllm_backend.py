@@ -17,7 +17,7 @@ from typing import Any, Iterable
 import torch
 
 from thinkling.errors import ThinklingError
-from thinkling.models.base import SamplingParams
+from thinkling.models.base import Sample, SamplingParams
 
 
 def _require_vllm() -> Any:
@@ -69,7 +69,15 @@ class VLLMGenerator:
         self.eos_id = self.llm.get_tokenizer().eos_token_id
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
-        """One completion per prompt, ending at the first eos (kept), like `HFPolicy.generate`."""
+        return [s.ids for s in self.sample(prompts, params)]
+
+    def sample(self, prompts: list[list[int]], params: SamplingParams) -> list[Sample]:
+        """One completion per prompt, ending at the first eos (kept), like `HFPolicy.sample`.
+
+        The log-probs are vLLM's for each sampled token (`logprobs=0`). vLLM's V1 engine reports
+        them before temperature and top-p unless it was started with
+        `logprobs_mode="processed_logprobs"` (pass it through `use_vllm(**engine_kwargs)`);
+        at temperature 1 and top_p 1 the two agree."""
         params.validate()
         if params.logits_processor is not None:
             raise ThinklingError(
@@ -87,6 +95,7 @@ class VLLMGenerator:
                 top_p=params.top_p if params.temperature > 0 else 1.0,
                 max_tokens=params.max_new_tokens,
                 seed=None if params.seed is None else params.seed + i,
+                logprobs=0,
                 detokenize=False,
             )
             for i in range(len(prompts))
@@ -97,9 +106,12 @@ class VLLMGenerator:
         completions = []
         for out in outputs:
             ids = list(out.outputs[0].token_ids)
+            per_token = getattr(out.outputs[0], "logprobs", None)
+            logprobs = [float(step[tok].logprob) for tok, step in zip(ids, per_token)] if per_token else None
             if self.eos_id in ids:
-                ids = ids[: ids.index(self.eos_id) + 1]
-            completions.append(ids)
+                n = ids.index(self.eos_id) + 1
+                ids, logprobs = ids[:n], None if logprobs is None else logprobs[:n]
+            completions.append(Sample(ids, logprobs))
         return completions
 
     def sync_weights(self, state_dict: dict[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> None:

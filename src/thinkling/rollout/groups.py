@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from thinkling.rollout.scoring import Completion, score
-from thinkling.models.base import SamplingParams
+from thinkling.models.base import Sample, SamplingParams
 from thinkling.rollout.prompts import anchor_text, prompt_ids
 from thinkling.tasks.base import Problem
 
@@ -45,7 +45,7 @@ def sample_groups(policy, task, requests: list[tuple[Problem, str | None, int]],
     """
     prefixes = [branch_prefix(policy, p, level, k) for p, level, k in requests]
     batch = [ids for ids, _ in prefixes for _ in range(group_size)]
-    outputs = policy.generate(batch, params)
+    outputs = policy.sample(batch, params)
     groups = []
     for i, ((problem, level, k), (ids, n_anchor)) in enumerate(zip(requests, prefixes)):
         outs = outputs[i * group_size : (i + 1) * group_size]
@@ -54,10 +54,10 @@ def sample_groups(policy, task, requests: list[tuple[Problem, str | None, int]],
     return groups
 
 
-def _score_branch(policy, task, problem: Problem, k: int, ids: list[int]) -> Completion:
+def _score_branch(policy, task, problem: Problem, k: int, sample: Sample) -> Completion:
     """Score the full solution (anchor + continuation); the completion ids stay the model's own."""
     if k == 0:
-        return score(policy, task, problem, ids)
-    text = anchor_text(problem, k) + policy.decode(ids)
+        return score(policy, task, problem, sample.ids, sample.logprobs)
+    text = anchor_text(problem, k) + policy.decode(sample.ids)
     verdict = task.verify(problem, text)
-    return Completion(text, ids, verdict.correct, verdict.extracted, task.format_ok(text))
+    return Completion(text, sample.ids, verdict.correct, verdict.extracted, task.format_ok(text), sample.logprobs)

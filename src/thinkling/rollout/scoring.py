@@ -16,16 +16,17 @@ class Completion:
     correct: bool
     extracted: str | None
     format_ok: bool
+    logprobs: list[float] | None = None  # the sampler's log-prob of each id (None: not recorded)
 
     @property
     def tokens(self) -> int:
         return len(self.ids)
 
 
-def score(policy, task: Task, problem: Problem, ids: list[int]) -> Completion:
+def score(policy, task: Task, problem: Problem, ids: list[int], logprobs: list[float] | None = None) -> Completion:
     text = policy.decode(ids)
     verdict = task.verify(problem, text)
-    return Completion(text, ids, verdict.correct, verdict.extracted, task.format_ok(text))
+    return Completion(text, ids, verdict.correct, verdict.extracted, task.format_ok(text), logprobs)
 
 
 def complete(policy, task: Task, problems: list[Problem], params: SamplingParams, *,

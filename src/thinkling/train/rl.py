@@ -8,7 +8,6 @@ holds one step's work (collect, update).
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass
 
@@ -75,35 +74,44 @@ class Batch:
     attention_mask: torch.Tensor
     loss_mask: torch.Tensor  # [B, T-1], aligned with next-token log-probs
     advantages: torch.Tensor  # [B]
+    sampler_logp: torch.Tensor | None = None  # [B, T-1]: the sampler's log-probs (None: not recorded)
 
 
 def build_batch(groups: list[Group], advantages: torch.Tensor, pad_id: int) -> Batch:
     """Sequences are prefix + completion; only completion tokens enter the loss (prefix and
     BREAD anchors are context), so they receive exactly zero gradient."""
-    seqs, masks, advs = [], [], []
+    seqs, masks, advs, logps = [], [], [], []
     for gi, g in enumerate(groups):
         for ci, c in enumerate(g.completions):
             seqs.append(g.prefix + c.ids)
             masks.append([0] * len(g.prefix) + [1] * len(c.ids))
             advs.append(float(advantages[gi, ci]))
+            logps.append(None if c.logprobs is None else [0.0] * len(g.prefix) + list(c.logprobs))
     ids, attn = pad_batch(seqs, pad_id)
     loss_mask = pad(masks, 0.0, dtype=torch.float32)
-    return Batch(ids, attn, loss_mask[:, 1:], torch.tensor(advs))
+    sampler = None if any(lp is None for lp in logps) else pad(logps, 0.0, dtype=torch.float32)[:, 1:]
+    return Batch(ids, attn, loss_mask[:, 1:], torch.tensor(advs), sampler)
 
 
 class RLTrainer:
-    """Holds the policy, the frozen reference (only when β > 0) and the optimizer."""
+    """Holds the policy, the frozen reference and the optimizer.
 
-    def __init__(self, policy, task, problems, cfg, knobs: Knobs, optimizer, *, seed: int):
+    `reference` is the policy the run started from (frozen): the KL anchor when β > 0, and
+    what `kl_mean` (KL(π‖π_start) on each step's samples) is measured against when
+    `rl.kl_to_start` is on. Without one (β = 0, kl_to_start off) no reference is run.
+    """
+
+    def __init__(self, policy, task, problems, cfg, knobs: Knobs, optimizer, *, seed: int, reference=None):
         self.policy, self.task, self.problems, self.cfg, self.knobs = policy, task, problems, cfg, knobs
         self.optimizer = optimizer
         self.seed = seed
         self.reward_spec = RewardSpec.from_dict(cfg.rewards)
-        self.ref = None
-        if knobs.beta > 0:  # β = 0 never builds a reference model
-            self.ref = copy.deepcopy(policy)
-            self.ref.model.requires_grad_(False)
-            self.ref.model.eval()
+        if knobs.beta > 0 and reference is None:
+            raise ThinklingError("rl.beta > 0 needs the reference policy (the run's starting policy)")
+        self.ref = reference
+        if reference is not None:
+            reference.model.requires_grad_(False)
+            reference.model.eval()
         self.anchor_memory: dict = {}
         self.totals = {"generated_tokens": 0, "anchor_tokens": 0, "anchor_trace_tokens": 0, "samples": 0}
 
@@ -164,10 +172,11 @@ class RLTrainer:
         c, k = self.cfg, self.knobs
         rewards = torch.tensor([grp.rewards for grp in groups])
         adv = compute_advantages(k.advantage, rewards)
+        signal = {"groups_with_signal": float(group_has_signal(rewards).float().mean())}
         if not adv.any() and k.beta == 0 and k.entropy_coef == 0:
             # No learning signal: the gradient is exactly zero, but an optimizer step would still
             # move the weights along Adam's momentum. Skip it.
-            return {"skipped_update": 1, "advantage_abs_mean": 0.0}
+            return {"skipped_update": 1, "advantage_abs_mean": 0.0, **signal}
         batch = build_batch(groups, adv, self.policy.pad_id)
         model = self.policy.model
         device = next(model.parameters()).device
@@ -182,6 +191,8 @@ class RLTrainer:
                 ref_logp = self._logp(self.ref, batch, slice(None), device)
         lr = lr_at(step, base_lr=c.lr, warmup=c.warmup_steps, total=total_steps, min_ratio=1.0)
         set_lr(self.optimizer, lr)
+        trained = [p for p in model.parameters() if p.requires_grad]
+        before = [p.detach().clone() for p in trained]
         model.train()
         stats_acc: dict[str, float] = {}
         updates = 0
@@ -192,7 +203,7 @@ class RLTrainer:
                 rows = order[start : start + mb]
                 with autocast:
                     loss, stats, _ = minibatch_loss(self.policy, batch, rows, k, max_len=c.max_new_tokens,
-                                                    temperature=c.temperature,
+                                                    temperature=c.temperature, tis_cap=c.tis_cap,
                                                     old_logp=None if reuse_old else old_logp[rows],
                                                     ref_logp=None if ref_logp is None else ref_logp[rows])
                 self.optimizer.zero_grad(set_to_none=True)
@@ -205,8 +216,8 @@ class RLTrainer:
         model.eval()
         weights_changed(self.policy)
         out = {key: v / max(1, updates) for key, v in stats_acc.items()}
-        out["lr"] = lr
-        out["advantage_abs_mean"] = adv.abs().mean().item()
+        out.update(signal, lr=lr, advantage_abs_mean=adv.abs().mean().item(), **advantage_shares(batch),
+                   **update_size(before, trained))
         return out
 
     def _logp(self, policy, batch: Batch, rows, device) -> torch.Tensor:
@@ -272,7 +283,7 @@ class RLTrainer:
 
 def train_rl(policy, task, problems, cfg, knobs: Knobs, *, seed: int, run=None, start_step: int = 0,
              optimizer=None, state: dict | None = None, evaluate=None, eval_every: int = 0,
-             progress=None) -> RLTrainer:
+             progress=None, reference=None) -> RLTrainer:
     """Train for `cfg.steps` RL steps (continuing from `start_step`), mirroring `train_sft`.
 
     Every step logs its metrics to `run`; every `cfg.samples_every` steps a few groups go to
@@ -280,10 +291,11 @@ def train_rl(policy, task, problems, cfg, knobs: Knobs, *, seed: int, run=None, 
     `eval_every` steps before the last (the caller evaluates the final policy); a checkpoint
     (policy, optimizer, trainer state) is written every `cfg.save_every` steps and at the end.
     Step N's prompts and samples depend only on (seed, N), so a resumed run repeats exactly
-    what an uninterrupted one does. Returns the trainer (its `totals` count generated tokens).
+    what an uninterrupted one does. `reference` is the run's starting policy (see `RLTrainer`).
+    Returns the trainer (its `totals` count generated tokens).
     """
     optimizer = optimizer or make_optimizer(policy.model, cfg.lr, cfg.weight_decay)
-    trainer = RLTrainer(policy, task, problems, cfg, knobs, optimizer, seed=seed)
+    trainer = RLTrainer(policy, task, problems, cfg, knobs, optimizer, seed=seed, reference=reference)
     if state:
         trainer.load_state(state)
     policy.model.eval()
@@ -330,26 +342,76 @@ def level_metrics(groups: list[Group], levels: tuple[str, ...]) -> dict:
 
 
 def minibatch_loss(policy, batch: Batch, rows, knobs: Knobs, *, max_len: int, old_logp=None, ref_logp=None,
-                   temperature: float = 1.0):
+                   temperature: float = 1.0, tis_cap: float | None = None):
     """The clipped policy loss of some rows of a batch; returns (loss, stats, logits), the logits
     of positions `first_loss_position(batch.loss_mask[rows])` onwards, divided by `temperature`.
 
     `old_logp=None` means π_old is the current policy (μ = 1): the ratio is exactly 1.
     `temperature` is the one the rollouts were sampled at: the policy being trained is
     softmax(logits / T), so its log-probs (and entropy) come from the scaled logits.
+    When the batch has the sampler's log-probs, the stats measure how far the sampler
+    (bf16 weights, vLLM) is from π_old, and `tis_cap` turns on truncated importance
+    sampling: each token's loss is weighted by min(π_old / π_sampler, tis_cap).
     """
     device = next(policy.model.parameters()).device
     ids = batch.ids[rows].to(device)
+    mask = batch.loss_mask[rows].to(device)
     start = first_loss_position(batch.loss_mask[rows])  # logits before it are never needed
     logits = policy.logits(ids, batch.attention_mask[rows].to(device), keep_from=start)
     if temperature != 1.0:
         logits = logits / temperature
     logp = F.pad(token_logprobs(logits[:, :-1], ids[:, start + 1 :]), (start, 0))
     entropy = F.pad(entropy_from_logits(logits[:, :-1]), (start, 0)) if knobs.entropy_coef > 0 else None
-    loss, stats = policy_loss(
-        logp, logp.detach() if old_logp is None else old_logp.to(device), batch.advantages[rows].to(device),
-        batch.loss_mask[rows].to(device), eps_low=knobs.eps_low, eps_high=knobs.eps_high,
+    old = logp.detach() if old_logp is None else old_logp.to(device)
+    weights, stats = None, {"entropy_estimate": -_token_mean(old, mask)}
+    if batch.sampler_logp is not None:
+        weights, offpolicy = sampler_correction(old, batch.sampler_logp[rows].to(device), mask, tis_cap)
+        stats.update(offpolicy)
+    loss, loss_stats = policy_loss(
+        logp, old, batch.advantages[rows].to(device), mask, eps_low=knobs.eps_low, eps_high=knobs.eps_high,
         aggregation=knobs.aggregation, loss=knobs.loss, ref_logp=None if ref_logp is None else ref_logp.to(device),
-        beta=knobs.beta, kl_estimator=knobs.kl_estimator, entropy=entropy,
-        entropy_coef=knobs.entropy_coef, max_len=max_len)
-    return loss, stats, logits
+        beta=knobs.beta, kl_estimator=knobs.kl_estimator, entropy=entropy, entropy_coef=knobs.entropy_coef,
+        max_len=max_len, token_weights=weights)
+    return loss, {**stats, **loss_stats}, logits
+
+
+def sampler_correction(old_logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor,
+                       cap: float | None) -> tuple[torch.Tensor | None, dict]:
+    """How far the sampler is from π_old on the sampled tokens, and the truncated importance weights.
+
+    Rollouts from bf16 weights or another engine (vLLM) are drawn from π_sampler, not π_old;
+    training on them as if on-policy biases the gradient. The weights min(π_old / π_sampler, cap)
+    (None without a cap) correct for it (truncated IS, as in verl's TIS). Stats: `offpolicy/kl`
+    (mean log π_sampler − log π_old, a k1 estimate of KL(π_sampler‖π_old)), `offpolicy/ratio_max`
+    and, with a cap, `offpolicy/truncated_frac` (share of tokens whose weight hit it).
+    """
+    on = mask != 0
+    log_ratio = torch.where(on, old_logp - sampler_logp, 0.0)
+    ratio = log_ratio.exp()
+    stats = {"offpolicy/kl": -_token_mean(log_ratio, on),
+             "offpolicy/ratio_max": float(ratio[on].max()) if bool(on.any()) else 1.0}
+    if cap is None:
+        return None, stats
+    stats["offpolicy/truncated_frac"] = _token_mean((ratio > cap).float(), on)
+    return ratio.clamp(max=cap).detach(), stats
+
+
+def advantage_shares(batch: Batch) -> dict:
+    """Share of trained tokens with positive / negative advantage: how much of an update pushes up
+    and how much pushes down (with a rare success, most tokens are pushed down)."""
+    on = batch.loss_mask != 0
+    sign = batch.advantages[:, None].expand_as(on)
+    return {"tokens/adv_pos_frac": _token_mean((sign > 0).float(), on),
+            "tokens/adv_neg_frac": _token_mean((sign < 0).float(), on)}
+
+
+def update_size(before: list[torch.Tensor], after: list[torch.Tensor]) -> dict:
+    """‖Δθ‖ / ‖θ‖ over the trained parameters for this step's optimizer steps, and ‖θ‖."""
+    delta = sum(float((a.detach() - b).pow(2).sum()) for a, b in zip(after, before)) ** 0.5
+    norm = sum(float(b.pow(2).sum()) for b in before) ** 0.5
+    return {"update_norm_rel": delta / max(norm, 1e-12), "weight_norm": norm}
+
+
+def _token_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
+    on = mask != 0
+    return float(torch.where(on, x, 0.0).sum() / on.sum().clamp(min=1))

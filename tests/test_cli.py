@@ -55,7 +55,8 @@ def test_existing_run_folder_is_never_overwritten(capsys, tmp_path):
     assert code == 2 and "already exists" in err
     assert (out / "metrics.jsonl").read_text() == before
     # the run folder holds everything a run promises
-    for name in ("config.yaml", "metrics.jsonl", "eval.json", "final/policy.json", "checkpoints/latest"):
+    for name in ("config.yaml", "metrics.jsonl", "eval.json", "final/policy.json", "checkpoints/latest", "report.md",
+                 "training.png", "heldout.png"):
         assert (out / name).exists(), name
     assert any((out / "tb").iterdir()) and any((out / "samples").iterdir())
 
@@ -63,3 +64,25 @@ def test_existing_run_folder_is_never_overwritten(capsys, tmp_path):
 def test_tasks_list_runs_as_a_program():
     out = subprocess.run([sys.executable, "-m", "thinkling.cli", "tasks", "list"], capture_output=True, text=True)
     assert out.returncode == 0 and "chain" in out.stderr + out.stdout
+
+
+def test_report_rebuilds_one_run_and_compares_several(capsys, tmp_path):
+    for name in ("a", "b"):
+        assert main(["sft", "recipes/chain-sft.yaml", f"output_dir={tmp_path / name}", *FAST, f"seed={len(name)}"]) == 0
+    (tmp_path / "a" / "report.md").unlink()
+    assert main(["report", str(tmp_path / "a")]) == 0
+    assert "| a |" in (tmp_path / "a" / "report.md").read_text()
+    code, err = _run(capsys, "report", str(tmp_path / "a"), str(tmp_path / "b"))
+    assert code == 2 and "--out" in err
+    assert main(["report", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "cmp")]) == 0
+    text = (tmp_path / "cmp" / "report.md").read_text()
+    assert "| a |" in text and "| b |" in text and (tmp_path / "cmp" / "training.png").exists()
+    code, err = _run(capsys, "report", str(tmp_path / "nope"))
+    assert code == 2 and "nope" in err
+
+
+def test_eval_writes_its_report_next_to_the_summary(tmp_path):
+    assert main(["sft", "recipes/chain-sft.yaml", f"output_dir={tmp_path / 'r'}", *FAST]) == 0
+    assert main(["eval", "--model", str(tmp_path / "r"), "--difficulty", "1", "--limit", "3", "--max-new-tokens", "6",
+                 "--out", str(tmp_path / "ev.json")]) == 0
+    assert "By difficulty" in (tmp_path / "ev.md").read_text()

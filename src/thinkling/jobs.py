@@ -14,6 +14,7 @@ from rich.table import Table
 from thinkling.config import ModelConfig
 from thinkling.errors import ThinklingError
 from thinkling.eval.evaluate import RowLog, eval_metrics, evaluate_policy, print_summary
+from thinkling.eval.report import eval_report, write_report
 from thinkling.eval.sweep import stop_sweep
 from thinkling.models import build_policy, load_policy, open_policy
 from thinkling.progress import bar, console
@@ -135,7 +136,10 @@ def finish(run: RunDir, policy, eval_task, eval_problems, cfg, step: int, extra:
     atomic_write_text(run.path / "eval.json", json.dumps(summary, indent=2))
     run.write_samples(step, rows[:200])
     run.close()
-    print_summary(summary, title=f"{run.path} — {eval_task.name} ({len(eval_problems)} problems)")
+    title = f"{run.path} — {eval_task.name} ({len(eval_problems)} problems)"
+    report = write_report({run.path.name: run.path}, run.path, title=title)
+    print_summary(summary, title=title)
+    console.print(f"report: {report}")
     return summary
 
 
@@ -164,9 +168,11 @@ def run_eval(model: str, eval_cfg, out: str | None, seed: int = 0, level: str | 
         saved = (f"{len(log.rows)} generations saved to {log.path}; rerun the same command to continue" if log
                  else "nothing saved (--out FILE keeps every generation)")
         raise KeyboardInterrupt(f"interrupted: {saved}") from None
+    title = f"{model} — {task.name} ({len(problems)} problems)"
     if out:
         atomic_write_text(out_path, json.dumps(summary, indent=2))
-    print_summary(summary, title=f"{model} — {task.name} ({len(problems)} problems)")
+        atomic_write_text(out_path.with_suffix(".md"), eval_report(summary, title))
+    print_summary(summary, title=title)
     return summary
 
 

@@ -18,6 +18,7 @@ from rich.table import Table
 from thinkling import jobs
 from thinkling.config import RunConfig, apply_overrides, build, load_yaml
 from thinkling.errors import ThinklingError
+from thinkling.eval.report import write_report
 from thinkling.progress import console
 from thinkling.runs import atomic_write_text
 
@@ -85,6 +86,7 @@ def run_pipeline(recipe: str, overrides: list[str] = (), resume: bool = False) -
                         "format_rate": summary["format_rate"], "mean_tokens": summary["mean_tokens"]})
         atomic_write_text(root / "summary.json", json.dumps(results, indent=2))
     _print(results, root)
+    write_report({name: Path(cfg.output_dir) for name, _, cfg in stages}, root, title=f"pipeline {root}: every stage")
     return results
 
 

@@ -23,20 +23,34 @@ def test_interrupted_eval_continues_where_it_stopped(tmp_path, tiny_policy):
     cfg = EvalConfig(name="chain", size=12, difficulty=[1, 2], seed=5, max_new_tokens=10, samples=2, batch_size=4)
     out = tmp_path / "ev.json"
     full = jobs.run_eval(str(tmp_path / "pol"), cfg, str(out))
-    rows = (tmp_path / "ev.jsonl").read_text().splitlines()
-    assert len(rows) == 12 * 3
+    header, *rows = (tmp_path / "ev.jsonl").read_text().splitlines()
+    assert '"settings"' in header and len(rows) == 12 * 3
     # interrupt: keep the first 10 rows and half a line
-    (tmp_path / "ev.jsonl").write_text("\n".join(rows[:10]) + "\n" + rows[10][:15])
+    (tmp_path / "ev.jsonl").write_text("\n".join([header, *rows[:10]]) + "\n" + rows[10][:15])
     again = jobs.run_eval(str(tmp_path / "pol"), cfg, str(out))
     assert again["accuracy"] == full["accuracy"] and again["mean_tokens"] == full["mean_tokens"]
-    kept = [json.loads(x) for x in (tmp_path / "ev.jsonl").read_text().splitlines()[:10]]
-    assert kept == [json.loads(x) for x in rows[:10]]
-    # a corrupt row in the middle is named, not skipped
     lines = (tmp_path / "ev.jsonl").read_text().splitlines()
+    assert len(lines) == 1 + 12 * 3 and [json.loads(x) for x in lines[1:11]] == [json.loads(x) for x in rows[:10]]
+    # a corrupt row in the middle is named, not skipped
     lines[3] = "garbage"
     (tmp_path / "ev.jsonl").write_text("\n".join(lines) + "\n")
     with pytest.raises(ThinklingError, match="ev.jsonl:4"):
         jobs.run_eval(str(tmp_path / "pol"), cfg, str(out))
+
+
+def test_eval_out_refuses_rows_of_another_evaluation(tmp_path, tiny_policy):
+    """Rerunning with another model or other settings must not append to the same rows."""
+    from thinkling import jobs
+
+    tiny_policy.save(str(tmp_path / "pol"))
+    cfg = EvalConfig(name="chain", size=3, difficulty=1, seed=5, max_new_tokens=6)
+    jobs.run_eval(str(tmp_path / "pol"), cfg, str(tmp_path / "ev.json"))
+    before = (tmp_path / "ev.jsonl").read_text()
+    for other in (EvalConfig(name="chain", size=3, difficulty=1, seed=5, max_new_tokens=7),
+                  EvalConfig(name="chain", size=3, difficulty=2, seed=5, max_new_tokens=6)):
+        with pytest.raises(ThinklingError, match="another evaluation"):
+            jobs.run_eval(str(tmp_path / "pol"), other, str(tmp_path / "ev.json"))
+    assert (tmp_path / "ev.jsonl").read_text() == before
 
 
 def test_anchor_prefix_is_a_prefix_of_the_expert_target():
@@ -110,7 +124,7 @@ def test_interrupted_eval_says_what_was_saved(tmp_path, tiny_policy, capsys, mon
     assert err == (f"thinkling: interrupted: 4 generations saved to {tmp_path / 'ev.jsonl'}; "
                    "rerun the same command to continue")
     assert main(argv) == 0
-    assert len((tmp_path / "ev.jsonl").read_text().splitlines()) == 12
+    assert len((tmp_path / "ev.jsonl").read_text().splitlines()) == 1 + 12  # the settings line, then the rows
 
 
 def test_sweep_stop_cli_writes_table_and_plot(tmp_path, tiny_policy, capsys):

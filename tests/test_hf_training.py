@@ -226,7 +226,7 @@ def test_stop_sweep_writes_table_and_plot(base_dir, tmp_path):
     assert rows[("budget", 2)]["mean_tokens"] <= 3 and rows[("budget", 2)]["max_new_tokens"] == 2 + 1 + 24
     assert json.loads((tmp_path / "sw" / "sweep.json").read_text())["rows"] == table["rows"]
     assert (tmp_path / "sw" / "sweep.png").stat().st_size > 0
-    assert len((tmp_path / "sw" / "ts-1.jsonl").read_text().splitlines()) == 3
+    assert len((tmp_path / "sw" / "ts-1.jsonl").read_text().splitlines()) == 1 + 3  # settings, then rows
     sampled = stop_sweep(policy, TaskConfig(name="gsm8k", options={"path": data}, size=3), [1e9], [], tmp_path / "s2",
                          max_new_tokens=6, batch_size=8, temperature=1.0, samples=2)
     (row,) = sampled["rows"]

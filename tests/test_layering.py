@@ -15,6 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "thinkling"
 # A unit may import units of lower layers, and itself; never a unit of its own layer or above.
 LAYERS = [
     ["errors", "progress"],
+    ["files"],
     ["config"],
     ["runs"],
     ["tasks"],

@@ -84,7 +84,7 @@ def _model_and_task_args(p, max_new_tokens: int) -> None:
     p.add_argument("--model", required=True, help="run folder, policy folder, model alias or hub id")
     p.add_argument("--task", "--bench", dest="task", default="chain", help="task or benchmark name")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="task option (repeatable)")
-    p.add_argument("--limit", type=int, default=200, help="number of problems, the first N of a benchmark (0 = all)")
+    p.add_argument("--limit", type=int, default=200, help="number of problems, the first N of a benchmark (0 = the whole benchmark)")
     p.add_argument("--difficulty", default=None, help="difficulty or comma list, e.g. 2,3,4,5,6,7,8")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--samples", type=int, default=1, help="sampled completions per problem for pass@k")
@@ -92,6 +92,8 @@ def _model_and_task_args(p, max_new_tokens: int) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 for a model alias or hub id (default float32)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 for tiny policies)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow a model folder / hub model to run its own Python code (off: never run it)")
 
 
 def _eval_config(args) -> EvalConfig:
@@ -142,7 +144,12 @@ def _parse_options(items: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # `thinkling rl R.yaml --resume rl.steps=10`: overrides after a flag are still overrides
+        if not hasattr(args, "overrides") or any(x.startswith("-") or "=" not in x for x in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides += extra
     try:
         return _dispatch(args) or 0
     except ThinklingError as e:
@@ -167,12 +174,13 @@ def _dispatch(args) -> int:
         demo.run_demo(args.out, args.overrides, resume=args.resume)
     elif args.verb == "eval":
         jobs.run_eval(args.model, _eval_config(args), args.out, seed=args.seed, level=args.level,
-                      dtype=args.dtype, threads=args.threads)
+                      dtype=args.dtype, threads=args.threads, trust_remote_code=args.trust_remote_code)
     elif args.verb == "sweep-stop":
         jobs.run_stop_sweep(args.model, _eval_config(args), parse_values(args.alphas, float, "alphas"),
                             parse_values(args.budgets, int, "budgets"), args.out, args.max_new_tokens,
                             samples=args.samples, temperature=args.temperature, batch_size=args.batch_size,
-                            seed=args.seed, dtype=args.dtype, threads=args.threads, budget_marker=args.budget_marker)
+                            seed=args.seed, dtype=args.dtype, threads=args.threads, budget_marker=args.budget_marker,
+                            trust_remote_code=args.trust_remote_code)
     elif args.verb == "report":
         _report(args)
     elif args.verb == "tasks":

@@ -18,6 +18,7 @@ from typing import Any, Union
 import yaml
 
 from thinkling.errors import ThinklingError
+from thinkling.files import read_text
 
 
 def _name(where: str, key: str) -> str:
@@ -292,11 +293,13 @@ def load_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise ThinklingError(f"recipe not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(read_text(path))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise ThinklingError(f"{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if data is None:
+        raise ThinklingError(f"{path}: the recipe is empty (a recipe file says at least what to train)")
     if not isinstance(data, dict):
         raise ThinklingError(f"{path}: a recipe must be a mapping of keys")
     return data

@@ -19,7 +19,7 @@ from thinkling.config import load_recipe
 from thinkling.errors import ThinklingError
 from thinkling.eval.report import markdown_table, plot_runs, read_metrics, series
 from thinkling.progress import console
-from thinkling.runs import atomic_write_text
+from thinkling.files import atomic_write_text
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "quickstart"
 

@@ -18,7 +18,8 @@ from thinkling.eval.report import eval_report, write_report
 from thinkling.eval.sweep import stop_sweep
 from thinkling.models import build_policy, load_policy, open_policy
 from thinkling.progress import bar, console
-from thinkling.runs import RunDir, atomic_write_text
+from thinkling.files import atomic_write_text, read_json
+from thinkling.runs import RunDir
 from thinkling.tasks import problem_set
 from thinkling.train.common import load_optimizer_state, make_optimizer, seed_everything
 from thinkling.train.distributed import DataParallel
@@ -42,18 +43,28 @@ def _is_tiny(model_cfg) -> bool:
         return model_cfg.backend == "tiny"
     path = Path(model_cfg.init)
     meta = next((m for m in (path / "policy.json", path / "final" / "policy.json") if m.exists()), None)
-    return meta is not None and json.loads(meta.read_text()).get("backend") == "tiny"
+    return meta is not None and read_json(meta).get("backend") == "tiny"
 
 
-def _resume_policy(run: RunDir, cfg, resume: bool):
-    """The policy, the checkpoint and the step to continue from (a fresh policy, None and 0 for a new run)."""
+def _open_run(cfg, resume: bool, make_run):
+    """The run folder, the policy, the checkpoint and the step to continue from.
+
+    A new run builds its policy before `make_run()` creates its folder, so a bad `model.init`
+    writes nothing. A resumed run keeps the metric rows logged before its checkpoint (all of
+    them, none twice); without a checkpoint it starts over.
+    """
+    policy = None if resume else build_policy(cfg.model, cfg.seed)
+    run = make_run()
     ckpt = run.latest_checkpoint() if resume else None
     if ckpt is None:
-        return build_policy(cfg.model, cfg.seed), None, 0
+        if resume:
+            run.truncate_metrics(0)
+        return run, policy or build_policy(cfg.model, cfg.seed), None, 0
     state = run.load_state(ckpt)
-    run.truncate_metrics(state["step"])
+    rows = state.get("metrics_rows", sum(1 for r in run.metrics() if r["step"] <= state["step"]))
+    run.truncate_metrics(rows)
     console.print(f"resuming {run.path} from {ckpt.name}")
-    return load_policy(ckpt / "policy"), ckpt, state["step"]
+    return run, load_policy(ckpt / "policy", cfg.model.trust_remote_code), ckpt, state["step"]
 
 
 def _evaluator(policy, task, problems, cfg):
@@ -77,8 +88,7 @@ def run_sft(cfg, resume: bool = False) -> dict:
     dp = DataParallel.from_env()
     if not dp.is_main:
         console.quiet = True  # one voice: process 0 reports for the run
-    run = dp.run_dir(cfg.output_dir, cfg, resume=resume)
-    policy, ckpt, start = _resume_policy(run, cfg, resume)
+    run, policy, ckpt, start = _open_run(cfg, resume, lambda: dp.run_dir(cfg.output_dir, cfg, resume=resume))
     examples = sft_examples(policy, train_task, train_problems)
     optimizer = make_optimizer(policy.model, cfg.sft.lr, cfg.sft.weight_decay)
     if ckpt is not None:
@@ -101,8 +111,7 @@ def run_rl(cfg, resume: bool = False) -> dict:
     task, problems = problem_set(cfg.train, "train")
     eval_task, eval_problems = problem_set(cfg.eval, "eval")
     knobs = validate_rl(cfg, problems)
-    run = RunDir(cfg.output_dir, cfg, resume=resume)
-    policy, ckpt, start = _resume_policy(run, cfg, resume)
+    run, policy, ckpt, start = _open_run(cfg, resume, lambda: RunDir(cfg.output_dir, cfg, resume=resume))
     optimizer = make_optimizer(policy.model, cfg.rl.lr, cfg.rl.weight_decay)
     if ckpt is not None:
         load_optimizer_state(optimizer, ckpt / "optimizer.pt")
@@ -145,7 +154,7 @@ def finish(run: RunDir, policy, eval_task, eval_problems, cfg, step: int, extra:
 
 # -------------------------------------------------------------------- eval
 def run_eval(model: str, eval_cfg, out: str | None, seed: int = 0, level: str | None = None,
-             dtype: str | None = None, threads: int | None = None) -> dict:
+             dtype: str | None = None, threads: int | None = None, trust_remote_code: bool = False) -> dict:
     """Evaluate a saved policy / model alias on the problems `eval_cfg` (an EvalConfig) names.
 
     With `out`, the summary goes to `out` (JSON) and every completion to `out`'s `.jsonl`
@@ -156,12 +165,20 @@ def run_eval(model: str, eval_cfg, out: str | None, seed: int = 0, level: str | 
     log = None
     if out:
         out_path = Path(out)
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        log = RowLog(out_path.with_suffix(".jsonl"))
+        if out_path.is_dir():
+            raise ThinklingError(f"--out {out}: is a folder; name the summary file, e.g. {out_path / 'eval.json'}")
+        try:
+            out_path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ThinklingError(f"--out {out}: cannot create its folder ({e.strerror})") from None
+        settings = {"model": model, "dtype": dtype, "seed": seed, "level": level, **dataclasses.asdict(eval_cfg)}
+        settings.pop("batch_size")  # how many at a time does not change a completion
+        settings.pop("every")
+        log = RowLog(out_path.with_suffix(".jsonl"), settings)
         if log.rows:
             console.print(f"continuing: {len(log.rows)} completions already in {log.path}")
     configure_eval_threads(model, threads)
-    policy = open_policy(model, dtype)
+    policy = open_policy(model, dtype, trust_remote_code)
     try:
         summary, _ = evaluate_policy(policy, task, problems, eval_cfg, seed, level=level, log=log)
     except KeyboardInterrupt:  # the CLI prints this one line instead of a traceback
@@ -184,7 +201,7 @@ def configure_eval_threads(model: str, threads: int | None) -> None:
 
 def run_stop_sweep(model: str, task_cfg, alphas, budgets, out: str, max_new_tokens: int, *, samples: int = 1,
                    temperature: float = 1.0, batch_size: int = 64, seed: int = 0, dtype: str | None = None,
-                   threads: int | None = None, budget_marker: str | None = None) -> dict:
+                   threads: int | None = None, budget_marker: str | None = None, trust_remote_code: bool = False) -> dict:
     """`thinkling sweep-stop`: accuracy vs tokens for TS at each α and budget forcing at each B
     (`eval.sweep.stop_sweep`), written to `out`/sweep.json + sweep.png and printed as a table.
     As in `eval`, `samples` > 1 adds sampled completions at `temperature` (pass@1)."""
@@ -192,7 +209,7 @@ def run_stop_sweep(model: str, task_cfg, alphas, budgets, out: str, max_new_toke
     try:
         table = stop_sweep(model, task_cfg, alphas, budgets, out, max_new_tokens, batch_size=batch_size, seed=seed,
                            dtype=dtype, budget_marker=budget_marker, samples=samples,
-                           temperature=temperature if samples > 1 else 0.0)
+                           temperature=temperature if samples > 1 else 0.0, trust_remote_code=trust_remote_code)
     except KeyboardInterrupt:
         raise KeyboardInterrupt(f"interrupted: finished generations are kept in {out}; "
                                 "rerun the same command to continue") from None

@@ -20,7 +20,7 @@ from thinkling.config import RunConfig, apply_overrides, build, load_yaml
 from thinkling.errors import ThinklingError
 from thinkling.eval.report import write_report
 from thinkling.progress import console
-from thinkling.runs import atomic_write_text
+from thinkling.files import atomic_write_text
 
 KINDS = ("sft", "rl")
 

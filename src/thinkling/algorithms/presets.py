@@ -34,7 +34,7 @@ class Knobs:
             value = getattr(self, key)
             if not _is_number(value):
                 raise ThinklingError(f"config key 'rl.{key}': expected a number, got {value!r}")
-        for key in ("eps_low", "eps_high", "beta"):
+        for key in ("eps_low", "eps_high", "beta", "entropy_coef"):
             if getattr(self, key) < 0:
                 raise ThinklingError(f"config key 'rl.{key}': must be >= 0, got {getattr(self, key)}")
         for key, known in (("advantage", ADVANTAGE_ESTIMATORS), ("loss", POLICY_LOSSES),

@@ -15,6 +15,7 @@ from pathlib import Path
 from rich.table import Table
 
 from thinkling.errors import ThinklingError
+from thinkling.files import atomic_write_text, disk_error, read_text
 from thinkling.eval.metrics import pass_at_k
 from thinkling.models.base import SamplingParams
 from thinkling.progress import bar, console
@@ -24,30 +25,56 @@ from thinkling.tasks.base import Problem, Task
 
 
 class RowLog:
-    """Completed rows keyed by (problem id, mode), mirrored to an append-only JSONL file."""
+    """Completed rows keyed by (problem id, mode), mirrored to an append-only JSONL file.
 
-    def __init__(self, path: str | Path | None = None):
+    The file's first line records the `settings` it was written with (model, problems,
+    decoding); reopening it with other settings is refused, so rows of two different
+    evaluations never mix in one file.
+    """
+
+    def __init__(self, path: str | Path | None = None, settings: dict | None = None):
         self.path = Path(path) if path else None
         self.rows: dict[tuple[str, str], dict] = {}
-        if self.path and self.path.exists():
-            lines = self.path.read_text().splitlines()
-            for n, line in enumerate(lines, start=1):
-                if not line.strip():
+        settings = json.loads(json.dumps(settings)) if settings is not None else None  # as stored
+        if self.path is None:
+            return
+        if self.path.is_dir():
+            raise ThinklingError(f"{self.path}: is a folder; name a file for the evaluation's rows")
+        if not self.path.exists():
+            atomic_write_text(self.path, json.dumps({"settings": settings}) + "\n" if settings is not None else "")
+            return
+        lines = read_text(self.path).splitlines(keepends=True)
+        start = 0
+        if lines and '"settings"' in lines[0]:
+            saved = json.loads(lines[0]).get("settings")
+            if settings is not None and saved != settings:
+                changed = sorted(k for k in saved.keys() | settings.keys() if saved.get(k) != settings.get(k))
+                raise ThinklingError(f"{self.path} holds completions of another evaluation (different "
+                                     f"{', '.join(changed)}); use another --out or delete the file")
+            start = 1
+        elif settings is not None and any(line.strip() for line in lines):
+            raise ThinklingError(f"{self.path} holds completions of an unknown evaluation; use another --out or delete it")
+        for n, line in enumerate(lines[start:], start=start + 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                self.rows[(row["id"], row["mode"])] = row
+            except (ValueError, KeyError):
+                if n == len(lines) and not line.endswith("\n"):  # half-written by an interrupted run: redo it
+                    atomic_write_text(self.path, "".join(lines[:-1]))
                     continue
-                try:
-                    row = json.loads(line)
-                    self.rows[(row["id"], row["mode"])] = row
-                except (ValueError, KeyError):
-                    if n == len(lines):
-                        continue  # a half-written last line from an interrupted run: redo it
-                    raise ThinklingError(f"{self.path}:{n}: not an evaluation row; delete the file to start over") from None
+                raise ThinklingError(f"{self.path}:{n}: not an evaluation row; delete the file to start over") from None
 
     def add(self, rows: list[dict]) -> None:
         for row in rows:
             self.rows[(row["id"], row["mode"])] = row
         if self.path:
-            with open(self.path, "a") as f:
-                f.write("".join(json.dumps(r) + "\n" for r in rows))
+            try:
+                with open(self.path, "a") as f:
+                    f.write("".join(json.dumps(r) + "\n" for r in rows))
+            except OSError as e:
+                raise disk_error(self.path, e) from None
 
     def __contains__(self, key) -> bool:
         return key in self.rows

@@ -16,7 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from thinkling.errors import ThinklingError  # noqa: E402
-from thinkling.runs import atomic_write_text  # noqa: E402
+from thinkling.files import atomic_write_text  # noqa: E402
 
 # (metric key, panel title). A panel is drawn when some run logged its key.
 HELD_OUT = [("eval/accuracy", "held-out accuracy (greedy)"), ("eval/pass@1", "held-out pass@1 (sampled)"),

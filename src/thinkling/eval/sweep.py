@@ -28,6 +28,7 @@ at the budget (s1's "Final Answer:"), which is the fairer comparison there.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -39,7 +40,7 @@ from thinkling.eval.evaluate import RowLog, evaluate
 from thinkling.models import open_policy
 from thinkling.progress import bar, console
 from thinkling.rollout.stopping import make_stop_processor
-from thinkling.runs import atomic_write_text
+from thinkling.files import atomic_write_text
 from thinkling.tasks import problem_set
 
 # Tokens allowed after a forced marker: the answer itself (a number, a short \boxed{}).
@@ -56,7 +57,8 @@ def _check(values, name: str, kind, low) -> list:
 
 def stop_sweep(model, task_cfg, alphas, budgets, out_dir, max_new_tokens: int, *, batch_size: int = 32,
                seed: int = 0, dtype: str | None = None, budget_marker: str | None = None,
-               temperature: float = 0.0, samples: int = 4, answer_room: int = ANSWER_ROOM) -> dict:
+               temperature: float = 0.0, samples: int = 4, answer_room: int = ANSWER_ROOM,
+               trust_remote_code: bool = False) -> dict:
     """Evaluate TS at each α and budget forcing at each B; write `sweep.json` and `sweep.png` in `out_dir`.
 
     `model` is a policy object or what `thinkling eval --model` takes. A budget
@@ -78,7 +80,7 @@ def stop_sweep(model, task_cfg, alphas, budgets, out_dir, max_new_tokens: int, *
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     task, problems = problem_set(task_cfg, "eval")
-    policy = open_policy(model, dtype) if isinstance(model, str) else model
+    policy = open_policy(model, dtype, trust_remote_code) if isinstance(model, str) else model
     marker_task = (SimpleNamespace(end_of_thinking=budget_marker, line_based=getattr(task, "line_based", False))
                    if budget_marker else task)
 
@@ -87,6 +89,7 @@ def stop_sweep(model, task_cfg, alphas, budgets, out_dir, max_new_tokens: int, *
     for b in budgets:  # line-based tasks get line-aware forcing: up to max_overrun tokens past B
         forcing = make_stop_processor(policy, marker_task, budget=b)
         settings.append(("budget", b, b + forcing.max_overrun + answer_room, forcing))
+    table_model = model if isinstance(model, str) else type(model).__name__
     rows = []
     for method, value, limit, processor in settings:
         name = f"{method}-{value:g}"
@@ -94,7 +97,10 @@ def stop_sweep(model, task_cfg, alphas, budgets, out_dir, max_new_tokens: int, *
                          batch_size=batch_size)
         with bar(name, len(problems) * (1 + (samples if sampled else 0))) as advance:
             summary, _ = evaluate(policy, task, problems, cfg, seed=seed, stop_processor=processor,
-                                  progress=advance, log=RowLog(out / f"{name}.jsonl"))
+                                  progress=advance, log=RowLog(out / f"{name}.jsonl", {
+                                      "model": table_model, "dtype": dtype, "task": dataclasses.asdict(task_cfg),
+                                      "seed": seed, "budget_marker": budget_marker, "max_new_tokens": limit,
+                                      "samples": cfg.samples, "temperature": temperature}))
         row = {"method": method, "value": value, "max_new_tokens": limit, "n": summary["n"],
                "greedy_accuracy": summary["accuracy"], "greedy_mean_tokens": summary["mean_tokens"],
                "greedy_format_rate": summary["format_rate"]}
@@ -106,7 +112,7 @@ def stop_sweep(model, task_cfg, alphas, budgets, out_dir, max_new_tokens: int, *
         row["mean_tokens"] = row["sampled_mean_tokens"] if sampled else row["greedy_mean_tokens"]
         rows.append(row)
         console.print(f"{name}: accuracy {row['accuracy']:.3f}, mean tokens {row['mean_tokens']:.1f}")
-    table = {"model": model if isinstance(model, str) else type(model).__name__, "task": task_cfg.name,
+    table = {"model": table_model, "task": task_cfg.name,
              "n": len(problems), "max_new_tokens": max_new_tokens, "budget_marker": budget_marker,
              "decoding": f"sampled T={temperature:g}, {samples} per problem (pass@1)" if sampled else "greedy",
              "end_of_thinking": getattr(task, "end_of_thinking", None) or "<eos>", "rows": rows}

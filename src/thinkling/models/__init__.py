@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from thinkling.config import ModelConfig
 from thinkling.errors import ThinklingError
+from thinkling.files import read_json
 from thinkling.models.base import Policy, SamplingParams
 from thinkling.models.tiny import TinyPolicy
 from thinkling.models import vllm_backend
@@ -14,22 +14,20 @@ from thinkling.models import vllm_backend
 __all__ = ["Policy", "SamplingParams", "build_policy", "load_policy", "open_policy"]
 
 
-def load_policy(directory: str | Path) -> Policy:
-    """Load a policy saved by `Policy.save` (a run folder means its final policy)."""
+def load_policy(directory: str | Path, trust_remote_code: bool = False) -> Policy:
+    """Load a policy saved by `Policy.save` (a run folder means its final policy).
+    `trust_remote_code` is the user's permission to run a saved HF model's own Python code."""
     path = Path(directory)
     if (path / "final" / "policy.json").exists():
         path = path / "final"
     meta_file = path / "policy.json"
     if not meta_file.exists():
         raise ThinklingError(f"{path}: not a saved policy (no policy.json); pass a run folder or a checkpoint's policy folder")
-    try:
-        backend = json.loads(meta_file.read_text())["backend"]
-    except (ValueError, KeyError):
-        raise ThinklingError(f"{meta_file}: corrupt policy.json") from None
+    backend = read_json(meta_file).get("backend")
     if backend == "tiny":
         return TinyPolicy.load(str(path))
     if backend == "hf":
-        return _hf().load(str(path))
+        return _hf().load(str(path), trust_remote_code=trust_remote_code)
     raise ThinklingError(f"{meta_file}: unknown backend '{backend}'")
 
 
@@ -52,7 +50,7 @@ def build_policy(cfg, seed: int) -> Policy:
 
 def _build(cfg, seed: int) -> Policy:
     if cfg.init:
-        return load_policy(cfg.init)
+        return load_policy(cfg.init, cfg.trust_remote_code)
     if cfg.backend == "tiny":
         return TinyPolicy.create(dict(cfg.tiny), seed=seed)
     if cfg.backend == "hf":
@@ -67,14 +65,24 @@ def _build(cfg, seed: int) -> Policy:
     raise ThinklingError(f"config key 'model.backend': unknown backend '{cfg.backend}' (tiny | hf)")
 
 
-def open_policy(model: str, dtype: str | None = None) -> Policy:
+def open_policy(model: str, dtype: str | None = None, trust_remote_code: bool = False) -> Policy:
     """What `thinkling eval --model` takes: a saved policy / run folder, or an alias / hub id
     loaded as an HF model in `dtype`."""
     if Path(model).exists():
         if dtype is not None:
             raise ThinklingError("--dtype applies to model aliases and hub ids; a saved policy keeps its own")
-        return load_policy(model)
-    return build_policy(ModelConfig(backend="hf", name=model, dtype=dtype or "float32"), seed=0)
+        return load_policy(model, trust_remote_code)
+    if _looks_local(model):
+        raise ThinklingError(f"--model {model}: no such folder (and not a model alias or hub id)")
+    return build_policy(ModelConfig(backend="hf", name=model, dtype=dtype or "float32",
+                                    trust_remote_code=trust_remote_code), seed=0)
+
+
+def _looks_local(model: str) -> bool:
+    """A path the user meant as a folder: explicit (./, ../, /, ~) or under an existing folder
+    (runs/x when runs/ exists). Hub ids are `owner/name` with no such folder."""
+    first = Path(model).parts[0] if Path(model).parts else ""
+    return model.startswith((".", "/", "~")) or ("/" in model and Path(first).is_dir())
 
 
 def _hf():

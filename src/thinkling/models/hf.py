@@ -22,6 +22,7 @@ import torch
 import transformers
 
 from thinkling.errors import ThinklingError
+from thinkling.files import read_json
 from thinkling.models.base import LogitsProcessor, Sample, SamplingParams, pad_batch
 from thinkling.models.hf_engine import RolloutEngine, unsupported_reason
 from thinkling.models.registry import gguf_load_kwargs, load_from_hub, resolve_model
@@ -145,14 +146,17 @@ class HFPolicy:
         """
         path = resolve_model(name_or_path)
         meta_file = Path(path) / "policy.json"
-        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+        meta = read_json(meta_file) if meta_file.is_file() else {}
         if meta and meta.get("backend") != "hf":
             raise ThinklingError(f"{meta_file}: backend is {meta.get('backend')!r}, not 'hf'")
         dtype = dtype or meta.get("dtype", "float32")
         torch_dtype = _check_dtype(dtype)
         chat_template = meta.get("chat_template", True) if chat_template is None else chat_template
         system_prompt = meta.get("system_prompt") if system_prompt is None else system_prompt
-        trust_remote_code = trust_remote_code or meta.get("trust_remote_code", False)
+        if meta.get("trust_remote_code") and not trust_remote_code:
+            # Only the user may run a folder's Python code: a saved folder cannot switch it on by itself.
+            raise ThinklingError(f"{meta_file} asks to run the model's own code (trust_remote_code); if you trust "
+                                 "it, set model.trust_remote_code: true in the recipe")
         gguf_file = gguf_file or meta.get("gguf_file")
         adapters = meta.get("lora")
         if adapters and lora:

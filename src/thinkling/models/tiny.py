@@ -19,6 +19,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from thinkling.errors import ThinklingError
+from thinkling.files import read_json
 from thinkling.models.attention import KVCache, build_attention, check_attention, rope_table
 from thinkling.models.base import Sample, SamplingParams, pad_batch
 from thinkling.models.sampling import decode, sample_tokens
@@ -207,16 +208,6 @@ class TinyTransformer(nn.Module):
 FILES = ("policy.json", "config.json", "tokenizer.json", "model.safetensors")
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        d = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ThinklingError(f"{path}: unreadable JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise ThinklingError(f"{path}: expected a JSON object")
-    return d
-
-
 class _TinyDecodeState:
     """The tiny model's `sampling.DecodeState`: its KV cache and each row's next position."""
 
@@ -348,11 +339,11 @@ class TinyPolicy:
         for name in FILES:
             if not (d / name).is_file():
                 raise ThinklingError(f"{d / name}: missing (not a saved tiny policy)")
-        if _read_json(d / "policy.json").get("backend") != "tiny":
+        if read_json(d / "policy.json").get("backend") != "tiny":
             raise ThinklingError(f"{d / 'policy.json'}: backend is not 'tiny'")
         try:
-            config = TinyConfig.from_dict(_read_json(d / "config.json"))
-            tokenizer = CharTokenizer.from_dict(_read_json(d / "tokenizer.json"))
+            config = TinyConfig.from_dict(read_json(d / "config.json"))
+            tokenizer = CharTokenizer.from_dict(read_json(d / "tokenizer.json"))
         except ThinklingError as e:
             raise ThinklingError(f"{d}: {e}") from None
         with torch.random.fork_rng(devices=[]):  # weights are overwritten; leave the caller's RNG alone

@@ -87,8 +87,12 @@ def load_jsonl(path) -> list[Problem]:
     if not path.is_file():
         raise ThinklingError(f"{path}: no such file")
     problems = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ThinklingError(f"{path}:{number}: not UTF-8 text") from None
             if not line.strip():
                 continue
             try:

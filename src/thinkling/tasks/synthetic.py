@@ -26,7 +26,8 @@ def check_count(task: str, n) -> int:
     """Synthetic tasks are infinite, so `n` (the number of problems) is required."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ThinklingError(
-            f"task '{task}': n must be a non-negative int (synthetic tasks have no fixed size), got {n!r}"
+            f"task '{task}': give a number of problems (size / --limit); it generates problems without end, "
+            f"so 'all' (null or --limit 0) has no meaning here (got {n!r})"
         )
     return n
 

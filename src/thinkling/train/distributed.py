@@ -129,11 +129,12 @@ class ReplicaRun(RunDir):
         self.path = Path(path)
         self.ckpt_dir = self.path / "checkpoints"
         self._tb = None
+        self._rows = 0
 
     def log(self, step, metrics) -> None:
         pass
 
-    def truncate_metrics(self, after_step) -> None:
+    def truncate_metrics(self, rows) -> None:
         pass
 
     def write_samples(self, step, rows) -> None:

@@ -1,0 +1,54 @@
+"""Reading and writing the project's own files so that a bad or half-written file is one clear
+error naming it, and a crash never leaves half a file behind."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from thinkling.errors import ThinklingError
+
+
+def read_text(path: str | Path) -> str:
+    """A UTF-8 text file; bytes that are not UTF-8 are an error naming the file and line."""
+    path = Path(path)
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ThinklingError(f"{path}:{line}: not UTF-8 text (byte {data[e.start]:#04x})") from None
+
+
+def read_json(path: str | Path) -> dict:
+    """A JSON object from a file, or one error naming the file."""
+    path = Path(path)
+    try:
+        data = json.loads(read_text(path))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ThinklingError(f"{path}: unreadable JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ThinklingError(f"{path}: expected a JSON object")
+    return data
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write through a temporary file and a rename: readers see the old file or the new one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise disk_error(path, e) from None
+
+
+def disk_error(path, error: Exception) -> ThinklingError:
+    """The one-line error for a write that failed (a full disk says so)."""
+    full = isinstance(error, OSError) and error.errno == errno.ENOSPC
+    return ThinklingError(f"cannot write {path}: " + ("no space left on device" if full else str(error)))

@@ -1,4 +1,4 @@
-"""Experiment 1: BREAD vs GRPO from the same SFT checkpoint (claim of arXiv 2506.17211, METHODS.md §2).
+"""Experiment 1: BREAD vs GRPO from the same SFT checkpoint (claim of arXiv 2506.17211; docs/methods.md#bread).
 
 One light SFT on 1-8-step `chain` problems (recipes/experiments/light-sft.yaml, shared by every run), then
 GRPO and BREAD on hard problems with the same RL seeds, prompts, G and steps. Measured per run:

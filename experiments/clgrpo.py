@@ -1,4 +1,4 @@
-"""Experiment 4: the CLGRPO staged pipeline and an ε sweep for its clip-low stage (arXiv 2506.18048, METHODS.md §4).
+"""Experiment 4: the CLGRPO staged pipeline and an ε sweep for its clip-low stage (arXiv 2506.18048; docs/methods.md#clgrpo-pipeline).
 
 Part A runs recipes/clgrpo-pipeline.yaml (SFT → GRPO format-only → GRPO format+accuracy → clip-low
 GRPO) and reports held-out accuracy after each stage; part A2 reruns stages 2-4 from the same SFT at

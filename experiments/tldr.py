@@ -1,4 +1,4 @@
-"""Experiment 2: TLDR length-level GRPO vs the SFT model (arXiv 2505.07961, METHODS.md §3).
+"""Experiment 2: TLDR length-level GRPO vs the SFT model (arXiv 2505.07961; docs/methods.md#tldr).
 
 Why a verbose task: the plain `chain` expert trace has no slack (every step line is needed), so a
 shorter correct answer does not exist and "50 % fewer tokens" could only mean skipping steps. The

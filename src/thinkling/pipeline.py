@@ -1,4 +1,4 @@
-"""Staged pipelines (CLGRPO's incremental training, METHODS.md §4): one recipe, many stages.
+"""Staged pipelines (CLGRPO's incremental training, docs/methods.md#clgrpo-pipeline): one recipe, many stages.
 
 A pipeline recipe holds the shared run keys plus `stages:`, a list of
 `{name, kind: sft|rl, <section overrides>}`. Stage i runs in

@@ -54,7 +54,7 @@ PRESETS: dict[str, Knobs] = {
     "dr_grpo": replace(_GRPO, advantage="dr_grpo", aggregation="seq-mean-token-sum-norm"),
     # DAPO: clip-higher leaves room for unlikely tokens to grow; token-level loss; drop no-signal groups.
     "dapo": replace(_GRPO, eps_high=0.28, aggregation="token-mean", dynamic_sampling=True),
-    # CLGRPO clip-low (our reading of the paper, docs/methods.md): a narrower upper trust region for small models.
+    # CLGRPO clip-low (our reading of the paper, docs/methods.md#clgrpo-clip-low): a narrower upper trust region for small models.
     "clgrpo": replace(_GRPO, eps_high=0.1, aggregation="token-mean"),
 }
 

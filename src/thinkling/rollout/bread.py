@@ -1,4 +1,4 @@
-"""BREAD: branched rollouts from expert anchors (arXiv 2506.17211; our reading, METHODS.md §2).
+"""BREAD: branched rollouts from expert anchors (arXiv 2506.17211; our reading: docs/methods.md#bread).
 
 When a whole group fails, search for the shortest prefix of the expert trace
 from which a freshly sampled group contains a success, and train on that

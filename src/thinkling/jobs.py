@@ -19,12 +19,13 @@ from thinkling.eval.sweep import stop_sweep
 from thinkling.models import build_policy, load_policy, open_policy
 from thinkling.progress import bar, console
 from thinkling.files import atomic_write_text, read_json
+from thinkling.rollout.prompts import check_fits
 from thinkling.runs import RunDir
 from thinkling.tasks import problem_set
 from thinkling.train.common import load_optimizer_state, make_optimizer, seed_everything
 from thinkling.train.distributed import DataParallel
 from thinkling.train.rl import train_rl, validate_rl
-from thinkling.train.sft import sft_examples, train_sft
+from thinkling.train.sft import check_examples_fit, sft_examples, train_sft
 
 
 def configure_threads(threads: int | None, model_cfg) -> None:
@@ -46,25 +47,30 @@ def _is_tiny(model_cfg) -> bool:
     return meta is not None and read_json(meta).get("backend") == "tiny"
 
 
-def _open_run(cfg, resume: bool, make_run):
-    """The run folder, the policy, the checkpoint and the step to continue from.
+def _open_run(cfg, resume: bool, make_run, prepare):
+    """The run folder, the policy, the checkpoint, the step to continue from and `prepare(policy)`.
 
-    A new run builds its policy before `make_run()` creates its folder, so a bad `model.init`
+    A new run builds its policy and runs `prepare` (which checks the data against it) before
+    `make_run()` creates its folder, so a bad `model.init` or a problem too long for the model
     writes nothing. A resumed run keeps the metric rows logged before its checkpoint (all of
     them, none twice); without a checkpoint it starts over.
     """
-    policy = None if resume else build_policy(cfg.model, cfg.seed)
+    if not resume:
+        policy = build_policy(cfg.model, cfg.seed)
+        prepared = prepare(policy)
+        return make_run(), policy, prepared, None, 0
     run = make_run()
-    ckpt = run.latest_checkpoint() if resume else None
+    ckpt = run.latest_checkpoint()
     if ckpt is None:
-        if resume:
-            run.truncate_metrics(0)
-        return run, policy or build_policy(cfg.model, cfg.seed), None, 0
+        run.truncate_metrics(0)
+        policy = build_policy(cfg.model, cfg.seed)
+        return run, policy, prepare(policy), None, 0
     state = run.load_state(ckpt)
     rows = state.get("metrics_rows", sum(1 for r in run.metrics() if r["step"] <= state["step"]))
     run.truncate_metrics(rows)
     console.print(f"resuming {run.path} from {ckpt.name}")
-    return run, load_policy(ckpt / "policy", cfg.model.trust_remote_code), ckpt, state["step"]
+    policy = load_policy(ckpt / "policy", cfg.model.trust_remote_code)
+    return run, policy, prepare(policy), ckpt, state["step"]
 
 
 def _evaluator(policy, task, problems, cfg):
@@ -74,6 +80,18 @@ def _evaluator(policy, task, problems, cfg):
         return eval_metrics(summary)
 
     return evaluate
+
+
+def check_recipe(cfg, kind: str, init_from_earlier_stage: bool = False) -> None:
+    """What a run checks before any work (its problem sets, RL knobs and rewards, a saved
+    model.init), so a pipeline can check every stage before its first one starts."""
+    _, train_problems = problem_set(cfg.train, "train")
+    problem_set(cfg.eval, "eval")
+    if kind == "rl":
+        validate_rl(cfg, train_problems, warn=False)
+    init = cfg.model.init
+    if init and not init_from_earlier_stage and not any((Path(init) / f).exists() for f in ("policy.json", "final")):
+        raise ThinklingError(f"config key 'model.init': {init} is not a saved policy or run folder")
 
 
 # --------------------------------------------------------------------- SFT
@@ -88,8 +106,13 @@ def run_sft(cfg, resume: bool = False) -> dict:
     dp = DataParallel.from_env()
     if not dp.is_main:
         console.quiet = True  # one voice: process 0 reports for the run
-    run, policy, ckpt, start = _open_run(cfg, resume, lambda: dp.run_dir(cfg.output_dir, cfg, resume=resume))
-    examples = sft_examples(policy, train_task, train_problems)
+
+    def prepare(policy):
+        check_fits(policy, eval_problems, cfg.eval.max_new_tokens, "eval")
+        return check_examples_fit(policy, sft_examples(policy, train_task, train_problems), train_problems)
+
+    run, policy, examples, ckpt, start = _open_run(cfg, resume, lambda: dp.run_dir(cfg.output_dir, cfg, resume=resume),
+                                                   prepare)
     optimizer = make_optimizer(policy.model, cfg.sft.lr, cfg.sft.weight_decay)
     if ckpt is not None:
         load_optimizer_state(optimizer, ckpt / "optimizer.pt")
@@ -111,7 +134,12 @@ def run_rl(cfg, resume: bool = False) -> dict:
     task, problems = problem_set(cfg.train, "train")
     eval_task, eval_problems = problem_set(cfg.eval, "eval")
     knobs = validate_rl(cfg, problems)
-    run, policy, ckpt, start = _open_run(cfg, resume, lambda: RunDir(cfg.output_dir, cfg, resume=resume))
+
+    def prepare(policy):
+        check_fits(policy, problems, cfg.rl.max_new_tokens, "train")
+        check_fits(policy, eval_problems, cfg.eval.max_new_tokens, "eval")
+
+    run, policy, _, ckpt, start = _open_run(cfg, resume, lambda: RunDir(cfg.output_dir, cfg, resume=resume), prepare)
     optimizer = make_optimizer(policy.model, cfg.rl.lr, cfg.rl.weight_decay)
     if ckpt is not None:
         load_optimizer_state(optimizer, ckpt / "optimizer.pt")
@@ -162,11 +190,14 @@ def run_eval(model: str, eval_cfg, out: str | None, seed: int = 0, level: str | 
     `dtype` loads an alias / hub id in float32 or bfloat16; `threads` sets torch's CPU threads.
     """
     task, problems = problem_set(eval_cfg, "eval")
+    out_path = Path(out) if out else None
+    if out_path is not None and out_path.is_dir():
+        raise ThinklingError(f"--out {out}: is a folder; name the summary file, e.g. {out_path / 'eval.json'}")
+    configure_eval_threads(model, threads)
+    policy = open_policy(model, dtype, trust_remote_code)
+    check_fits(policy, problems, eval_cfg.max_new_tokens, "eval")
     log = None
-    if out:
-        out_path = Path(out)
-        if out_path.is_dir():
-            raise ThinklingError(f"--out {out}: is a folder; name the summary file, e.g. {out_path / 'eval.json'}")
+    if out_path is not None:
         try:
             out_path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -177,8 +208,6 @@ def run_eval(model: str, eval_cfg, out: str | None, seed: int = 0, level: str | 
         log = RowLog(out_path.with_suffix(".jsonl"), settings)
         if log.rows:
             console.print(f"continuing: {len(log.rows)} completions already in {log.path}")
-    configure_eval_threads(model, threads)
-    policy = open_policy(model, dtype, trust_remote_code)
     try:
         summary, _ = evaluate_policy(policy, task, problems, eval_cfg, seed, level=level, log=log)
     except KeyboardInterrupt:  # the CLI prints this one line instead of a traceback

@@ -67,6 +67,11 @@ def stage_configs(data: dict) -> list[tuple[str, str, RunConfig]]:
 def run_pipeline(recipe: str, overrides: list[str] = (), resume: bool = False) -> list[dict]:
     data = apply_overrides(load_yaml(recipe), list(overrides))
     stages = stage_configs(data)
+    for i, (name, kind, cfg) in enumerate(stages):  # every stage is checked before the first one runs
+        try:
+            jobs.check_recipe(cfg, kind, init_from_earlier_stage=i > 0)
+        except ThinklingError as e:
+            raise ThinklingError(f"pipeline recipe stages[{i}] ({name}): {e}") from None
     root = Path(data.get("output_dir", "runs/pipeline"))
     if root.exists() and any(root.iterdir()) and not resume:
         raise ThinklingError(f"pipeline folder {root} already exists; pass --resume to continue it or choose another output_dir=...")

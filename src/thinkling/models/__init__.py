@@ -73,9 +73,14 @@ def open_policy(model: str, dtype: str | None = None, trust_remote_code: bool = 
             raise ThinklingError("--dtype applies to model aliases and hub ids; a saved policy keeps its own")
         return load_policy(model, trust_remote_code)
     if _looks_local(model):
-        raise ThinklingError(f"--model {model}: no such folder (and not a model alias or hub id)")
-    return build_policy(ModelConfig(backend="hf", name=model, dtype=dtype or "float32",
-                                    trust_remote_code=trust_remote_code), seed=0)
+        raise ThinklingError(f"--model {model}: no such folder")
+    try:
+        return build_policy(ModelConfig(backend="hf", name=model, dtype=dtype or "float32",
+                                        trust_remote_code=trust_remote_code), seed=0)
+    except ThinklingError as e:
+        if "/" not in model:
+            raise
+        raise ThinklingError(f"--model {model}: no such folder here, and as a hub id: {e}") from None
 
 
 def _looks_local(model: str) -> bool:

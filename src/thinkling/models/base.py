@@ -61,6 +61,7 @@ class Policy(Protocol):
     model: torch.nn.Module  # parameters the optimizer trains
     eos_id: int
     pad_id: int
+    context_length: int | None  # the most tokens a sequence may hold (None: unknown)
 
     def encode_prompt(self, prompt: str) -> list[int]:
         """Token ids that condition generation (BOS / chat template included)."""

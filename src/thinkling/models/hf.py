@@ -217,6 +217,12 @@ class HFPolicy:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def context_length(self) -> int | None:
+        """The most positions the model was built for (None when its config does not say)."""
+        config = getattr(self.model, "config", None)
+        return getattr(config, "max_position_embeddings", None)
+
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep_from: int = 0) -> torch.Tensor:
         """Logits of positions `keep_from..T-1` `[B, T - keep_from, V]` in the model's dtype; positions
         count real tokens only. The output layer runs on the kept positions only."""

@@ -253,6 +253,10 @@ class TinyPolicy:
     def device(self) -> torch.device:
         return self.model.embed.weight.device
 
+    @property
+    def context_length(self) -> int:
+        return self.model.config.max_seq_len
+
     def encode_prompt(self, prompt: str) -> list[int]:
         return [self.bos_id] + self.tokenizer.encode(prompt)
 

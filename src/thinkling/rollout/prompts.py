@@ -50,3 +50,16 @@ def prompt_ids(policy, problem: Problem, level: str | None = None) -> list[int]:
 def anchor_text(problem: Problem, k: int) -> str:
     """The first k expert steps as a continuation of the prompt (BREAD anchors)."""
     return "".join(f"{s}\n" for s in problem.steps[:k])
+
+
+def check_fits(policy, problems: list[Problem], room: int, what: str) -> None:
+    """Every prompt plus `room` new tokens fits the model's context, or one error naming the
+    first problem that does not: found before any work, not as an allocation failure later."""
+    limit = getattr(policy, "context_length", None)
+    if limit is None:
+        return
+    for p in problems:
+        n = len(prompt_ids(policy, p))
+        if n + room > limit:
+            raise ThinklingError(f"{what} problem {p.id}: its prompt has {n} tokens; with {room} new tokens that "
+                                 f"exceeds the model's context of {limit} (shorten it or lower max_new_tokens)")

@@ -38,6 +38,15 @@ def weights_changed(policy) -> None:
         hook()
 
 
+def stop_if_not_finite(step: int, **values) -> None:
+    """Stop a run whose loss (or gradient) turned NaN / inf before it reaches the weights: the
+    optimizer step is not taken and no checkpoint is written, so the last checkpoint stays good."""
+    for name, value in values.items():
+        if not math.isfinite(float(value)):
+            raise ThinklingError(f"step {step}: the {name.replace('_', ' ')} is {float(value)}; stopped before "
+                                 "updating the weights (the last checkpoint is kept; lower the learning rate?)")
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)

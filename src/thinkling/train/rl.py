@@ -31,22 +31,24 @@ from thinkling.rewards import RewardSpec, compute_rewards
 from thinkling.rollout.bread import anchor_failed_groups
 from thinkling.rollout.groups import Group, sample_groups
 from thinkling.rollout.prompts import anchor_text, sample_levels
-from thinkling.train.common import lr_at, make_optimizer, set_lr, step_generator, weights_changed
+from thinkling.train.common import lr_at, make_optimizer, set_lr, step_generator, stop_if_not_finite, weights_changed
 
 def resolve_knobs(rl_cfg) -> Knobs:
     """The preset named by `rl.algorithm`, with every explicitly set key overriding it."""
     return rl_knobs(rl_cfg.algorithm, {k: getattr(rl_cfg, k) for k in RL_KNOBS})
 
 
-def validate_rl(cfg, train_problems) -> Knobs:
+def validate_rl(cfg, train_problems, warn: bool = True) -> Knobs:
     """What `RLConfig.validate` cannot check alone: the algorithm's knobs, the reward spec, and
-    whether BREAD has expert traces to anchor on. Returns the knobs."""
+    whether BREAD has expert traces to anchor on. Returns the knobs; `warn` prints a warning
+    for settings that are valid but probably not meant (see `warn_inert_clip`)."""
     rl = cfg.rl
     if rl.bread.enabled and not any(p.steps for p in train_problems):
         raise ThinklingError(f"config key 'rl.bread.enabled': task '{cfg.train.name}' has no expert traces to anchor on")
     knobs = resolve_knobs(rl)
     RewardSpec.from_dict(rl.rewards)
-    warn_inert_clip(rl, knobs)
+    if warn:
+        warn_inert_clip(rl, knobs)
     return knobs
 
 
@@ -171,6 +173,7 @@ class RLTrainer:
     def update(self, groups: list[Group], step: int, total_steps: int) -> dict:
         c, k = self.cfg, self.knobs
         rewards = torch.tensor([grp.rewards for grp in groups])
+        stop_if_not_finite(step + 1, reward=rewards.sum())
         adv = compute_advantages(k.advantage, rewards)
         signal = {"groups_with_signal": float(group_has_signal(rewards).float().mean())}
         if not adv.any() and k.beta == 0 and k.entropy_coef == 0:
@@ -209,6 +212,7 @@ class RLTrainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
+                stop_if_not_finite(step + 1, loss=loss, grad_norm=grad_norm)
                 self.optimizer.step()
                 updates += 1
                 for key, v in {**stats, "loss": loss.item(), "grad_norm": float(grad_norm)}.items():

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from thinkling.errors import ThinklingError
 from thinkling.models.base import pad, pad_batch
 from thinkling.rollout.prompts import prompt_ids
-from thinkling.train.common import lr_at, make_optimizer, set_lr, step_generator, weights_changed
+from thinkling.train.common import lr_at, make_optimizer, set_lr, step_generator, stop_if_not_finite, weights_changed
 
 
 @dataclass
@@ -54,6 +54,16 @@ def weighted_ce(logits: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
 
 def sft_examples(policy, task, problems) -> list[Example]:
     return [make_example(policy, prompt_ids(policy, p), task.target(p)) for p in problems]
+
+
+def check_examples_fit(policy, examples: list[Example], problems) -> list[Example]:
+    """Every training sequence fits the model's context, or one error naming the first that does not."""
+    limit = getattr(policy, "context_length", None)
+    for e, p in zip(examples, problems):
+        if limit is not None and len(e.ids) > limit:
+            raise ThinklingError(f"train problem {p.id}: prompt + target are {len(e.ids)} tokens, longer than the "
+                                 f"model's context of {limit}")
+    return examples
 
 
 def train_sft(policy, examples: list[Example], cfg, *, seed: int, run=None, start_step: int = 0,
@@ -102,6 +112,7 @@ def train_sft(policy, examples: list[Example], cfg, *, seed: int, run=None, star
         if dp is not None:
             dp.sum_gradients(model)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        stop_if_not_finite(step + 1, loss=loss, grad_norm=grad_norm)
         optimizer.step()
         weights_changed(policy)
         tokens += int(mask.sum()) if dp is None else int(counts[1])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 
@@ -66,7 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("alias", help="e.g. smollm2-135m")
 
     lab = sub.add_parser("lab", help="the architecture-lab experiments (SSA, CAT, CoT2, TTT)")
-    lab.add_subparsers(dest="action", required=True).add_parser("list")
+    lab_sub = lab.add_subparsers(dest="action", required=True)
+    lab_sub.add_parser("list")
+    lab_run = lab_sub.add_parser("run", help="run one experiment (writes runs/lab/<name>/)")
+    lab_run.add_argument("name", help="an experiment of `thinkling lab list`")
+    lab_run.add_argument("--quick", action="store_true", help="a one-minute smoke run")
+    lab_run.add_argument("--out", default=None, help="output folder (default runs/lab/<name>)")
 
     tasks = sub.add_parser("tasks", help="list the tasks or show examples of one")
     tsub = tasks.add_subparsers(dest="action", required=True)
@@ -188,7 +194,7 @@ def _dispatch(args) -> int:
     elif args.verb == "models":
         _models(args)
     elif args.verb == "lab":
-        _lab()
+        _lab(args)
     return 0
 
 
@@ -220,12 +226,18 @@ def _models(args) -> None:
     console.print(table)
 
 
-def _lab() -> None:
-    table = Table(title="architecture lab (add --quick for a one-minute smoke run)")
-    for col in ("experiment", "what it shows", "command"):
+def _lab(args) -> None:
+    if args.action == "run":
+        if args.name not in EXPERIMENTS:
+            raise ThinklingError(f"unknown lab experiment '{args.name}'; known: {', '.join(EXPERIMENTS)}")
+        module = importlib.import_module(f"thinkling.lab.experiments.{EXPERIMENTS[args.name][1]}")
+        module.main([*(["--quick"] if args.quick else []), *(["--out", args.out] if args.out else [])])
+        return
+    table = Table(title="architecture lab: thinkling lab run <experiment> [--quick]")
+    for col in ("experiment", "what it shows"):
         table.add_column(col)
-    for name, (what, command) in EXPERIMENTS.items():
-        table.add_row(name, what, command)
+    for name, (what, _) in EXPERIMENTS.items():
+        table.add_row(name, what)
     console.print(table)
 
 

@@ -17,7 +17,7 @@ from thinkling.rollout.scoring import complete
 from thinkling.train.sft import collate, sft_examples, train_sft
 
 
-def experiment_args(description: str) -> argparse.Namespace:
+def experiment_args(description: str, argv: list[str] | None = None) -> argparse.Namespace:
     """`--quick` (a one-minute smoke run) and `--out` for every experiment script.
 
     Experiments run single-threaded: tiny models gain nothing from a second
@@ -27,7 +27,7 @@ def experiment_args(description: str) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="smoke version (about a minute)")
     parser.add_argument("--out", default=None, help="output folder (default runs/lab/<name>)")
     torch.set_num_threads(1)
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 def output_dir(name: str, out: str | None) -> Path:

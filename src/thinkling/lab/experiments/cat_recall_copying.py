@@ -3,7 +3,7 @@
 Each model is trained by ordinary SFT at length n (pairs or letters) and tested
 greedily at n, 2n, 3n and 4n. Claim (CAT, arXiv 2407.05591): one CAT layer
 solves both tasks and generalises to longer sequences; one attention layer
-does not. `python experiments/lab/cat_recall_copying.py [--quick]`
+does not. `thinkling lab run cat-recall-copying [--quick]`
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ MODELS = {  # label -> attention settings of a one-layer model
 }
 
 
-def main():
-    args = experiment_args(__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    args = experiment_args(__doc__.splitlines()[0], argv)
     out = output_dir("cat-recall-copying", args.out)
     n, n_test = (4, 100) if args.quick else (8, 300)
     lengths = [n, 2 * n, 3 * n, 4 * n]

@@ -8,7 +8,7 @@ parameters at the base learning rate and at 10x it), then tested per k, includin
 k = 8 and 10 (longer than any training prompt). Metrics: held-out completion
 loss (nats per token) and greedy accuracy. Claim (SSA, arXiv 2411.12892): lower
 loss and better retrieval at the same size, with a larger gain at longer
-context. `python experiments/lab/ssa_context.py [--quick]`
+context. `thinkling lab run ssa-context [--quick]`
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ MODELS = {  # SSA's temperature parameters at the base learning rate, and at 10x
 }
 
 
-def main():
-    args = experiment_args(__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    args = experiment_args(__doc__.splitlines()[0], argv)
     out = output_dir("ssa-context", args.out)
     quick = args.quick
     train_lengths = list(range(1, 5 if quick else 7))

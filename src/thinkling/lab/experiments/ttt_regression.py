@@ -8,7 +8,7 @@ random rank-1 subspace (same E‖w‖²), or inputs with an anisotropic covarian
 (condition number 20, same trace). The TTT step size is picked per
 (condition, n) on separate validation prompts. Claim (arXiv 2503.11842): TTT
 reaches the same error with 3-5× fewer in-context examples, most under shift.
-`python experiments/lab/ttt_regression.py [--quick]`
+`thinkling lab run ttt-regression [--quick]`
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ def examples_needed(ns: list[int], errors: list[float], target: float) -> float:
     return math.inf if target < errors[-1] else ns[0]
 
 
-def main():
-    args = experiment_args(__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    args = experiment_args(__doc__.splitlines()[0], argv)
     out = output_dir("ttt-regression", args.out)
     ns = [2, 4, 8, 16, 32] if args.quick else [2, 4, 8, 12, 16, 24, 32, 48, 64]
     n_prompts = 500 if args.quick else 2000

@@ -6,7 +6,7 @@ samples; CoT2 = CSFT on the distributions of all partial sums, deterministic
 soft decoding (pass@1). Then GRPO with multi-token sampling from the d=24 CoT2
 checkpoint. Test problems (20 % of all 9^4 digit tuples) are never trained on.
 Claim (arXiv 2505.23648): ≈95 % vs ≈70 % at d=24; CoT2 pass@1 ≈ discrete pass@16;
-GRPO improves further. `python experiments/lab/cot2_mnns.py [--quick]`
+GRPO improves further. `thinkling lab run cot2-mnns [--quick]`
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ def mts_accuracy(model, data: cot2.MNNSData, K: int, seed: int) -> float:
     return accuracy(roll.answer, data.answer)
 
 
-def main():
-    args = experiment_args(__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    args = experiment_args(__doc__.splitlines()[0], argv)
     out = output_dir("cot2-mnns", args.out)
     layout = cot2.MNNSLayout(m=4, max_digit=9)
     train_set, test_set = cot2.split_problems(layout, test_fraction=0.2, seed=0)

@@ -4,7 +4,6 @@ GRPO-family algorithm reaches a known optimal policy within a fixed budget (seco
 from __future__ import annotations
 
 import pytest
-import torch
 
 from thinkling.config import RLConfig
 from thinkling.models.base import SamplingParams

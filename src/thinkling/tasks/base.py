@@ -6,7 +6,6 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable
 
-from thinkling.errors import ThinklingError
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,9 @@
-"""What the paper-claim experiments (issue 3) share.
+"""What the paper-claim experiments share.
 
 - `experiment_args`: `--quick`, `--seeds`, `--out`, `--jobs` for every script.
 - `ensure_sft`: one shared SFT checkpoint per recipe, trained once and reused.
 - `run_parallel`: at most two training processes at a time (the machine is shared).
-- `VerboseChainTask` (`chain_verbose`): the `chain` task whose expert trace ends with a random
-  number of redundant `check` lines, so a trace has slack that length control can remove.
+- `sft_tagged`: SFT where prompts carry uninformative length tags (for TLDR runs).
 
 Run the scripts from the repository root with the project venv, e.g.
 `.venv/bin/python experiments/bread_vs_grpo.py --quick`.
@@ -30,8 +29,7 @@ if str(SRC) not in sys.path:  # the venv has the package installed; this only he
 
 from thinkling.errors import ThinklingError
 from thinkling.eval.report import markdown_table
-from thinkling.tasks.base import Problem, Task, register_task, render_completion
-from thinkling.tasks.synthetic import check_count, difficulty_levels, rng_for
+from thinkling.tasks.base import Problem, render_completion
 
 RUNS = Path("runs/experiments")
 
@@ -125,60 +123,6 @@ def ensure_sft(output_dir: str | Path, recipe: str = "recipes/experiments/light-
     """The final policy of an SFT run, training it first if it is not there."""
     run_recipe("sft", recipe, [f"output_dir={output_dir}", *overrides])
     return Path(output_dir) / "final"
-
-
-# -------------------------------------------------------------- the verbose chain task
-@register_task("chain_verbose")
-class VerboseChainTask(Task):
-    """`chain` (equation trace) whose expert trace ends with r redundant `check` lines.
-
-    After the k step lines `37+5=42`, ... the trace re-does the last r steps, in order, as
-    `check 37+5=42` lines (r uniform in 0..k), then `A:N`. With `checks="repeat"` the r check lines
-    all restate the last step instead (each a copy of the line above, so a model can hardly get a
-    check wrong). Both modes draw the same problems and the same r.
-    The checks carry no information (the answer is already on the last step line; the last
-    check line repeats it), so up to ~45 % of the trace is slack: the regime of "small models
-    don't know when to stop thinking". `verbose=False` gives the plain chain trace.
-    No check line contains the letter 'A', so the end-of-thinking marker `A:` stays unambiguous.
-    """
-
-    description = "chain with r redundant 'check' lines at the end of the expert trace"
-
-    def __init__(self, check_prob: float = 1.0, verbose: bool = True, checks: str = "suffix"):
-        if checks not in ("suffix", "repeat"):
-            raise ThinklingError(f"task 'chain_verbose': checks must be 'suffix' or 'repeat', got {checks!r}")
-        self.check_prob = float(check_prob)
-        self.verbose = bool(verbose)
-        self.checks = checks
-
-    def problems(self, n, seed, difficulty=None):
-        levels = difficulty_levels("chain_verbose", difficulty, default=3, minimum=1)
-        rng = rng_for("chain_verbose", seed)
-        problems = []
-        for i in range(check_count("chain_verbose", n)):
-            k = rng.choice(levels)
-            start = value = rng.randint(0, 99)
-            ops, steps = [], []
-            for _ in range(k):
-                operand = rng.randint(1, 9)
-                delta = rng.choice([d for d in (operand, -operand) if 0 <= value + d <= 99])
-                ops.append(f"{delta:+d}")
-                steps.append(f"{value}{delta:+d}={value + delta}")
-                value += delta
-            r = rng.randint(0, k) if rng.random() < self.check_prob else 0
-            if not self.verbose:
-                checks = []
-            elif self.checks == "suffix":  # re-do the last r steps, in order
-                checks = [f"check {s}" for s in steps[k - r:]]
-            else:  # "repeat": restate the last step r times (a copy of the line above: harmless)
-                checks = [f"check {steps[-1]}"] * r
-            problems.append(Problem(id=f"chainv-{seed}-{i}", prompt=" ".join([str(start), *ops]), answer=str(value),
-                                    steps=tuple(steps), difficulty=float(k), tags=("chain", f"k={k}"),
-                                    meta={"checks": tuple(checks)}))
-        return problems
-
-    def target(self, problem: Problem) -> str:
-        return render_completion(tuple(problem.steps) + tuple(problem.meta.get("checks", ())), problem.answer)
 
 
 def minimal_tokens(problem: Problem) -> int:

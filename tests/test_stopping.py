@@ -299,3 +299,28 @@ def test_make_stop_processor_is_line_aware_for_line_based_tasks():
     assert get_task("chain").line_based and get_task("countdown").line_based
     from thinkling.tasks.mathverify import MathTask
     assert MathTask.line_based is False
+
+
+def test_eval_wait_reaches_budget_forcing(monkeypatch, tiny_policy, capsys):
+    """`thinkling eval --budget B --wait N` (eval.wait): early stops become "Wait" up to N times."""
+    from thinkling.cli import main
+    from thinkling.eval import evaluate as evaluate_module
+
+    seen = {}
+    real = evaluate_module.make_stop_processor
+
+    def spy(policy, task, **kwargs):
+        seen.update(kwargs)
+        return real(policy, task, **kwargs)
+
+    monkeypatch.setattr(evaluate_module, "make_stop_processor", spy)
+    from thinkling.config import EvalConfig
+    from thinkling.eval.evaluate import evaluate_policy
+    from thinkling.tasks import get_task
+
+    task = get_task("chain")
+    cfg = EvalConfig(size=2, difficulty=2, max_new_tokens=30, budget=10, wait=2, wait_text="Wait")
+    evaluate_policy(tiny_policy, task, task.problems(2, 0, 2), cfg)
+    assert seen["max_waits"] == 2 and seen["wait"] == "Wait" and seen["budget"] == 10
+    assert main(["eval", "--model", "smollm2-135m", "--wait", "2"]) == 2
+    assert "'--wait'" in capsys.readouterr().err

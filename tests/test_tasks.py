@@ -330,3 +330,34 @@ def test_chain_slips_make_consistent_imperfect_traces():
     assert 0.4 < wrong / (4 * len(noisy)) < 0.6
     with pytest.raises(ThinklingError, match="slips"):
         ChainTask(slips=1.0)
+
+
+def test_chain_merge_makes_shorter_traces_of_the_same_sum():
+    """merge > 0 joins operations on one line (fewer, harder steps); the arithmetic stays right."""
+    import re
+
+    task = get_task("chain", merge=0.5)
+    problems = task.problems(200, seed=4, difficulty=[4])
+    lines = [len(p.steps) for p in problems]
+    assert min(lines) < 4 and max(lines) == 4 and all(1 <= n <= 4 for n in lines)
+    for p in problems:
+        value = int(p.prompt.split()[0])
+        for step in p.steps:
+            start, ops, result = re.fullmatch(r"(\d+)((?:[+-]\d)+)=(\d+)", step).groups()
+            assert int(start) == value and eval(start + ops) == int(result)  # noqa: S307 (digits and +/- only)
+            value = int(result)
+        assert str(value) == p.answer and task.verify(p, task.target(p)).correct
+    assert all(len(p.steps) == 1 for p in get_task("chain", merge=1.0).problems(20, seed=0, difficulty=[5]))
+    assert get_task("chain", merge=0.0).problems(30, seed=1) == get_task("chain").problems(30, seed=1)
+    with pytest.raises(ThinklingError, match="merge"):
+        get_task("chain", merge=1.5)
+
+
+def test_chain_verbose_traces_end_with_redundant_checks():
+    task = get_task("chain_verbose")
+    for p in task.problems(50, seed=0, difficulty=[3]):
+        target = task.target(p)
+        checks = p.meta["checks"]
+        assert target.startswith("".join(f"{s}\n" for s in p.steps)) and len(checks) <= 3
+        assert all(c.startswith("check ") and c[6:] in p.steps for c in checks)
+        assert task.verify(p, target).correct

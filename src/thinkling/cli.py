@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--ts-alpha", type=float, default=1.0, help="temperature-scaled stopping factor α (1 = off)")
     ev.add_argument("--budget", type=int, default=None, help="budget forcing: end thinking after B tokens "
                     "(line-based tasks such as chain: at the next line start)")
+    ev.add_argument("--wait", type=int, default=0, help="with --budget: up to N times, where the model would stop "
+                    "thinking it writes --wait-text instead and goes on (s1's 'Wait')")
+    ev.add_argument("--wait-text", default="Wait", help="the text that replaces an early stop (default: Wait)")
     ev.add_argument("--level", default=None, help="TLDR length level tag for the prompt (short|medium|long)")
     ev.add_argument("--out", default=None, help="write the summary JSON here (and every completion to .jsonl)")
 
@@ -114,7 +117,8 @@ def _eval_config(args) -> EvalConfig:
     cfg = EvalConfig(name=args.task, options=_parse_options(args.option), size=args.limit or None,
                      difficulty=_parse_difficulty(args.difficulty), seed=args.seed, max_new_tokens=args.max_new_tokens,
                      samples=args.samples, temperature=args.temperature, batch_size=args.batch_size,
-                     ts_alpha=getattr(args, "ts_alpha", 1.0), budget=getattr(args, "budget", None))
+                     ts_alpha=getattr(args, "ts_alpha", 1.0), budget=getattr(args, "budget", None),
+                     wait=getattr(args, "wait", 0), wait_text=getattr(args, "wait_text", "Wait"))
     cfg.validate("--")
     return cfg
 

@@ -97,9 +97,15 @@ class EvalConfig(TaskConfig):
     batch_size: int = 256
     ts_alpha: float = 1.0  # temperature-scaled stopping factor (1 = off)
     budget: int | None = None  # budget forcing: force end-of-thinking after this many tokens
+    wait: int = 0  # budget forcing: up to this many early stops become wait_text (s1's "Wait"), thinking on
+    wait_text: str = "Wait"
 
     def validate(self, where: str = "eval") -> None:
         super().validate(where)
+        _at_least(self, where, 0, "wait")
+        _check(where, "wait", not self.wait or self.budget is not None, "0 without a budget (it extends thinking "
+               "up to the budget)", self.wait)
+        _check(where, "wait_text", not self.wait or bool(self.wait_text), "a non-empty text", self.wait_text)
         _at_least(self, where, 0, "every", "temperature")
         _at_least(self, where, 1, "max_new_tokens", "samples", "batch_size", "budget")
         _check(where, "top_p", 0 < self.top_p <= 1, "in (0, 1]", self.top_p)

@@ -105,11 +105,12 @@ def evaluate(policy, task: Task, problems: list[Problem], cfg, *, seed: int = 0,
 
 def evaluate_policy(policy, task: Task, problems: list[Problem], cfg, seed: int = 0, level: str | None = None,
                     description: str = "eval", log: RowLog | None = None) -> tuple[dict, list[dict]]:
-    """`evaluate` with a progress bar and the stopping control `cfg` asks for (`ts_alpha`, `budget`)."""
+    """`evaluate` with a progress bar and the stopping control `cfg` asks for (`ts_alpha`, `budget`, `wait`)."""
     total = len(problems) * (1 + (cfg.samples if cfg.samples > 1 else 0))
     with bar(description, total) as advance:
         return evaluate(policy, task, problems, cfg, seed=seed, level=level, progress=advance, log=log,
-                        stop_processor=make_stop_processor(policy, task, ts_alpha=cfg.ts_alpha, budget=cfg.budget))
+                        stop_processor=make_stop_processor(policy, task, ts_alpha=cfg.ts_alpha, budget=cfg.budget,
+                                                           wait=cfg.wait_text, max_waits=cfg.wait))
 
 
 def eval_metrics(summary: dict) -> dict:

@@ -9,7 +9,7 @@ BREAD's expert anchors matter. Difficulty = k.
 from __future__ import annotations
 
 from thinkling.errors import ThinklingError
-from thinkling.tasks.base import Problem, Task, register_task
+from thinkling.tasks.base import Problem, Task, register_task, render_completion
 from thinkling.tasks.synthetic import check_count, difficulty_levels, rng_for
 
 
@@ -19,7 +19,7 @@ class ChainTask(Task):
 
     description = "Start value and k single-digit +/- operations; one step per operation (difficulty = k)"
 
-    def __init__(self, digits: int = 1, trace: str = "equation", slips: float = 0.0):
+    def __init__(self, digits: int = 1, trace: str = "equation", slips: float = 0.0, merge: float = 0.0):
         """`digits` = operand digits; values stay in 0 .. 10**(digits+1) - 1 (0..99 by default).
 
         `trace` picks the expert step format:
@@ -36,6 +36,11 @@ class ChainTask(Task):
         then wrong — for SFT sets only; slips of several sizes rarely cancel out). A model trained on them knows each step but samples it
         right only ~(1 − slips) of the time, so success on a k-step problem falls like
         (1 − slips)^k under sampling while the most likely step stays correct.
+
+        `merge` > 0 makes traces of several lengths: each operation joins the line of the one
+        before with this probability (`37+5-8=34` does two at once). A merged line is harder
+        for a small model, so a shorter trace is a riskier one — a task where a longer
+        thinking budget buys accuracy (what TLDR's length levels trade).
         """
         if isinstance(digits, bool) or not isinstance(digits, int) or not 1 <= digits <= 6:
             raise ThinklingError(f"task 'chain': digits must be an int in 1..6, got {digits!r}")
@@ -43,9 +48,14 @@ class ChainTask(Task):
             raise ThinklingError(f"task 'chain': trace must be 'rewrite' or 'equation', got {trace!r}")
         if isinstance(slips, bool) or not isinstance(slips, (int, float)) or not 0 <= slips < 1:
             raise ThinklingError(f"task 'chain': slips must be a number in [0, 1), got {slips!r}")
+        if isinstance(merge, bool) or not isinstance(merge, (int, float)) or not 0 <= merge <= 1:
+            raise ThinklingError(f"task 'chain': merge must be a number in [0, 1], got {merge!r}")
+        if merge and trace == "rewrite":
+            raise ThinklingError("task 'chain': merge applies to the equation trace, not trace: rewrite")
         self.digits = digits
         self.trace = trace
         self.slips = float(slips)
+        self.merge = float(merge)
 
     def problems(self, n, seed, difficulty=None):
         levels = difficulty_levels("chain", difficulty, default=3, minimum=1)
@@ -56,15 +66,19 @@ class ChainTask(Task):
             k = rng.choice(levels)
             start = value = rng.randint(0, top)
             ops, steps = [], []
-            for _ in range(k):
+            line_start, line_ops = value, ""
+            for j in range(k):
                 operand = rng.randint(1, 10**self.digits - 1)
                 delta = rng.choice([d for d in (operand, -operand) if 0 <= value + d <= top])
                 ops.append(f"{delta:+d}")
-                result = value + delta
+                value += delta
+                line_ops += f"{delta:+d}"
+                if j + 1 < k and self.merge and rng.random() < self.merge:
+                    continue  # the next operation joins this line
                 if self.slips and rng.random() < self.slips:
-                    result = rng.choice([r for d in range(1, 6) for r in (result - d, result + d) if 0 <= r <= top])
-                steps.append(f"{value}{delta:+d}={result}")
-                value = result
+                    value = rng.choice([r for d in range(1, 6) for r in (value - d, value + d) if 0 <= r <= top])
+                steps.append(f"{line_start}{line_ops}={value}")
+                line_start, line_ops = value, ""
             if self.trace == "rewrite":
                 steps = [" ".join([eq, *ops[j + 1 :]]) for j, eq in enumerate(steps)]
             problems.append(
@@ -78,3 +92,56 @@ class ChainTask(Task):
                 )
             )
         return problems
+
+
+@register_task("chain_verbose")
+class VerboseChainTask(Task):
+    """`chain` (equation trace) whose expert trace ends with r redundant `check` lines.
+
+    After the k step lines `37+5=42`, ... the trace re-does the last r steps, in order, as
+    `check 37+5=42` lines (r uniform in 0..k), then `A:N`. With `checks="repeat"` the r check lines
+    all restate the last step instead (each a copy of the line above, so a model can hardly get a
+    check wrong). Both modes draw the same problems and the same r.
+    The checks carry no information (the answer is already on the last step line; the last
+    check line repeats it), so up to ~45 % of the trace is slack: the regime of "small models
+    don't know when to stop thinking". `verbose=False` gives the plain chain trace.
+    No check line contains the letter 'A', so the end-of-thinking marker `A:` stays unambiguous.
+    """
+
+    description = "chain with r redundant 'check' lines at the end of the expert trace"
+
+    def __init__(self, check_prob: float = 1.0, verbose: bool = True, checks: str = "suffix"):
+        if checks not in ("suffix", "repeat"):
+            raise ThinklingError(f"task 'chain_verbose': checks must be 'suffix' or 'repeat', got {checks!r}")
+        self.check_prob = float(check_prob)
+        self.verbose = bool(verbose)
+        self.checks = checks
+
+    def problems(self, n, seed, difficulty=None):
+        levels = difficulty_levels("chain_verbose", difficulty, default=3, minimum=1)
+        rng = rng_for("chain_verbose", seed)
+        problems = []
+        for i in range(check_count("chain_verbose", n)):
+            k = rng.choice(levels)
+            start = value = rng.randint(0, 99)
+            ops, steps = [], []
+            for _ in range(k):
+                operand = rng.randint(1, 9)
+                delta = rng.choice([d for d in (operand, -operand) if 0 <= value + d <= 99])
+                ops.append(f"{delta:+d}")
+                steps.append(f"{value}{delta:+d}={value + delta}")
+                value += delta
+            r = rng.randint(0, k) if rng.random() < self.check_prob else 0
+            if not self.verbose:
+                checks = []
+            elif self.checks == "suffix":  # re-do the last r steps, in order
+                checks = [f"check {s}" for s in steps[k - r:]]
+            else:  # "repeat": restate the last step r times (a copy of the line above: harmless)
+                checks = [f"check {steps[-1]}"] * r
+            problems.append(Problem(id=f"chainv-{seed}-{i}", prompt=" ".join([str(start), *ops]), answer=str(value),
+                                    steps=tuple(steps), difficulty=float(k), tags=("chain", f"k={k}"),
+                                    meta={"checks": tuple(checks)}))
+        return problems
+
+    def target(self, problem: Problem) -> str:
+        return render_completion(tuple(problem.steps) + tuple(problem.meta.get("checks", ())), problem.answer)

@@ -361,3 +361,20 @@ def test_chain_verbose_traces_end_with_redundant_checks():
         assert target.startswith("".join(f"{s}\n" for s in p.steps)) and len(checks) <= 3
         assert all(c.startswith("check ") and c[6:] in p.steps for c in checks)
         assert task.verify(p, target).correct
+
+
+def test_arithmetic_sums_verify_only_when_the_answer_is_stated():
+    task = get_task("arithmetic")
+    problems = task.problems(50, seed=0, difficulty=[2, 4])
+    assert {p.difficulty for p in problems} == {2.0, 4.0}
+    assert fingerprint(problems) == fingerprint(task.problems(50, seed=0, difficulty=[2, 4]))
+    for p in problems:
+        assert p.prompt.startswith("What is ") and len(p.steps) == p.difficulty - 1
+        assert eval(p.prompt[8:-1]) == int(p.answer)  # noqa: S307 (digits and +/- only)
+        assert task.verify(p, task.target(p)).correct
+        assert task.verify(p, f"It is {p.answer}. The answer is {p.answer}.").correct
+        assert not task.verify(p, "\n".join(p.steps)).correct  # a number at the end is not a stated answer
+        assert not task.verify(p, f"The answer is \\boxed{{{int(p.answer) + 1}}}.").correct
+    assert all(int(p.answer) >= 0 for p in get_task("arithmetic", subtract=True).problems(50, seed=1, difficulty=4))
+    with pytest.raises(ThinklingError, match="digits"):
+        get_task("arithmetic", digits=0)

@@ -5,7 +5,17 @@ from __future__ import annotations
 from typing import Callable
 
 from thinkling.errors import ThinklingError
-from thinkling.tasks import benchmarks, chain, copying, countdown, gym, jsonl, mnns, recall  # noqa: F401  (they register)
+from thinkling.tasks import (  # noqa: F401  (importing a task module registers its tasks)
+    arithmetic,
+    benchmarks,
+    chain,
+    copying,
+    countdown,
+    gym,
+    jsonl,
+    mnns,
+    recall,
+)
 from thinkling.tasks.base import _REGISTRY, Problem, Task
 
 

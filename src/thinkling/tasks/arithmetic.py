@@ -1,0 +1,66 @@
+"""`arithmetic`: "What is 37 + 45 + 19?" — sums a chat model reads as a question.
+
+Made for small real models (SmolLM2-135M-Instruct answers 2-digit sums right about one
+time in five): success is neither 0 nor 1, so RL has something to improve, and more
+operands (the difficulty) make it rare, where BREAD's anchors matter. The expert trace is
+the running sum, one addition per line, then `The answer is \\boxed{N}.`; answers are
+checked like math answers (`verify_math`), counted only when stated.
+"""
+
+from __future__ import annotations
+
+from thinkling.errors import ThinklingError
+from thinkling.tasks.base import Problem, Task, Verdict, register_task
+from thinkling.tasks.mathverify import last_boxed, verify_math
+from thinkling.tasks.synthetic import check_count, difficulty_levels, rng_for
+
+
+@register_task("arithmetic")
+class ArithmeticTask(Task):
+    """Sums of `difficulty` operands (default 2) of `digits` digits each, asked in words."""
+
+    description = "'What is 37 + 45?': sums of k operands of n digits (difficulty = k), math-verified answers"
+    end_of_thinking = None  # free text ending with the answer sentence, then EOS
+    line_based = False
+
+    def __init__(self, digits: int = 2, subtract: bool = False):
+        """`digits` per operand (1..6); `subtract` also draws `-` (results stay >= 0)."""
+        if isinstance(digits, bool) or not isinstance(digits, int) or not 1 <= digits <= 6:
+            raise ThinklingError(f"task 'arithmetic': digits must be an int in 1..6, got {digits!r}")
+        if not isinstance(subtract, bool):
+            raise ThinklingError(f"task 'arithmetic': subtract must be true or false, got {subtract!r}")
+        self.digits, self.subtract = digits, subtract
+
+    def problems(self, n, seed, difficulty=None):
+        levels = difficulty_levels("arithmetic", difficulty, default=2, minimum=2)
+        if max(levels) > 8:
+            raise ThinklingError(f"task 'arithmetic': difficulty (number of operands) is at most 8, got {max(levels)}")
+        rng = rng_for("arithmetic", seed)
+        low, high = 10 ** (self.digits - 1), 10**self.digits - 1
+        problems = []
+        for i in range(check_count("arithmetic", n)):
+            k = rng.choice(levels)
+            value = rng.randint(low, high)
+            expr, steps = str(value), []
+            for _ in range(k - 1):
+                operand = rng.randint(low, high)
+                sign = "-" if self.subtract and operand <= value and rng.random() < 0.5 else "+"
+                result = value - operand if sign == "-" else value + operand
+                steps.append(f"{value} {sign} {operand} = {result}")
+                expr += f" {sign} {operand}"
+                value = result
+            problems.append(Problem(id=f"arith-{seed}-{i}", prompt=f"What is {expr}?", answer=str(value),
+                                    steps=tuple(steps), difficulty=float(k), tags=("arithmetic", f"k={k}")))
+        return problems
+
+    def verify(self, problem: Problem, completion: str) -> Verdict:
+        """Right only when the answer is stated (`The answer is N` / `\\boxed{N}`): the last-number
+        fallback of `verify_math` would reward a stray number at the end of rambling text."""
+        verdict = verify_math(problem.answer, completion)
+        return verdict if self.format_ok(completion) else Verdict(False, verdict.extracted)
+
+    def format_ok(self, completion: str) -> bool:
+        return last_boxed(completion) is not None or "the answer is" in completion.lower()
+
+    def target(self, problem: Problem) -> str:
+        return "".join(f"{s}\n" for s in problem.steps) + f"The answer is \\boxed{{{problem.answer}}}."

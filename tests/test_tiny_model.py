@@ -227,3 +227,17 @@ def test_bad_sampling_params(policy, prompts):
         policy.generate(prompts, SamplingParams(top_p=0))
     with pytest.raises(ThinklingError, match="prompt 0"):
         policy.generate([[]], greedy())
+
+
+def test_a_completion_depends_on_its_key_not_on_the_batch(policy, prompts):
+    """Seeded sampling draws row i from (seed, key i): the same key gives the same completion
+    whatever else is in the batch (evaluation batch sizes, BREAD probes, data-parallel shards)."""
+    params = SamplingParams(max_new_tokens=16, temperature=1.0, seed=7)
+    together = policy.generate(prompts, params)
+    for i, prompt in enumerate(prompts):
+        alone = policy.generate([prompt], SamplingParams(max_new_tokens=16, temperature=1.0, seed=7, keys=(i,)))
+        assert alone == [together[i]]
+    shuffled = policy.generate(prompts[::-1], SamplingParams(max_new_tokens=16, temperature=1.0, seed=7,
+                                                             keys=tuple(range(len(prompts)))[::-1]))
+    assert shuffled == together[::-1]
+    assert policy.generate_reference(prompts, params) == together

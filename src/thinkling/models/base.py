@@ -32,7 +32,10 @@ class SamplingParams:
     temperature: float = 1.0  # 0 means greedy
     top_p: float = 1.0
     logits_processor: LogitsProcessor | None = None
-    seed: int | None = None  # seeds a private torch.Generator when set
+    seed: int | None = None  # with a seed, sampling is reproducible (see `keys`); None uses torch's global RNG
+    # The random stream of prompt i is (seed, keys[i]) (default keys: 0, 1, 2, ...): a prompt's
+    # completion depends on its key, not on which other prompts share the batch or on the batch size.
+    keys: tuple[int, ...] | None = None
 
     def validate(self) -> None:
         """One clear error for bad values, before any backend touches torch."""
@@ -42,6 +45,14 @@ class SamplingParams:
             raise ThinklingError(f"sampling 'temperature': must be >= 0 (got {self.temperature!r})")
         if not 0 < self.top_p <= 1:
             raise ThinklingError(f"sampling 'top_p': must be in (0, 1] (got {self.top_p!r})")
+
+    def row_keys(self, n: int) -> list[int]:
+        """The stream key of each of `n` prompts."""
+        if self.keys is None:
+            return list(range(n))
+        if len(self.keys) != n:
+            raise ThinklingError(f"sampling 'keys': {len(self.keys)} keys for {n} prompts")
+        return list(self.keys)
 
 
 @dataclass

@@ -9,7 +9,10 @@ Face models:
   prompt + anchor) is prefilled once and its state copied to its duplicates;
 - rows that finish are fed padding until a quarter of the batch has finished,
   then the state is compacted to the live rows (one gather, so done rarely);
-- `sample_tokens` draws every row's token in one call.
+- `sample_tokens` draws every row's token in one call;
+- with a seed, row i's uniforms come from a counter-based hash of (seed, key of row i, step)
+  (`keyed_uniforms`), so a completion does not depend on the rest of the batch: evaluation
+  batch sizes, BREAD's probe batches and data-parallel shards all sample the same tokens.
 """
 
 from __future__ import annotations
@@ -66,12 +69,13 @@ def decode(prompts: list[list[int]], params: SamplingParams, prefill: Prefill, *
     device = logits.device
     rows = torch.tensor(first, device=device)
     state, logits = state.select(rows), logits.index_select(0, rows)
-    generator = None if params.seed is None else torch.Generator(device=device).manual_seed(params.seed)
+    keys = torch.tensor(params.row_keys(len(prompts)), dtype=torch.long, device=device)
 
-    def pick(logits: torch.Tensor, history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def pick(logits: torch.Tensor, history: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if params.logits_processor is not None:
             logits = params.logits_processor(logits, history)
-        return sample_tokens(logits, params.temperature, params.top_p, generator, with_logprobs=True)
+        u = None if params.seed is None else keyed_uniforms(params.seed, keys[origin[rows]], history.shape[1])
+        return sample_tokens(logits, params.temperature, params.top_p, uniforms=u, with_logprobs=True)
 
     origin = torch.tensor(todo, device=device)  # prompt index of each batch row
     budget = torch.tensor([budgets[i] for i in todo], device=device)
@@ -80,11 +84,11 @@ def decode(prompts: list[list[int]], params: SamplingParams, prefill: Prefill, *
     alive = torch.ones(len(todo), dtype=torch.bool, device=device)
     for t in range(steps):
         if bool(alive.all()):
-            tokens, logp = pick(logits, history[:, :t])
+            tokens, logp = pick(logits, history[:, :t], slice(None))
         else:
             live = alive.nonzero().squeeze(1)
             tokens, logp = torch.full_like(origin, pad_id), torch.zeros(len(origin), device=device)
-            tokens[live], logp[live] = pick(logits[live], history[live, :t])
+            tokens[live], logp[live] = pick(logits[live], history[live, :t], live)
         history[:, t], history_logp[:, t] = tokens, logp
         finished = alive & ((tokens == eos_id) | (budget <= t + 1))
         if bool(finished.any()):
@@ -103,16 +107,40 @@ def decode(prompts: list[list[int]], params: SamplingParams, prefill: Prefill, *
     return out
 
 
+def keyed_uniforms(seed: int, keys: torch.Tensor, step: int) -> torch.Tensor:
+    """One uniform in [0, 1) (float64) per key, a pure function of (seed, key, step).
+
+    A splitmix64 hash of a counter (the same mixing Java's SplittableRandom uses), computed on
+    int64 tensors with logical shifts; 53 bits of it make the double.
+    """
+    def shift(x: torch.Tensor, s: int) -> torch.Tensor:
+        return (x >> s) & ((1 << (64 - s)) - 1)  # logical right shift of int64
+
+    x = keys.long() * _signed(0x9E3779B97F4A7C15) + _signed((seed * 0xD1B54A32D192ED03 + step * 0x94D049BB133111EB)
+                                                             & 0xFFFFFFFFFFFFFFFF)
+    x = (x ^ shift(x, 30)) * _signed(0xBF58476D1CE4E5B9)
+    x = (x ^ shift(x, 27)) * _signed(0x94D049BB133111EB)
+    x = x ^ shift(x, 31)
+    return shift(x, 11).double() * 2.0**-53
+
+
+def _signed(v: int) -> int:
+    """A 64-bit pattern as the int64 it is."""
+    v &= 0xFFFFFFFFFFFFFFFF
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
 def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None = None,
-                  with_logprobs: bool = False):
+                  with_logprobs: bool = False, uniforms: torch.Tensor | None = None):
     """One token per row of `logits [B, V]`: argmax at temperature 0, else a draw from
     softmax(logits / temperature) restricted to the top-p nucleus (the smallest set of
     most likely tokens with mass >= top_p, renormalised).
 
     The draw inverts the CDF with one uniform per row: the same distribution as
     `torch.multinomial`, whose exponential draws over a 49k vocabulary cost more
-    than a decode step's attention. `with_logprobs` also returns each drawn token's
-    log-probability under that distribution (under softmax(logits) for argmax).
+    than a decode step's attention. `uniforms` `[B]` (float64 in [0, 1)) replace the draws from
+    `generator`. `with_logprobs` also returns each drawn token's log-probability under that
+    distribution (under softmax(logits) for argmax).
     """
     logits = logits.float()
     if temperature == 0:
@@ -125,8 +153,9 @@ def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float, genera
     if top_p < 1:
         probs, order = probs.sort(dim=-1, descending=True)
         probs[(probs.cumsum(dim=-1) - probs) >= top_p] = 0
-    u = torch.rand(probs.shape[0], 1, dtype=torch.float64, generator=generator, device=probs.device)
-    picked = _invert_cdf(probs, u)
+    if uniforms is None:
+        uniforms = torch.rand(probs.shape[0], dtype=torch.float64, generator=generator, device=probs.device)
+    picked = _invert_cdf(probs, uniforms.to(probs.device)[:, None])
     tokens = picked if order is None else order.gather(1, picked[:, None]).squeeze(1)
     if not with_logprobs:
         return tokens

@@ -22,7 +22,7 @@ from thinkling.errors import ThinklingError
 from thinkling.files import read_json
 from thinkling.models.attention import KVCache, build_attention, check_attention, rope_table
 from thinkling.models.base import Sample, SamplingParams, pad_batch
-from thinkling.models.sampling import decode, sample_tokens
+from thinkling.models.sampling import decode, keyed_uniforms, sample_tokens
 from thinkling.models.tokenizer import CharTokenizer
 
 MLP_KINDS = ("swiglu", "gelu")
@@ -314,7 +314,7 @@ class TinyPolicy:
         """`generate` without any of its speed-ups: every step recomputes the whole
         right-padded batch of unfinished sequences. Tests compare the two."""
         budgets = self._budgets(prompts, params)
-        generator = None if params.seed is None else torch.Generator().manual_seed(params.seed)
+        keys = torch.tensor(params.row_keys(len(prompts)))
         out: list[list[int]] = [[] for _ in prompts]
         active = [i for i, b in enumerate(budgets) if b > 0]
         while active:
@@ -323,7 +323,8 @@ class TinyPolicy:
             history = torch.tensor([out[i] for i in active], dtype=torch.long, device=self.device)
             if params.logits_processor is not None:
                 logits = params.logits_processor(logits, history.view(len(active), -1))
-            tokens = sample_tokens(logits, params.temperature, params.top_p, generator).tolist()
+            u = None if params.seed is None else keyed_uniforms(params.seed, keys[active], history.shape[-1])
+            tokens = sample_tokens(logits, params.temperature, params.top_p, uniforms=u).tolist()
             for i, tok in zip(active, tokens):
                 out[i].append(tok)
             active = [i for i in active if out[i][-1] != self.eos_id and len(out[i]) < budgets[i]]

@@ -60,7 +60,8 @@ def anchor_failed_groups(policy, task, failed: list[Group], group_size: int, par
         if not active:
             break
         requests = [(s.group.problem, s.group.level, s.probe_point()) for s in active]
-        results = sample_groups(policy, task, requests, group_size, params_for_round(rounds))
+        results = sample_groups(policy, task, requests, group_size, params_for_round(rounds),
+                                keys=[s.group.key for s in active])  # a probe's samples do not depend on the others
         rounds += 1
         generated += sum(c.tokens for branch in results for c in branch.completions)
         for s, (_, _, k), branch in zip(active, requests, results):

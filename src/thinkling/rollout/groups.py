@@ -7,6 +7,7 @@ always context, never actions.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from thinkling.rollout.scoring import Completion, score
@@ -24,6 +25,7 @@ class Group:
     anchor_steps: int = 0
     anchor_tokens: int = 0
     rewards: list[float] = field(default_factory=list)
+    key: int = 0  # the request's sampling-stream key (see `sample_groups`)
 
     @property
     def has_success(self) -> bool:
@@ -38,19 +40,23 @@ def branch_prefix(policy, problem: Problem, level: str | None, k: int) -> tuple[
 
 
 def sample_groups(policy, task, requests: list[tuple[Problem, str | None, int]], group_size: int,
-                  params: SamplingParams) -> list[Group]:
+                  params: SamplingParams, keys: list[int] | None = None) -> list[Group]:
     """One group per (problem, level, anchor steps) request, all generated in one batch.
 
-    Each prefix is repeated G times consecutively so the engine can prefill it once.
+    Each prefix is repeated G times consecutively so the engine can prefill it once. Completion i
+    of request j samples from the stream (params.seed, keys[j] * G + i) (default keys: 0, 1, ...),
+    so a group's samples do not depend on the other requests of the batch.
     """
     prefixes = [branch_prefix(policy, p, level, k) for p, level, k in requests]
     batch = [ids for ids, _ in prefixes for _ in range(group_size)]
-    outputs = policy.sample(batch, params)
+    keys = list(range(len(requests))) if keys is None else keys
+    rows = tuple(key * group_size + i for key in keys for i in range(group_size))
+    outputs = policy.sample(batch, params if params is None else dataclasses.replace(params, keys=rows))
     groups = []
     for i, ((problem, level, k), (ids, n_anchor)) in enumerate(zip(requests, prefixes)):
         outs = outputs[i * group_size : (i + 1) * group_size]
         comps = [_score_branch(policy, task, problem, k, o) for o in outs]
-        groups.append(Group(problem, ids, comps, level, k, n_anchor))
+        groups.append(Group(problem, ids, comps, level, k, n_anchor, key=keys[i]))
     return groups
 
 

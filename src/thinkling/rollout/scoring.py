@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from thinkling.models.base import SamplingParams
@@ -35,9 +36,7 @@ def complete(policy, task: Task, problems: list[Problem], params: SamplingParams
     out: list[Completion] = []
     for start in range(0, len(problems), batch_size):
         chunk = problems[start : start + batch_size]
-        chunk_params = params
-        if params.seed is not None:  # each batch its own stream
-            chunk_params = SamplingParams(**{**vars(params), "seed": params.seed + start})
+        chunk_params = dataclasses.replace(params, keys=tuple(range(start, start + len(chunk))))  # batch-size free
         done = [score(policy, task, p, ids) for p, ids in
                 zip(chunk, policy.generate([prompt_ids(policy, p, level) for p in chunk], chunk_params))]
         out += done

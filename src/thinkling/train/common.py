@@ -42,6 +42,7 @@ def stop_if_not_finite(step: int, **values) -> None:
     """Stop a run whose loss (or gradient) turned NaN / inf before it reaches the weights: the
     optimizer step is not taken and no checkpoint is written, so the last checkpoint stays good."""
     for name, value in values.items():
+        value = value.detach() if isinstance(value, torch.Tensor) else value
         if not math.isfinite(float(value)):
             raise ThinklingError(f"step {step}: the {name.replace('_', ' ')} is {float(value)}; stopped before "
                                  "updating the weights (the last checkpoint is kept; lower the learning rate?)")

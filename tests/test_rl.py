@@ -151,6 +151,7 @@ def test_rl_resume_equals_uninterrupted_run(tmp_path):
     rows_b = [json.loads(x) for x in (b / "metrics.jsonl").read_text().splitlines()]
     key = lambda rows: [(r["step"], r.get("reward_mean"), r.get("bread/probe_groups")) for r in rows]  # noqa: E731
     assert key(rows_a) == key(rows_b)
+    assert all(0.01 < r["mem/peak_rss_gb"] < 64 for r in rows_a if "reward_mean" in r)  # peak memory in every step
 
 
 def test_dynamic_sampling_drops_groups_with_equal_rewards(tmp_path, tiny_policy):

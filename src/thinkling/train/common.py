@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import random
+import resource
+import sys
 
 import torch
 
@@ -36,6 +38,15 @@ def weights_changed(policy) -> None:
     hook = getattr(policy, "weights_changed", None)
     if hook is not None:
         hook()
+
+
+def peak_rss_gb() -> float:
+    """This process's peak resident memory so far, in GiB (getrusage: one system call, no polling).
+
+    Logged by the trainers as `mem/peak_rss_gb`; it never goes down, so a step that raised it
+    is the first step whose value is higher."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / (2**30 if sys.platform == "darwin" else 2**20)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -21,7 +21,7 @@ from thinkling.progress import console
 from thinkling.rewards import RewardSpec, compute_rewards, sample_levels
 from thinkling.rollout.bread import anchor_failed_groups
 from thinkling.rollout.groups import Group, sample_groups
-from thinkling.train.common import lr_at, set_lr, step_generator, weights_changed
+from thinkling.train.common import lr_at, peak_rss_gb, set_lr, step_generator, weights_changed
 
 def resolve_knobs(rl_cfg) -> dict:
     """The preset named by `rl.algorithm`, with every explicitly set key overriding it."""
@@ -250,6 +250,7 @@ class RLTrainer:
             metrics["bread/expert_token_fraction_anchored"] = (
                 self.totals["anchor_tokens"] / max(1, self.totals["anchor_trace_tokens"]))
         metrics["time/step_s"] = time.time() - t0
+        metrics["mem/peak_rss_gb"] = peak_rss_gb()
         return metrics, groups
 
     def _count_expert_tokens(self, groups: list[Group]) -> None:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from thinkling.errors import ThinklingError
 from thinkling.rollout.prompts import prompt_ids
-from thinkling.train.common import lr_at, make_optimizer, set_lr, step_generator, weights_changed
+from thinkling.train.common import lr_at, make_optimizer, peak_rss_gb, set_lr, step_generator, weights_changed
 
 
 @dataclass
@@ -116,7 +116,7 @@ def train_sft(policy, examples: list[Example], cfg, *, seed: int, run=None, star
             progress(done, loss.item())
         if run is not None and (done % cfg.log_every == 0 or done == cfg.steps):
             last = {"loss": loss.item(), "lr": lr, "grad_norm": float(grad_norm),
-                    "tokens_per_s": tokens / max(1e-9, time.time() - t0)}
+                    "tokens_per_s": tokens / max(1e-9, time.time() - t0), "mem/peak_rss_gb": peak_rss_gb()}
             run.log(done, last)
         if on_eval is not None and eval_every and (done % eval_every == 0) and done != cfg.steps and (
                 dp is None or dp.is_main):

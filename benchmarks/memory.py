@@ -218,13 +218,16 @@ def run_sft(args):
     cfg = SFTConfig(steps=1, batch_size=args.batch, lr=1e-5, warmup_steps=0, log_every=1, save_every=10**9,
                     bf16=args.autocast)
     saved = SavedTensors(policy.model.config.vocab_size) if args.saved_tensors else None
-    logits = policy.logits
+    if hasattr(sft_mod, "sft_loss"):  # the loss train_sft calls (forward + cross-entropy)
+        sft_mod.sft_loss = ph.wrap(sft_mod.sft_loss, "forward")
+    else:  # before sft_loss existed: the forward starts at policy.logits and runs until backward
+        logits = policy.logits
 
-    def logits_phase(*a, **kw):
-        ph.switch("forward")
-        return logits(*a, **kw)
+        def logits_phase(*a, **kw):
+            ph.switch("forward")
+            return logits(*a, **kw)
 
-    policy.logits = logits_phase
+        policy.logits = logits_phase
     for step in range(args.steps):
         cfg.steps = step + 1
         ctx = saved.hooks() if saved is not None and step == 0 else _null()

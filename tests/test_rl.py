@@ -84,12 +84,24 @@ def test_prompt_and_anchor_tokens_get_exactly_zero_gradient(tiny_policy):
     batch = build_batch([group], torch.tensor([[1.0, -1.0]]), tiny_policy.pad_id)
     for algorithm in ("grpo", "dapo", "dr_grpo", "clgrpo"):
         knobs = _knobs(algorithm=algorithm, entropy_coef=0.01)
-        loss, stats, logits = minibatch_loss(tiny_policy, batch, slice(None), knobs, max_len=16)
-        logits.retain_grad()
+        seen = []
+        logits_fn = tiny_policy.logits
+
+        def keep(*a, **kw):
+            seen.append(logits_fn(*a, **kw))
+            seen[-1].retain_grad()
+            return seen[-1]
+
+        tiny_policy.logits = keep
+        try:
+            loss, stats, logp = minibatch_loss(tiny_policy, batch, slice(None), knobs, max_len=16)
+        finally:
+            del tiny_policy.logits
         loss.backward()
         start = first_loss_position(batch.loss_mask)
-        assert start == len(prefix) - 1  # logits before the first trained position are not even computed
-        g = torch.nn.functional.pad(logits.grad, (0, 0, start, 0))  # back to absolute positions
+        assert seen[0].shape[1] == batch.ids.shape[1] - start  # logits before the first trained position are not even computed
+        g = torch.nn.functional.pad(seen[0].grad, (0, 0, start, 0))  # back to absolute positions
+        assert torch.all(logp[batch.loss_mask == 0] == 0)
         # logits at position t score token t+1: positions before len(prefix)-1 score prompt/anchor tokens
         assert torch.all(g[:, : len(prefix) - 1] == 0), algorithm
         assert torch.any(g[0, len(prefix) - 1 : len(prefix) + len(completion) - 1] != 0), algorithm

@@ -30,6 +30,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # Attention and MLP projections of Llama-family models (Llama, Qwen2, Mistral, SmolLM2, Gemma).
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORA_DEFAULTS = {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": None}
+# Model types whose logits are the plain output layer of the final hidden states (`output_head`).
+HEAD_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 class _CompletionOnlyProcessor(transformers.LogitsProcessor):
@@ -221,6 +223,26 @@ class HFPolicy:
         )
         return out.logits
 
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The final-normed hidden states `[B, T, D]` that the output layer maps to logits."""
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        out = _base_model(self.model).model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        return out.last_hidden_state
+
+    def output_head(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """(weight, bias) of the output layer when logits are exactly `hidden_states @ weight.T + bias`
+        (Llama-family layouts, no logit scaling or soft-capping), else None. The trainers then
+        score tokens from the hidden states a chunk at a time (`models.logprobs.head_logprobs`)
+        instead of materialising `[B, T, V]` logits."""
+        base = _base_model(self.model)
+        head = getattr(base, "lm_head", None)
+        config = base.config
+        if (config.model_type not in HEAD_TYPES or type(head) is not torch.nn.Linear
+                or getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None)):
+            return None
+        return head.weight, head.bias
+
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
         """One completion per prompt, ending at the first eos (kept).
 
@@ -377,6 +399,11 @@ class HFPolicy:
             "gguf_file": self.source.get("gguf_file") if adapters else None,
         }
         (out / "policy.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def _base_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under a peft wrapper (LoRA layers stay injected in it)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def _dtype_name(model: torch.nn.Module) -> str:

@@ -11,12 +11,11 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from thinkling.algorithms import RL_KNOBS, compute_advantages, entropy_from_logits, group_has_signal, policy_loss, rl_knobs
+from thinkling.algorithms import RL_KNOBS, compute_advantages, group_has_signal, policy_loss, rl_knobs
 from thinkling.errors import ThinklingError
 from thinkling.models.base import SamplingParams
-from thinkling.models.logprobs import first_loss_position, sequence_logprobs, token_logprobs
+from thinkling.models.logprobs import masked_token_logprobs
 from thinkling.progress import console
 from thinkling.rewards import RewardSpec, compute_rewards, sample_levels
 from thinkling.rollout.bread import anchor_failed_groups
@@ -211,8 +210,9 @@ class RLTrainer:
         return out
 
     def _logp(self, policy, batch: Batch, rows, device) -> torch.Tensor:
-        return sequence_logprobs(policy, batch.ids[rows].to(device), batch.attention_mask[rows].to(device),
-                                 keep_from=first_loss_position(batch.loss_mask[rows]))
+        """Log-probs of the sampled tokens (0 elsewhere) under `policy`: π_old or the reference."""
+        return masked_token_logprobs(policy, batch.ids[rows].to(device), batch.attention_mask[rows].to(device),
+                                     batch.loss_mask[rows])[0]
 
     # --------------------------------------------------------------------- step
     def step(self, step: int, total_steps: int) -> tuple[dict, list[Group]]:
@@ -290,21 +290,20 @@ def level_metrics(groups: list[Group], levels: tuple[str, ...]) -> dict:
 
 
 def minibatch_loss(policy, batch: Batch, rows, knobs: dict, *, max_len: int, old_logp=None, ref_logp=None):
-    """The clipped policy loss of some rows of a batch; returns (loss, stats, logits), the logits
-    of positions `first_loss_position(batch.loss_mask[rows])` onwards.
+    """The clipped policy loss of some rows of a batch; returns (loss, stats, logp), `logp [B, T-1]`
+    the log-probs of the sampled tokens (0 at positions outside the loss mask, never computed).
 
     `old_logp=None` means π_old is the current policy (μ = 1): the ratio is exactly 1.
     """
     device = next(policy.model.parameters()).device
     ids = batch.ids[rows].to(device)
-    start = first_loss_position(batch.loss_mask[rows])  # logits before it are never needed
-    logits = policy.logits(ids, batch.attention_mask[rows].to(device), keep_from=start)
-    logp = F.pad(token_logprobs(logits[:, :-1], ids[:, start + 1 :]), (start, 0))
-    entropy = F.pad(entropy_from_logits(logits[:, :-1]), (start, 0)) if knobs["entropy_coef"] > 0 else None
+    mask = batch.loss_mask[rows].to(device)
+    logp, entropy = masked_token_logprobs(policy, ids, batch.attention_mask[rows].to(device), mask,
+                                          entropy=knobs["entropy_coef"] > 0)
     loss, stats = policy_loss(
         logp, logp.detach() if old_logp is None else old_logp.to(device), batch.advantages[rows].to(device),
-        batch.loss_mask[rows].to(device), eps_low=knobs["eps_low"], eps_high=knobs["eps_high"],
+        mask, eps_low=knobs["eps_low"], eps_high=knobs["eps_high"],
         aggregation=knobs["aggregation"], ref_logp=None if ref_logp is None else ref_logp.to(device),
         beta=knobs["beta"], kl_estimator=knobs["kl_estimator"], entropy=entropy,
         entropy_coef=knobs["entropy_coef"], max_len=max_len)
-    return loss, stats, logits
+    return loss, stats, logp

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from thinkling.errors import ThinklingError
+from thinkling.models.logprobs import masked_token_logprobs
 from thinkling.rollout.prompts import prompt_ids
 from thinkling.train.common import lr_at, make_optimizer, peak_rss_gb, set_lr, step_generator, weights_changed
 
@@ -59,6 +60,16 @@ def weighted_ce(logits: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
     return (torch.where(w > 0, ce, 0.0) * w).sum() / total
 
 
+def sft_loss(policy, ids: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor,
+             denominator: torch.Tensor | None = None) -> torch.Tensor:
+    """`weighted_ce` of the policy's logits for a collated batch, computed only at target positions
+    and without materialising `[B, T, V]` logits (`models.logprobs.masked_token_logprobs`)."""
+    w = weights[:, 1:].float()
+    logp, _ = masked_token_logprobs(policy, ids, mask, w > 0)
+    total = w.sum().clamp_min(1e-8) if denominator is None else denominator
+    return (-logp * w).sum() / total
+
+
 def sft_examples(policy, task, problems) -> list[Example]:
     return [make_example(policy, prompt_ids(policy, p), task.target(p)) for p in problems]
 
@@ -95,13 +106,14 @@ def train_sft(policy, examples: list[Example], cfg, *, seed: int, run=None, star
         ids, mask, weights = (t.to(device) for t in collate([examples[i] for i in idx], policy.pad_id))
         lr = lr_at(step, base_lr=cfg.lr, warmup=cfg.warmup_steps, total=cfg.steps, min_ratio=cfg.min_lr_ratio)
         set_lr(optimizer, lr)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            logits = policy.logits(ids, mask)
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
         if dp is None:
-            loss = weighted_ce(logits, ids, weights)
+            with autocast:
+                loss = sft_loss(policy, ids, mask, weights)
         else:  # this shard's part of the full-batch mean; `loss` becomes that mean for logging
-            counts = dp.sum(torch.stack([weights[:, 1:].sum(), mask.sum().float()]).to(logits.device))
-            shard_loss = weighted_ce(logits, ids, weights, denominator=counts[0].clamp_min(1e-8))
+            counts = dp.sum(torch.stack([weights[:, 1:].sum(), mask.sum().float()]).to(device))
+            with autocast:
+                shard_loss = sft_loss(policy, ids, mask, weights, denominator=counts[0].clamp_min(1e-8))
             loss = dp.sum(shard_loss.detach().clone())
         optimizer.zero_grad(set_to_none=True)
         (loss if dp is None else shard_loss).backward()

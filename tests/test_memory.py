@@ -160,3 +160,42 @@ def test_only_llama_family_heads_skip_the_logits():
     policy.model.config.final_logit_softcapping = 30.0  # Gemma-2 style: logits are not the plain head
     assert policy.output_head() is None
 
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_gradient_checkpointing_keeps_loss_and_gradients(lora):
+    policy = _policy(lora)
+    policy.model.train()
+    batch = _batch(policy)
+    knobs = rl_knobs("grpo", {"entropy_coef": 0.01})
+    plain, _, _ = minibatch_loss(policy, batch, slice(None), knobs, max_len=16)
+    want = _grads(policy, plain)
+    assert not policy.gradient_checkpointing
+    policy.gradient_checkpointing = True
+    assert policy.gradient_checkpointing
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        ckpt, _, _ = minibatch_loss(policy, batch, slice(None), knobs, max_len=16)
+    torch.testing.assert_close(ckpt, plain)
+    for got, ref in zip(_grads(policy, ckpt), want):
+        torch.testing.assert_close(got, ref)
+    policy.gradient_checkpointing = False
+    assert not policy.gradient_checkpointing
+    saved_plain = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved_plain.append(t.numel()) or t, lambda t: t):
+        minibatch_loss(policy, batch, slice(None), knobs, max_len=16)
+    assert sum(saved) < sum(saved_plain) / 2  # the layers' activations are recomputed, not kept
+
+
+def test_gradient_checkpointing_recipe_key(tmp_path):
+    from thinkling.config import ModelConfig
+    from thinkling.errors import ThinklingError
+    from thinkling.models import build_policy
+
+    path = tmp_path / "tiny-llama"
+    HFPolicy(make_model(), make_tokenizer()).save(str(path))
+    policy = build_policy(ModelConfig(backend="hf", name=str(path), gradient_checkpointing=True), seed=0)
+    assert policy.gradient_checkpointing
+    assert not build_policy(ModelConfig(backend="hf", name=str(path)), seed=0).gradient_checkpointing
+    with pytest.raises(ThinklingError, match="gradient_checkpointing"):
+        build_policy(ModelConfig(backend="tiny", tiny={"d_model": 16, "n_layers": 1, "n_heads": 2},
+                                 gradient_checkpointing=True), seed=0)

@@ -8,7 +8,7 @@ from pathlib import Path
 from rich.table import Table
 
 from thinkling.errors import ThinklingError
-from thinkling.models import build_policy, load_policy
+from thinkling.models import build_policy, configure_policy, load_policy
 from thinkling.progress import bar, console
 from thinkling.runs import RunDir, atomic_write_text
 from thinkling.tasks.base import get_task
@@ -68,7 +68,7 @@ def _resume_policy(run: RunDir, cfg, resume: bool):
     state = run.load_state(ckpt)
     run.truncate_metrics(state["step"])
     console.print(f"resuming {run.path} from {ckpt.name}")
-    return load_policy(ckpt / "policy"), ckpt, state["step"]
+    return configure_policy(load_policy(ckpt / "policy"), cfg.model), ckpt, state["step"]
 
 
 # --------------------------------------------------------------------- SFT

@@ -44,11 +44,20 @@ def build_policy(cfg, seed: int) -> Policy:
         _require_vllm()  # before loading any weights
     if cfg.rollout_dtype not in (None, "float32", "bfloat16"):
         raise ThinklingError(f"config key 'model.rollout_dtype': must be float32 or bfloat16, got {cfg.rollout_dtype!r}")
-    policy = _build(cfg, seed)
+    return configure_policy(_build(cfg, seed), cfg)
+
+
+def configure_policy(policy: Policy, cfg) -> Policy:
+    """Apply the run-time settings of the `model` section that a saved policy does not record
+    (rollout dtype, gradient checkpointing, vLLM); a resumed run calls it on its checkpoint."""
     if cfg.rollout_dtype is not None:
         if not hasattr(policy, "rollout_dtype"):
             raise ThinklingError("config key 'model.rollout_dtype' applies to hf models (model.backend: hf)")
         policy.rollout_dtype = cfg.rollout_dtype
+    if cfg.gradient_checkpointing:
+        if not hasattr(policy, "gradient_checkpointing"):
+            raise ThinklingError("config key 'model.gradient_checkpointing' applies to hf models (model.backend: hf)")
+        policy.gradient_checkpointing = True
     if cfg.generator == "vllm":
         if not hasattr(policy, "use_vllm"):
             raise ThinklingError("config key 'model.generator': vllm needs an hf model (model.backend: hf)")

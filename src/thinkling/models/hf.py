@@ -123,6 +123,32 @@ class HFPolicy:
             bos_token_id=tokenizer.bos_token_id, eos_token_id=self.eos_id, pad_token_id=self.pad_id
         )
 
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """Activation checkpointing of the transformer layers in training mode: backward keeps
+        each layer's input only and recomputes the layer (one more forward pass), so the
+        activations of a batch cost ~D floats per token and layer instead of ~30 D."""
+        base = _base_model(self.model)
+        if hasattr(type(base), "is_activation_checkpointing"):  # transformers >= 5
+            return bool(base.is_activation_checkpointing)
+        return bool(getattr(base, "is_gradient_checkpointing", False))
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, on: bool) -> None:
+        base = _base_model(self.model)
+        if on:
+            if not getattr(base, "supports_gradient_checkpointing", False):
+                raise ThinklingError(f"{type(base).__name__} does not support gradient checkpointing")
+            # non-reentrant checkpointing: gradients reach LoRA adapters inside the layers as they are
+            enable = getattr(base, "activation_checkpointing_enable", None)
+            if enable is not None:  # transformers >= 5
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        elif self.gradient_checkpointing:
+            disable = getattr(base, "activation_checkpointing_disable", None) or base.gradient_checkpointing_disable
+            disable()
+
     # ----------------------------------------------------------------- loading
 
     @classmethod

@@ -9,6 +9,8 @@ float32 (to float rounding) and under bf16 autocast.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -199,3 +201,55 @@ def test_gradient_checkpointing_recipe_key(tmp_path):
     with pytest.raises(ThinklingError, match="gradient_checkpointing"):
         build_policy(ModelConfig(backend="tiny", tiny={"d_model": 16, "n_layers": 1, "n_heads": 2},
                                  gradient_checkpointing=True), seed=0)
+
+
+@pytest.mark.parametrize("aggregation", ["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"])
+def test_micro_batches_accumulate_the_minibatch_gradient(aggregation):
+    from thinkling.config import RLConfig
+    from thinkling.train.common import make_optimizer
+    from thinkling.train.rl import RLTrainer, resolve_knobs
+
+    policy = _policy(lora=True)
+    policy.model.train()
+    batch = _batch(policy)
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        old_logp = lp.sequence_logprobs(policy, batch.ids, batch.attention_mask)
+    old_logp = old_logp + 0.3 * torch.randn(old_logp.shape, generator=g)
+    results = []
+    for size in (None, 1, 3):
+        rl = RLConfig(aggregation=aggregation, entropy_coef=0.01, beta=0.04, max_new_tokens=16, micro_batch_size=size)
+        trainer = RLTrainer(policy, None, [], rl, resolve_knobs(rl), make_optimizer(policy.model, 1e-3, 0.0), seed=0)
+        policy.model.zero_grad(set_to_none=True)
+        loss, stats = trainer._accumulate(batch, torch.arange(4), old_logp, old_logp - 0.1, nullcontext())
+        grads = [p.grad.clone() for p in policy.model.parameters() if p.requires_grad]
+        results.append((loss, stats, grads))
+    (loss, stats, grads) = results[0]
+    for other_loss, other_stats, other_grads in results[1:]:
+        torch.testing.assert_close(other_loss, loss)
+        for key in stats:
+            assert other_stats[key] == pytest.approx(stats[key], rel=1e-5, abs=1e-7), key
+        for got, want in zip(other_grads, grads):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+
+
+
+def test_sft_micro_batches_take_the_same_step():
+    from thinkling.config import SFTConfig
+    from thinkling.train.common import make_optimizer
+    from thinkling.train.sft import Example, train_sft
+
+    g = torch.Generator().manual_seed(11)
+    examples = []
+    for n, p in ((9, 3), (14, 6), (6, 2), (11, 4), (12, 7)):
+        ids = torch.randint(5, 40, (n,), generator=g).tolist()
+        examples.append(Example(ids, [0.0] * p + [1.0] * (n - p)))
+    states = []
+    for size in (None, 1, 3):
+        policy = _policy(lora=False)
+        cfg = SFTConfig(steps=2, batch_size=6, lr=1e-2, warmup_steps=0, micro_batch_size=size)
+        last = train_sft(policy, examples, cfg, seed=0, optimizer=make_optimizer(policy.model, cfg.lr, 0.0))
+        states.append((policy.model.state_dict(), last))
+    for state, _ in states[1:]:
+        for name, value in states[0][0].items():
+            torch.testing.assert_close(state[name], value, rtol=1e-4, atol=1e-5)  # Adam magnifies rounding of ~0 grads

@@ -68,6 +68,7 @@ class SFTConfig:
     log_every: int = 25
     save_every: int = 500
     bf16: bool = False  # autocast the forward in bfloat16
+    micro_batch_size: int | None = None  # rows per forward/backward pass, gradients accumulated (less memory, same step); None = the whole batch
 
 
 @dataclass
@@ -85,6 +86,7 @@ class RLConfig:
     group_size: int = 8
     ppo_epochs: int = 1  # μ: updates per batch of rollouts with π_old frozen
     minibatches: int = 1
+    micro_batch_size: int | None = None  # rows per forward/backward pass, gradients accumulated (less memory, same update); None = a whole minibatch
     lr: float = 1e-4
     warmup_steps: int = 0
     weight_decay: float = 0.0

@@ -116,6 +116,8 @@ def validate_sft(cfg) -> None:
             raise ThinklingError(f"config key 'sft.{key}' must be >= 1, got {getattr(s, key)}")
     if s.lr <= 0:
         raise ThinklingError(f"config key 'sft.lr' must be > 0, got {s.lr}")
+    if s.micro_batch_size is not None and s.micro_batch_size < 1:
+        raise ThinklingError(f"config key 'sft.micro_batch_size' must be >= 1, got {s.micro_batch_size}")
 
 
 def finish(run: RunDir, policy, eval_task, eval_problems, cfg, step: int, extra: dict | None = None) -> dict:

@@ -9,6 +9,7 @@ from thinkling.algorithms.advantages import (
 from thinkling.algorithms.losses import (
     AGGREGATIONS,
     KL_ESTIMATORS,
+    agg_denominator,
     agg_loss,
     entropy_from_logits,
     kl_penalty,
@@ -22,6 +23,7 @@ __all__ = [
     "KL_ESTIMATORS",
     "PRESETS",
     "RL_KNOBS",
+    "agg_denominator",
     "agg_loss",
     "compute_advantages",
     "entropy_from_logits",

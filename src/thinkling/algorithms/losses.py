@@ -52,7 +52,17 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     return -(p * torch.where(p > 0, logp, 0.0)).sum(dim=-1)
 
 
-def agg_loss(loss_mat: torch.Tensor, mask: torch.Tensor, mode: str, max_len: int | None = None) -> torch.Tensor:
+def agg_denominator(mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """What `agg_loss` divides by: the number of loss tokens (`token-mean`) or of sequences with
+    at least one (the sequence means), at least 1. Micro-batches of a batch pass the whole batch's
+    value to `agg_loss` so that their losses add up to the batch's loss."""
+    mask = mask != 0
+    count = mask.sum() if mode == "token-mean" else (mask.sum(dim=-1) > 0).sum()
+    return count.clamp(min=1)
+
+
+def agg_loss(loss_mat: torch.Tensor, mask: torch.Tensor, mode: str, max_len: int | None = None,
+             denominator: torch.Tensor | None = None) -> torch.Tensor:
     """Reduce a per-token loss `[B, T]` to a scalar over the masked tokens.
 
     - `token-mean` (DAPO): every loss token weighs the same, long or short sequence.
@@ -60,14 +70,16 @@ def agg_loss(loss_mat: torch.Tensor, mask: torch.Tensor, mode: str, max_len: int
     - `seq-mean-token-sum-norm` (Dr.GRPO): per-sequence sum / `max_len` (a constant,
       so no length bias), then mean over sequences.
     Sequence means run over sequences with at least one loss token; a batch
-    without any loss token gives 0.
+    without any loss token gives 0. `denominator` replaces `agg_denominator(mask, mode)`.
     """
     if mode not in AGGREGATIONS:
         raise ThinklingError(f"unknown aggregation '{mode}'; known: {', '.join(AGGREGATIONS)}")
     mask = mask != 0
     loss_mat = torch.where(mask, loss_mat, 0.0)
+    if denominator is None:
+        denominator = agg_denominator(mask, mode)
     if mode == "token-mean":
-        return loss_mat.sum() / mask.sum().clamp(min=1)
+        return loss_mat.sum() / denominator
     tokens = mask.sum(dim=-1)
     if mode == "seq-mean-token-mean":
         per_seq = loss_mat.sum(dim=-1) / tokens.clamp(min=1)
@@ -75,7 +87,7 @@ def agg_loss(loss_mat: torch.Tensor, mask: torch.Tensor, mode: str, max_len: int
         if max_len is None or max_len <= 0:
             raise ThinklingError("aggregation 'seq-mean-token-sum-norm' needs max_len > 0 (the max completion length)")
         per_seq = loss_mat.sum(dim=-1) / max_len
-    return per_seq.sum() / (tokens > 0).sum().clamp(min=1)
+    return per_seq.sum() / denominator
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
@@ -97,6 +109,7 @@ def policy_loss(
     entropy: torch.Tensor | None = None,
     entropy_coef: float = 0.0,
     max_len: int | None = None,
+    denominator: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped surrogate loss with separate lower/upper clip, optional KL and entropy terms.
 
@@ -110,7 +123,7 @@ def policy_loss(
     clipped term won and differs from the unclipped one), split into
     `clip_frac_low` (ρ < 1−eps_low, A < 0) and `clip_frac_high` (ρ > 1+eps_high,
     A > 0); `ratio_mean`; `kl_mean` when ref_logp is given; `entropy_mean` when
-    entropy is given.
+    entropy is given. `denominator`: see `agg_loss` (micro-batches).
     """
     if beta > 0 and ref_logp is None:
         raise ThinklingError("beta > 0 needs ref_logp (log-probs of a reference policy)")
@@ -143,4 +156,4 @@ def policy_loss(
         stats["entropy_mean"] = _masked_mean(entropy, mask)
         if entropy_coef != 0:
             loss_mat = loss_mat - entropy_coef * entropy
-    return agg_loss(loss_mat, mask, aggregation, max_len), stats
+    return agg_loss(loss_mat, mask, aggregation, max_len, denominator), stats

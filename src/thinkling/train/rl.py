@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from thinkling.algorithms import RL_KNOBS, compute_advantages, group_has_signal, policy_loss, rl_knobs
+from thinkling.algorithms import RL_KNOBS, agg_denominator, compute_advantages, group_has_signal, policy_loss, rl_knobs
 from thinkling.errors import ThinklingError
 from thinkling.models.base import SamplingParams
 from thinkling.models.logprobs import masked_token_logprobs
@@ -34,6 +34,8 @@ def validate_rl(cfg, train_problems) -> dict:
     for key in ("steps", "prompts_per_step", "ppo_epochs", "minibatches", "max_new_tokens", "save_every", "log_every"):
         if getattr(rl, key) < 1:
             raise ThinklingError(f"config key 'rl.{key}' must be >= 1, got {getattr(rl, key)}")
+    if rl.micro_batch_size is not None and rl.micro_batch_size < 1:
+        raise ThinklingError(f"config key 'rl.micro_batch_size' must be >= 1, got {rl.micro_batch_size}")
     if rl.lr <= 0:
         raise ThinklingError(f"config key 'rl.lr' must be > 0, got {rl.lr}")
     if rl.bread.enabled and not any(p.steps for p in train_problems):
@@ -191,12 +193,8 @@ class RLTrainer:
             order = torch.randperm(n, generator=step_generator(self.seed + 17 + epoch, step)) if c.minibatches > 1 else torch.arange(n)
             for start in range(0, n, mb):
                 rows = order[start : start + mb]
-                with autocast:
-                    loss, stats, _ = minibatch_loss(self.policy, batch, rows, k, max_len=c.max_new_tokens,
-                                                    old_logp=None if reuse_old else old_logp[rows],
-                                                    ref_logp=None if ref_logp is None else ref_logp[rows])
                 self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                loss, stats = self._accumulate(batch, rows, old_logp, ref_logp, autocast)
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
                 self.optimizer.step()
                 updates += 1
@@ -208,6 +206,36 @@ class RLTrainer:
         out["lr"] = lr
         out["advantage_abs_mean"] = adv.abs().mean().item()
         return out
+
+    def _accumulate(self, batch: Batch, rows: torch.Tensor, old_logp, ref_logp, autocast) -> tuple[torch.Tensor, dict]:
+        """Gradients of one minibatch's loss, `rl.micro_batch_size` rows per forward/backward pass.
+
+        Each micro-batch's loss is divided by the whole minibatch's normaliser, so the
+        accumulated gradient is the minibatch's; its stats (token means) are weighted by its
+        loss tokens. Rows are grouped by length, so each micro-batch is padded only to its own
+        longest row. Returns the minibatch's loss (detached) and stats.
+        """
+        c, k = self.cfg, self.knobs
+        size = c.micro_batch_size or len(rows)
+        mask = batch.loss_mask[rows]
+        denominator = agg_denominator(mask, k["aggregation"])
+        if size < len(rows):  # shortest first: similar lengths share a micro-batch
+            rows = rows[torch.argsort(batch.attention_mask[rows].sum(dim=1), stable=True)]
+        total, stats_sum, tokens = torch.zeros(()), {}, 0.0
+        for start in range(0, len(rows), size):
+            part = rows[start : start + size]
+            with autocast:
+                loss, stats, _ = minibatch_loss(self.policy, batch, part, k, max_len=c.max_new_tokens,
+                                                old_logp=None if old_logp is None else old_logp[part],
+                                                ref_logp=None if ref_logp is None else ref_logp[part],
+                                                denominator=denominator)
+            loss.backward()
+            total += loss.detach().float().cpu()
+            n_tok = float(batch.loss_mask[part].sum())
+            tokens += n_tok
+            for key, v in stats.items():
+                stats_sum[key] = stats_sum.get(key, 0.0) + float(v) * n_tok
+        return total, {key: v / max(tokens, 1.0) for key, v in stats_sum.items()}
 
     def _logp(self, policy, batch: Batch, rows, device) -> torch.Tensor:
         """Log-probs of the sampled tokens (0 elsewhere) under `policy`: π_old or the reference."""
@@ -289,21 +317,27 @@ def level_metrics(groups: list[Group], levels: tuple[str, ...]) -> dict:
     return out
 
 
-def minibatch_loss(policy, batch: Batch, rows, knobs: dict, *, max_len: int, old_logp=None, ref_logp=None):
+def minibatch_loss(policy, batch: Batch, rows, knobs: dict, *, max_len: int, old_logp=None, ref_logp=None,
+                   denominator=None):
     """The clipped policy loss of some rows of a batch; returns (loss, stats, logp), `logp [B, T-1]`
     the log-probs of the sampled tokens (0 at positions outside the loss mask, never computed).
 
     `old_logp=None` means π_old is the current policy (μ = 1): the ratio is exactly 1.
+    `denominator`: the loss normaliser of a larger batch these rows are a micro-batch of
+    (`agg_denominator`). Columns past the rows' longest sequence are dropped (right padding
+    never changes a causal model's outputs at real positions).
     """
     device = next(policy.model.parameters()).device
-    ids = batch.ids[rows].to(device)
-    mask = batch.loss_mask[rows].to(device)
-    logp, entropy = masked_token_logprobs(policy, ids, batch.attention_mask[rows].to(device), mask,
-                                          entropy=knobs["entropy_coef"] > 0)
+    attn = batch.attention_mask[rows]
+    width = max(2, int(attn.sum(dim=1).max()))
+    ids, attn = batch.ids[rows][:, :width].to(device), attn[:, :width].to(device)
+    mask = batch.loss_mask[rows][:, : width - 1].to(device)
+    cut = lambda x: None if x is None else x[:, : width - 1].to(device)  # noqa: E731
+    logp, entropy = masked_token_logprobs(policy, ids, attn, mask, entropy=knobs["entropy_coef"] > 0)
     loss, stats = policy_loss(
-        logp, logp.detach() if old_logp is None else old_logp.to(device), batch.advantages[rows].to(device),
+        logp, logp.detach() if old_logp is None else cut(old_logp), batch.advantages[rows].to(device),
         mask, eps_low=knobs["eps_low"], eps_high=knobs["eps_high"],
-        aggregation=knobs["aggregation"], ref_logp=None if ref_logp is None else ref_logp.to(device),
+        aggregation=knobs["aggregation"], ref_logp=cut(ref_logp),
         beta=knobs["beta"], kl_estimator=knobs["kl_estimator"], entropy=entropy,
-        entropy_coef=knobs["entropy_coef"], max_len=max_len)
+        entropy_coef=knobs["entropy_coef"], max_len=max_len, denominator=denominator)
     return loss, stats, logp

@@ -103,26 +103,34 @@ def train_sft(policy, examples: list[Example], cfg, *, seed: int, run=None, star
         idx = torch.randint(len(examples), (cfg.batch_size,), generator=g).tolist()
         if dp is not None:
             idx = dp.shard(idx)
-        ids, mask, weights = (t.to(device) for t in collate([examples[i] for i in idx], policy.pad_id))
+        batch = [examples[i] for i in idx]
         lr = lr_at(step, base_lr=cfg.lr, warmup=cfg.warmup_steps, total=cfg.steps, min_ratio=cfg.min_lr_ratio)
         set_lr(optimizer, lr)
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
-        if dp is None:
-            with autocast:
-                loss = sft_loss(policy, ids, mask, weights)
-        else:  # this shard's part of the full-batch mean; `loss` becomes that mean for logging
-            counts = dp.sum(torch.stack([weights[:, 1:].sum(), mask.sum().float()]).to(device))
-            with autocast:
-                shard_loss = sft_loss(policy, ids, mask, weights, denominator=counts[0].clamp_min(1e-8))
-            loss = dp.sum(shard_loss.detach().clone())
+        # The loss is divided by the whole batch's target weight (every shard's, data-parallel), so
+        # micro-batches and shards add up to the full-batch mean.
+        counts = torch.tensor([sum(sum(e.weights[1:]) for e in batch), sum(len(e.ids) for e in batch)],
+                              dtype=torch.float32)
+        if dp is not None:
+            counts = dp.sum(counts.to(device)).cpu()
+        denominator = counts[0].clamp_min(1e-8)
         optimizer.zero_grad(set_to_none=True)
-        (loss if dp is None else shard_loss).backward()
+        part_loss = torch.zeros(())
+        size = cfg.micro_batch_size or len(batch)
+        if size < len(batch):  # similar lengths share a micro-batch: less padding
+            batch = sorted(batch, key=lambda e: len(e.ids))
+        for start in range(0, len(batch), size):
+            ids, mask, weights = (t.to(device) for t in collate(batch[start : start + size], policy.pad_id))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                micro = sft_loss(policy, ids, mask, weights, denominator=denominator.to(device))
+            micro.backward()
+            part_loss += micro.detach().float().cpu()
+        loss = part_loss if dp is None else dp.sum(part_loss.to(device)).cpu()  # the full-batch mean
         if dp is not None:
             dp.sum_gradients(model)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         weights_changed(policy)
-        tokens += int(mask.sum()) if dp is None else int(counts[1])
+        tokens += int(counts[1])
         done = step + 1
         if progress is not None:
             progress(done, loss.item())

@@ -172,6 +172,9 @@ class RLTrainer:
             # move the weights along Adam's momentum. Skip it.
             return {"skipped_update": 1, "advantage_abs_mean": 0.0}
         batch = build_batch(groups, adv, self.policy.pad_id)
+        release = getattr(self.policy, "release_generation_memory", None)
+        if release is not None:  # the update changes the weights: the engine's copy would be rebuilt anyway
+            release()
         model = self.policy.model
         device = next(model.parameters()).device
         n = batch.ids.shape[0]

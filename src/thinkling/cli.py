@@ -77,7 +77,7 @@ def _model_and_task_args(p, max_new_tokens: int) -> None:
     p.add_argument("--samples", type=int, default=1, help="sampled completions per problem for pass@k")
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--dtype", default=None, help="float32 | bfloat16 for a model alias or hub id (default float32)")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | auto for a model alias or hub id (default float32)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 for tiny policies)")
 
 
@@ -85,8 +85,8 @@ def _task_config(args):
     """The problems of `eval` / `sweep-stop`, with --dtype and --threads checked on the way."""
     from thinkling.config import TaskConfig
 
-    if args.dtype not in (None, "float32", "bfloat16"):
-        raise ThinklingError(f"--dtype must be float32 or bfloat16, got '{args.dtype}'")
+    if args.dtype not in (None, "float32", "bfloat16", "auto"):
+        raise ThinklingError(f"--dtype must be float32, bfloat16 or auto, got '{args.dtype}'")
     if args.threads is not None and args.threads < 1:
         raise ThinklingError(f"--threads must be >= 1, got {args.threads}")
     return TaskConfig(name=args.task, options=_parse_options(args.option), size=args.limit or None,

@@ -25,7 +25,7 @@ class ModelConfig:
     init: str | None = None  # a saved policy folder to start from (e.g. an SFT checkpoint)
     name: str | None = None  # hf: alias (smollm2-135m), local path or hub id
     tiny: dict = field(default_factory=dict)  # TinyConfig fields for a fresh tiny model
-    dtype: str = "float32"  # float32 | bfloat16 (hf weights); tiny trains fp32, autocast optional
+    dtype: str = "float32"  # float32 | bfloat16 | auto (hf weights; auto = bf16 only where it is native); tiny trains fp32
     lora: dict | None = None  # hf: {r, alpha, dropout, target_modules}
     chat_template: bool = True
     system_prompt: str | None = None

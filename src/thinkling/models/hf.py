@@ -57,8 +57,38 @@ class _CompletionOnlyProcessor(transformers.LogitsProcessor):
 
 def _check_dtype(dtype: str) -> torch.dtype:
     if dtype not in DTYPES:
-        raise ThinklingError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+        raise ThinklingError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}, auto")
     return DTYPES[dtype]
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether bfloat16 matmuls run natively here (CUDA with bf16, or a CPU with AVX512-BF16 / AMX).
+
+    Elsewhere bf16 is emulated and far slower than float32: on an AVX2-only CPU a SmolLM2-135M
+    forward was ~8x slower and its backward ~60x slower in bf16 (benchmarks/MEMORY_FINDINGS.md).
+    """
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> str:
+    """`auto` -> bfloat16 where it is native (`native_bf16`), else float32; a named dtype is kept,
+    with a warning when bfloat16 is asked for on a CPU that only emulates it."""
+    if dtype == "auto":
+        return "bfloat16" if native_bf16(device) else "float32"
+    _check_dtype(dtype)
+    if dtype == "bfloat16" and device.type == "cpu" and not native_bf16(device):
+        from thinkling.progress import console
+
+        console.print("[yellow]warning:[/] bfloat16 on a CPU without AVX512-BF16/AMX is emulated and many times "
+                      "slower than float32 (training ~10-60x); use dtype: float32 or auto")
+    return dtype
 
 
 def _lora_config(lora: dict, model: torch.nn.Module) -> dict:
@@ -167,14 +197,15 @@ class HFPolicy:
         """Load an alias, a local folder, a GGUF, a hub id, or a folder written by `save`.
 
         For a saved policy, arguments left at None take the saved value. `device`
-        defaults to CUDA when available.
+        defaults to CUDA when available. `dtype="auto"` is bfloat16 where it is native, else float32.
         """
         path = resolve_model(name_or_path)
         meta_file = Path(path) / "policy.json"
         meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
         if meta and meta.get("backend") != "hf":
             raise ThinklingError(f"{meta_file}: backend is {meta.get('backend')!r}, not 'hf'")
-        dtype = dtype or meta.get("dtype", "float32")
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = resolve_dtype(dtype or meta.get("dtype", "float32"), torch.device(device))
         torch_dtype = _check_dtype(dtype)
         chat_template = meta.get("chat_template", True) if chat_template is None else chat_template
         system_prompt = meta.get("system_prompt") if system_prompt is None else system_prompt
@@ -199,7 +230,7 @@ class HFPolicy:
         tokenizer = _from_pretrained(
             transformers.AutoTokenizer, path, tokenizer_gguf, trust_remote_code=trust_remote_code
         )
-        model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model.to(device)
         if adapters:
             from peft import PeftModel
 

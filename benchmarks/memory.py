@@ -5,11 +5,14 @@
     python benchmarks/memory.py rl --mode lora               # 4 prompts x G=4 x 128 new tokens, LoRA r=16, bf16 weights
     python benchmarks/memory.py rl --mode full --dtype float32 --rollout-dtype bfloat16 --autocast
     python benchmarks/memory.py rl --mode lora --beta 0.04   # adds the frozen reference model and its log-probs
+    python benchmarks/memory.py rl --mode lora --dtype float32 --micro-batch 4 --set gradient_checkpointing=True
 
 One configuration per process, so the process's peak resident memory is that
 configuration's. Every phase is timed and its peak RSS recorded by a thread
 polling /proc/self/statm every millisecond (it can miss spikes shorter than
-that; the process maximum from getrusage, which misses nothing, is printed too).
+that; the process maximum from getrusage, which misses nothing, is printed too). Each phase
+shows wall seconds and, in parentheses, this process's CPU seconds (user + system): on a
+shared machine the wall time grows with the other jobs' load, the CPU time much less.
 
 The library's own code paths run unchanged: `train_sft` for SFT and
 `RLTrainer.step` for RL. Phases are delimited by wrapping what they call:
@@ -59,8 +62,9 @@ class Phases:
     def __init__(self, interval: float = 0.001):
         self.interval = interval
         self.current = "other"
-        self.t0 = time.perf_counter()
+        self.t0, self.c0 = time.perf_counter(), time.process_time()
         self.seconds: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
         self.peak: dict[str, float] = {}
         self.lock = threading.Lock()
         self._stop = threading.Event()
@@ -79,11 +83,12 @@ class Phases:
     def switch(self, name: str) -> str:
         """Make `name` the current phase; returns the previous one."""
         self._sample()
-        now = time.perf_counter()
+        now, cpu = time.perf_counter(), time.process_time()
         with self.lock:
             prev = self.current
             self.seconds[prev] = self.seconds.get(prev, 0.0) + now - self.t0
-            self.current, self.t0 = name, now
+            self.cpu[prev] = self.cpu.get(prev, 0.0) + cpu - self.c0
+            self.current, self.t0, self.c0 = name, now, cpu
         self._sample()
         return prev
 
@@ -109,7 +114,7 @@ class Phases:
     def reset(self):
         self.switch(self.current)
         with self.lock:
-            self.seconds, self.peak = {}, {}
+            self.seconds, self.cpu, self.peak = {}, {}, {}
 
     def stop(self):
         self.switch(self.current)
@@ -166,22 +171,23 @@ def report(ph: Phases, steps: list[dict], args, extra: str = ""):
     print(f"command: python benchmarks/memory.py {' '.join(sys.argv[1:])}")
     print(f"machine: torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"load avg {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    head = "| step | " + " | ".join(f"{p} s / peak GB" for p in order) + " | step s |"
+    head = "| step | " + " | ".join(f"{p} s (cpu s) / peak GB" for p in order) + " | step s (cpu s) |"
     print(head)
     print("|" + "---|" * (len(order) + 2))
-    for i, s in enumerate(steps):
+    for s in steps:
         cells = []
         for p in order:
-            cells.append(f"{s['seconds'][p]:.2f} / {s['peak'][p]:.2f}" if p in s["seconds"] else "-")
+            cells.append(f"{s['seconds'][p]:.1f} ({s['cpu'][p]:.1f}) / {s['peak'][p]:.2f}" if p in s["seconds"] else "-")
         total = sum(v for k, v in s["seconds"].items() if k != "load")
-        print(f"| {s['name']} | " + " | ".join(cells) + f" | {total:.2f} |")
+        cpu = sum(v for k, v in s["cpu"].items() if k != "load")
+        print(f"| {s['name']} | " + " | ".join(cells) + f" | {total:.1f} ({cpu:.1f}) |")
     print(f"process peak RSS (getrusage): {max_rss_gb():.2f} GB")
 
 
 def snapshot(ph: Phases, name: str) -> dict:
     ph.switch(ph.current)
     with ph.lock:
-        out = {"name": name, "seconds": dict(ph.seconds), "peak": dict(ph.peak)}
+        out = {"name": name, "seconds": dict(ph.seconds), "cpu": dict(ph.cpu), "peak": dict(ph.peak)}
     ph.reset()
     return out
 
@@ -216,7 +222,7 @@ def run_sft(args):
         fixed.append(sft_mod.Example(ids[: args.seq_len], w[: args.seq_len]))
 
     cfg = SFTConfig(steps=1, batch_size=args.batch, lr=1e-5, warmup_steps=0, log_every=1, save_every=10**9,
-                    bf16=args.autocast)
+                    bf16=args.autocast, **_micro(SFTConfig, args))
     saved = SavedTensors(policy.model.config.vocab_size) if args.saved_tensors else None
     if hasattr(sft_mod, "sft_loss"):  # the loss train_sft calls (forward + cross-entropy)
         sft_mod.sft_loss = ph.wrap(sft_mod.sft_loss, "forward")
@@ -242,6 +248,15 @@ def run_sft(args):
               f"other {saved.bytes['other'] / 2**30:.2f} GB")
 
 
+def _micro(cls, args) -> dict:
+    """micro_batch_size when given (older versions of the library have no such key)."""
+    if args.micro_batch is None:
+        return {}
+    if "micro_batch_size" not in cls.__dataclass_fields__:
+        raise SystemExit("--micro-batch: this version of thinkling has no micro_batch_size")
+    return {"micro_batch_size": args.micro_batch}
+
+
 @contextmanager
 def _null():
     yield
@@ -265,7 +280,7 @@ def run_rl(args):
     policy = load_policy(args, ph)
     rl = RLConfig(algorithm="grpo", prompts_per_step=args.prompts, group_size=args.group, ppo_epochs=args.ppo_epochs,
                   beta=args.beta, lr=1e-5, max_new_tokens=args.new_tokens, bf16=args.autocast,
-                  rewards={"accuracy": 1.0, "format": 0.1})
+                  rewards={"accuracy": 1.0, "format": 0.1}, **_micro(RLConfig, args))
     with ph.phase("load"):
         optimizer = make_optimizer(policy.model, rl.lr, rl.weight_decay)
     task = get_task("gsm8k", skip=200)
@@ -340,6 +355,7 @@ def main(argv=None):
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--beta", type=float, default=0.0)
     ap.add_argument("--ppo-epochs", type=int, default=1)
+    ap.add_argument("--micro-batch", type=int, default=None, help="rows per forward/backward (sft/rl.micro_batch_size)")
     ap.add_argument("--allow-eos", action="store_true")
     ap.add_argument("--saved-tensors", action="store_true", help="count what autograd saves in step 1")
     ap.add_argument("--set", dest="model_set", type=_setting, action="append", default=[],

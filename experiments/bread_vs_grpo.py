@@ -183,9 +183,9 @@ def main():
 
 
 def _fresh_eval(sft, done, settings, n, max_new, options):
-    from thinkling.rollout.scoring import complete
     from thinkling.models import load_policy
     from thinkling.models.base import SamplingParams
+    from thinkling.rollout.scoring import complete
     from thinkling.tasks import get_task
 
     task = get_task("chain", **options)

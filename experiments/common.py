@@ -139,8 +139,7 @@ def sft_tagged(output: Path, task_name: str, task_options: dict, difficulty, *, 
 
     from thinkling.config import SFTConfig
     from thinkling.models.tiny import TinyPolicy
-    from thinkling.rollout.prompts import LENGTH_LEVELS
-    from thinkling.rollout.prompts import prompt_ids
+    from thinkling.rollout.prompts import LENGTH_LEVELS, prompt_ids
     from thinkling.tasks import get_task
     from thinkling.train.sft import make_example, train_sft
 

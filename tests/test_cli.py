@@ -211,14 +211,14 @@ def test_resume_after_a_kill_leaves_the_rows_of_an_uninterrupted_run(tmp_path):
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(capsys, tmp_path, monkeypatch):
     from thinkling.train import sft
 
-    real, calls = sft.weighted_ce, []
+    real, calls = sft.sft_loss, []
 
     def nan_at_step_3(*args, **kwargs):
         calls.append(1)
         loss = real(*args, **kwargs)
         return loss * float("nan") if len(calls) == 3 else loss
 
-    monkeypatch.setattr(sft, "weighted_ce", nan_at_step_3)
+    monkeypatch.setattr(sft, "sft_loss", nan_at_step_3)
     out = tmp_path / "run"
     code, err = _run(capsys, "sft", "recipes/chain-sft.yaml", f"output_dir={out}", *FAST, "sft.steps=4",
                      "sft.save_every=2")

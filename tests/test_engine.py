@@ -216,6 +216,16 @@ def test_lora_adapters_are_folded_in():
     assert engine(lora).generate(PROMPTS, GREEDY) == reference(lora, PROMPTS, GREEDY)
 
 
+def test_released_weights_are_rebuilt_on_the_next_generate():
+    policy = _policy(make_model(seed=10))
+    first = policy.generate(PROMPTS, GREEDY)
+    engine_ = policy.rollout_engine()
+    assert engine_._weights is not None
+    policy.release_generation_memory()
+    assert engine_._weights is None
+    assert policy.generate(PROMPTS, GREEDY) == first and engine_._weights is not None
+
+
 def test_bfloat16_decoding_runs_and_mostly_agrees():
     model = make_model(seed=8)
     out = engine(model, dtype=torch.bfloat16).generate(PROMPTS, GREEDY)

@@ -249,6 +249,17 @@ def test_bfloat16_load(base_dir):
     assert len(policy.generate([policy.encode_prompt("a")], SamplingParams(max_new_tokens=3, temperature=0))[0]) == 3
 
 
+def test_auto_dtype_is_bfloat16_only_where_native(base_dir, monkeypatch, capsys):
+    from thinkling.models import hf
+
+    for native, expected in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(hf, "native_bf16", lambda device, native=native: native)
+        policy = HFPolicy.load(base_dir, device="cpu", dtype="auto")
+        assert next(policy.model.parameters()).dtype == expected
+    HFPolicy.load(base_dir, device="cpu", dtype="bfloat16")  # asked for explicitly: kept, with a warning
+    assert "emulated" in capsys.readouterr().err
+
+
 def test_unknown_alias_lists_aliases():
     with pytest.raises(ThinklingError, match="smollm2-135m"):
         resolve_model("smollm3-9000")

@@ -24,11 +24,10 @@ from thinkling.errors import ThinklingError  # noqa: E402
 from thinkling.models import load_policy  # noqa: E402
 from thinkling.models.base import SamplingParams  # noqa: E402
 from thinkling.models.hf import HFPolicy  # noqa: E402
-from thinkling.models.logprobs import first_loss_position  # noqa: E402
 from thinkling.models.registry import cache_dir  # noqa: E402
 from thinkling.rollout.groups import Group, branch_prefix  # noqa: E402
-from thinkling.rollout.scoring import Completion  # noqa: E402
 from thinkling.rollout.prompts import anchor_text, prompt_ids  # noqa: E402
+from thinkling.rollout.scoring import Completion  # noqa: E402
 from thinkling.tasks import Problem, Task, Verdict, problem_set  # noqa: E402
 from thinkling.train.common import make_optimizer  # noqa: E402
 from thinkling.train.rl import RLTrainer, build_batch, minibatch_loss  # noqa: E402
@@ -84,11 +83,22 @@ def test_prompt_and_bread_anchor_tokens_get_exactly_zero_gradient(any_policy):
     advantages = torch.tensor([[1.0, -0.5], [0.75, -1.25]])
     batch = build_batch(groups, advantages, policy.pad_id)
     knobs = rl_knobs("grpo", {})
-    loss, _, logits = minibatch_loss(policy, batch, torch.arange(4), knobs, max_len=8)
-    logits.retain_grad()
+    seen = []
+    hidden_fn = policy.hidden_states
+
+    def keep(*a, **kw):  # the final hidden states: position t feeds only the logits of token t + 1
+        seen.append(hidden_fn(*a, **kw))
+        seen[-1].retain_grad()
+        return seen[-1]
+
+    policy.hidden_states = keep
+    try:
+        loss, _, logp = minibatch_loss(policy, batch, torch.arange(4), knobs, max_len=8)
+    finally:
+        del policy.hidden_states
     loss.backward()
-    start = first_loss_position(batch.loss_mask)  # logits before it are not computed
-    per_position = torch.nn.functional.pad(logits.grad.abs().sum(-1), (start, 0))  # [B, T]; t predicts t + 1
+    assert policy.output_head() is not None and len(seen) == 1  # scored from the hidden states, no [B, T, V] logits
+    per_position = seen[0].grad.abs().sum(-1)  # [B, T]; t predicts t + 1
     rows = [(g.prefix, c.ids) for g in groups for c in g.completions]
     for row, (prefix, completion) in enumerate(rows):
         n_prefix, n_total = len(prefix), len(prefix) + len(completion)

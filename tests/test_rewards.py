@@ -4,7 +4,12 @@ import pytest
 import torch
 
 from thinkling.errors import ThinklingError
-from thinkling.rewards import LengthSpec, RewardSpec, compute_rewards, tldr_length_factor
+from thinkling.rewards import (
+    LengthSpec,
+    RewardSpec,
+    compute_rewards,
+    tldr_length_factor,
+)
 from thinkling.rollout.prompts import LENGTH_LEVELS, sample_levels, tag_prompt
 
 

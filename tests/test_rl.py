@@ -87,12 +87,24 @@ def test_prompt_and_anchor_tokens_get_exactly_zero_gradient(tiny_policy):
     batch = build_batch([group], torch.tensor([[1.0, -1.0]]), tiny_policy.pad_id)
     for algorithm in ("grpo", "dapo", "dr_grpo", "clgrpo"):
         knobs = _knobs(algorithm=algorithm, entropy_coef=0.01)
-        loss, stats, logits = minibatch_loss(tiny_policy, batch, slice(None), knobs, max_len=16)
-        logits.retain_grad()
+        seen = []
+        logits_fn = tiny_policy.logits
+
+        def keep(*a, **kw):
+            seen.append(logits_fn(*a, **kw))
+            seen[-1].retain_grad()
+            return seen[-1]
+
+        tiny_policy.logits = keep
+        try:
+            loss, stats, logp = minibatch_loss(tiny_policy, batch, slice(None), knobs, max_len=16)
+        finally:
+            del tiny_policy.logits
         loss.backward()
         start = first_loss_position(batch.loss_mask)
-        assert start == len(prefix) - 1  # logits before the first trained position are not even computed
-        g = torch.nn.functional.pad(logits.grad, (0, 0, start, 0))  # back to absolute positions
+        assert seen[0].shape[1] == batch.ids.shape[1] - start  # logits before the first trained position are not even computed
+        g = torch.nn.functional.pad(seen[0].grad, (0, 0, start, 0))  # back to absolute positions
+        assert torch.all(logp[batch.loss_mask == 0] == 0)
         # logits at position t score token t+1: positions before len(prefix)-1 score prompt/anchor tokens
         assert torch.all(g[:, : len(prefix) - 1] == 0), algorithm
         assert torch.any(g[0, len(prefix) - 1 : len(prefix) + len(completion) - 1] != 0), algorithm
@@ -156,6 +168,7 @@ def test_rl_resume_equals_uninterrupted_run(tmp_path, extra):
     key = lambda rows: [(r["step"], r.get("reward_mean"), r.get("bread/probe_groups"), r.get("kl_mean"))  # noqa: E731
                         for r in rows]
     assert key(rows_a) == key(rows_b)
+    assert all(0.01 < r["mem/peak_rss_gb"] < 64 for r in rows_a if "reward_mean" in r)  # peak memory in every step
 
 
 def test_dynamic_sampling_drops_groups_with_equal_rewards(tmp_path, tiny_policy):
@@ -251,8 +264,8 @@ def test_asymmetric_clip_warns_when_it_cannot_act(tmp_path, capsys):
 def test_bf16_update_and_skipped_prompt_logits_keep_the_loss(tiny_policy):
     """`rl.bf16` autocasts the update's forward: the loss and gradient stay close to fp32; and
     sequence_logprobs from the first trained position equals the full computation there."""
-    from thinkling.rollout.scoring import score
     from thinkling.models.logprobs import sequence_logprobs
+    from thinkling.rollout.scoring import score
 
     task = get_task("chain")
     p = task.problems(1, 0, 3)[0]
@@ -300,9 +313,8 @@ def test_trainer_logprobs_are_those_of_the_sampling_temperature(tiny_policy, tem
     # the trainer's update uses the same scaled log-probs
     knobs = _knobs()
     batch = build_batch([Group(None, prompt, [_comp([int(t)]) for t in top])], torch.zeros(1, 3), tiny_policy.pad_id)
-    _, _, logits = minibatch_loss(tiny_policy, batch, slice(None), knobs, max_len=1, temperature=temperature)
-    scaled = torch.log_softmax(logits[:, -2].float(), -1).gather(1, top[:, None]).squeeze(1).exp()
-    assert torch.allclose(scaled, at_t, atol=1e-5)
+    _, _, logp = minibatch_loss(tiny_policy, batch, slice(None), knobs, max_len=1, temperature=temperature)
+    assert torch.allclose(logp[:, -1].exp(), at_t, atol=1e-5)
 
 
 def _comp(ids):
@@ -359,3 +371,18 @@ def test_truncated_importance_weights_by_hand():
     assert stats["offpolicy/truncated_frac"] == 0.5 and abs(stats["offpolicy/ratio_max"] - 2.0) < 1e-6
     assert abs(stats["offpolicy/kl"] - (-(math.log(2) + math.log(0.5)) / 2)) < 1e-6
     assert sampler_correction(old, sampler, mask, cap=None)[0] is None
+
+
+def test_adam_step_norm_is_the_size_of_the_step(tiny_policy):
+    """The update size logged by RL is recomputed from AdamW's moments, not from a copy of the weights."""
+    from thinkling.train.common import adam_step_norm, make_optimizer
+
+    model = tiny_policy.model
+    optimizer = make_optimizer(model, 1e-3, 0.0)
+    for _ in range(3):
+        before = [p.detach().clone() for p in model.parameters()]
+        optimizer.zero_grad()
+        model(torch.tensor([[1, 5, 9, 12]])).pow(2).mean().backward()
+        optimizer.step()
+        delta = sum(float((p.detach() - b).pow(2).sum()) for p, b in zip(model.parameters(), before)) ** 0.5
+        assert abs(adam_step_norm(optimizer) - delta) < 1e-4 * delta

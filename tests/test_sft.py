@@ -58,5 +58,7 @@ def test_resume_gives_the_same_weights(tmp_path):
         assert torch.equal(wa[name], wb[name]), name
     import json
 
-    logged = [json.loads(line)["step"] for line in (b / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    rows = [json.loads(line) for line in (b / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    logged = [r["step"] for r in rows]
     assert logged == sorted(set(logged)), "resume must not duplicate metric rows"
+    assert all(0.01 < r["mem/peak_rss_gb"] < 64 for r in rows)  # every step logs the process's peak memory

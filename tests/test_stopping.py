@@ -6,7 +6,11 @@ import pytest
 import torch
 
 from thinkling.errors import ThinklingError
-from thinkling.rollout.stopping import BudgetForcing, TemperatureScaledStopping, make_stop_processor
+from thinkling.rollout.stopping import (
+    BudgetForcing,
+    TemperatureScaledStopping,
+    make_stop_processor,
+)
 
 V = 10
 EOT = (1, 2)  # a two-token end-of-thinking marker, like "A:" for the character model

@@ -15,7 +15,12 @@ from thinkling.tasks.base import render_completion
 from thinkling.tasks.countdown import steps_reach
 from thinkling.tasks.gym import gym_answer, metadata_difficulty
 from thinkling.tasks.jsonl import load_jsonl
-from thinkling.tasks.mathverify import extract_math_answer, last_boxed, math_equal, verify_math
+from thinkling.tasks.mathverify import (
+    extract_math_answer,
+    last_boxed,
+    math_equal,
+    verify_math,
+)
 from thinkling.tasks.mnns import optimal_traces
 
 SYNTHETIC = {"chain": range(1, 9), "mnns": range(1, 9), "countdown": range(2, 6)}

@@ -99,7 +99,7 @@ def _model_and_task_args(p, max_new_tokens: int) -> None:
     p.add_argument("--samples", type=int, default=1, help="sampled completions per problem for pass@k")
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--dtype", default=None, help="float32 | bfloat16 for a model alias or hub id (default float32)")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | auto for a model alias or hub id (default float32)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 for tiny policies)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow a model folder / hub model to run its own Python code (off: never run it)")
@@ -108,8 +108,8 @@ def _model_and_task_args(p, max_new_tokens: int) -> None:
 def _eval_config(args) -> EvalConfig:
     """The problems and decoding of `eval` / `sweep-stop`, validated (errors name the flag);
     --dtype and --threads are checked on the way."""
-    if args.dtype not in (None, "float32", "bfloat16"):
-        raise ThinklingError(f"--dtype must be float32 or bfloat16, got '{args.dtype}'")
+    if args.dtype not in (None, "float32", "bfloat16", "auto"):
+        raise ThinklingError(f"--dtype must be float32, bfloat16 or auto, got '{args.dtype}'")
     if args.threads is not None and args.threads < 1:
         raise ThinklingError(f"--threads must be >= 1, got {args.threads}")
     if args.limit < 0:

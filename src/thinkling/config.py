@@ -45,24 +45,26 @@ class ModelConfig:
     init: str | None = None  # a saved policy folder to start from (e.g. an SFT checkpoint)
     name: str | None = None  # hf: alias (smollm2-135m), local path or hub id
     tiny: dict = field(default_factory=dict)  # TinyConfig fields for a fresh tiny model
-    dtype: str = "float32"  # float32 | bfloat16 (hf weights); tiny trains fp32, autocast optional
+    dtype: str = "float32"  # float32 | bfloat16 | auto (hf weights; auto = bf16 only where it is native); tiny trains fp32
     lora: dict | None = None  # hf: {r, alpha, dropout, target_modules}
     chat_template: bool = True
     system_prompt: str | None = None
     trust_remote_code: bool = False
     generator: str = "engine"  # hf rollouts: engine (thinkling's, falls back to HF generate) | vllm (CUDA GPU)
     rollout_dtype: str | None = None  # hf engine weights: float32 | bfloat16 (~2x faster on AVX-512-bf16 CPUs, approximate); default dtype
+    gradient_checkpointing: bool = False  # hf: keep only each layer's input for backward, recompute the rest (less memory, ~+30 % update time)
 
     def validate(self, where: str = "model") -> None:
         _check(where, "backend", self.backend in ("tiny", "hf"), "tiny or hf", self.backend)
         _check(where, "dtype", self.dtype in DTYPES, " or ".join(DTYPES), self.dtype)
-        _check(where, "rollout_dtype", self.rollout_dtype in (None, *DTYPES), " or ".join(DTYPES), self.rollout_dtype)
+        _check(where, "rollout_dtype", self.rollout_dtype in (None, "float32", "bfloat16"), "float32 or bfloat16",
+               self.rollout_dtype)
         _check(where, "generator", self.generator in ("engine", "vllm"), "engine or vllm", self.generator)
         _check(where, "name", bool(self.name) or bool(self.init) or self.backend != "hf",
                "an alias, a local path or a hub id for backend hf", self.name)
 
 
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("float32", "bfloat16", "auto")  # auto: bfloat16 where the CPU / GPU runs it natively, else float32
 
 
 @dataclass
@@ -124,9 +126,10 @@ class SFTConfig:
     log_every: int = 25
     save_every: int = 500
     bf16: bool = False  # autocast the forward in bfloat16
+    micro_batch_size: int | None = None  # rows per forward/backward pass, gradients accumulated (less memory, same step); None = the whole batch
 
     def validate(self, where: str = "sft") -> None:
-        _at_least(self, where, 1, "steps", "batch_size", "log_every", "save_every")
+        _at_least(self, where, 1, "steps", "batch_size", "log_every", "save_every", "micro_batch_size")
         _at_least(self, where, 0, "warmup_steps", "weight_decay")
         _check(where, "lr", self.lr > 0, "> 0", self.lr)
         _check(where, "grad_clip", self.grad_clip > 0, "> 0", self.grad_clip)
@@ -151,6 +154,7 @@ class RLConfig:
     group_size: int = 8
     ppo_epochs: int = 1  # μ: updates per batch of rollouts with π_old frozen
     minibatches: int = 1
+    micro_batch_size: int | None = None  # rows per forward/backward pass, gradients accumulated (less memory, same update); None = a whole minibatch
     lr: float = 1e-4
     warmup_steps: int = 0
     weight_decay: float = 0.0
@@ -179,7 +183,7 @@ class RLConfig:
 
     def validate(self, where: str = "rl") -> None:
         _at_least(self, where, 1, "steps", "prompts_per_step", "ppo_epochs", "minibatches", "max_new_tokens",
-                  "save_every", "log_every")
+                  "save_every", "log_every", "micro_batch_size")
         _at_least(self, where, 0, "warmup_steps", "weight_decay", "resample_rounds", "samples_every")
         _check(where, "group_size", self.group_size >= 2, ">= 2 (group-relative advantages need a group)",
                self.group_size)

@@ -18,8 +18,8 @@ from thinkling import jobs
 from thinkling.config import load_recipe
 from thinkling.errors import ThinklingError
 from thinkling.eval.report import markdown_table, plot_runs, read_metrics, series
-from thinkling.progress import console
 from thinkling.files import atomic_write_text
+from thinkling.progress import console
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "quickstart"
 

@@ -16,9 +16,9 @@ from thinkling.errors import ThinklingError
 from thinkling.eval.evaluate import RowLog, eval_metrics, evaluate_policy, print_summary
 from thinkling.eval.report import eval_report, write_report
 from thinkling.eval.sweep import stop_sweep
-from thinkling.models import build_policy, load_policy, open_policy
-from thinkling.progress import bar, console
 from thinkling.files import atomic_write_text, read_json
+from thinkling.models import build_policy, configure_policy, load_policy, open_policy
+from thinkling.progress import bar, console
 from thinkling.rollout.prompts import check_fits
 from thinkling.runs import RunDir
 from thinkling.tasks import problem_set
@@ -69,7 +69,7 @@ def _open_run(cfg, resume: bool, make_run, prepare):
     rows = state.get("metrics_rows", sum(1 for r in run.metrics() if r["step"] <= state["step"]))
     run.truncate_metrics(rows)
     console.print(f"resuming {run.path} from {ckpt.name}")
-    policy = load_policy(ckpt / "policy", cfg.model.trust_remote_code)
+    policy = configure_policy(load_policy(ckpt / "policy", cfg.model.trust_remote_code), cfg.model)
     return run, policy, prepare(policy), ckpt, state["step"]
 
 
@@ -147,7 +147,7 @@ def run_rl(cfg, resume: bool = False) -> dict:
     console.print(f"RL ({cfg.rl.algorithm}{bread}): {cfg.rl.steps} steps × {cfg.rl.prompts_per_step} prompts "
                   f"× G={cfg.rl.group_size} -> {run.path}")
     # The starting policy, rebuilt from the recipe (a resumed run's policy is a checkpoint, not the start).
-    start_model = dataclasses.replace(cfg.model, generator="engine", rollout_dtype=None)  # scored, never sampled
+    start_model = dataclasses.replace(cfg.model, generator="engine", rollout_dtype=None, gradient_checkpointing=False)  # scored, never sampled
     reference = build_policy(start_model, cfg.seed) if knobs.beta > 0 or cfg.rl.kl_to_start else None
     with bar("rl", cfg.rl.steps - start) as advance:
         trainer = train_rl(

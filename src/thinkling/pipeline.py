@@ -19,8 +19,8 @@ from thinkling import jobs
 from thinkling.config import RunConfig, apply_overrides, build, load_yaml
 from thinkling.errors import ThinklingError
 from thinkling.eval.report import write_report
-from thinkling.progress import console
 from thinkling.files import atomic_write_text
+from thinkling.progress import console
 
 KINDS = ("sft", "rl")
 

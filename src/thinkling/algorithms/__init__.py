@@ -10,13 +10,14 @@ from thinkling.algorithms.losses import (
     AGGREGATIONS,
     KL_ESTIMATORS,
     POLICY_LOSSES,
+    agg_denominator,
     agg_loss,
-    entropy_from_logits,
     kl_penalty,
     policy_loss,
     register_policy_loss,
 )
 from thinkling.algorithms.presets import PRESETS, RL_KNOBS, Knobs, rl_knobs
+from thinkling.models.logprobs import entropy_from_logits  # the entropy bonus's input
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
@@ -26,6 +27,7 @@ __all__ = [
     "POLICY_LOSSES",
     "PRESETS",
     "RL_KNOBS",
+    "agg_denominator",
     "agg_loss",
     "compute_advantages",
     "entropy_from_logits",

@@ -46,15 +46,17 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3"
     return KL_ESTIMATORS[estimator](logp, ref_logp)
 
 
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of softmax(logits) over the last dim; -inf logits (banned tokens) count as p = 0."""
-    logp = torch.log_softmax(logits, dim=-1)
-    p = logp.exp()
-    # 0·log 0 = 0; masking logp first keeps -inf out of the backward pass as well.
-    return -(p * torch.where(p > 0, logp, 0.0)).sum(dim=-1)
+def agg_denominator(mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """What `agg_loss` divides by: the number of loss tokens (`token-mean`) or of sequences with
+    at least one (the sequence means), at least 1. Micro-batches of a batch pass the whole batch's
+    value to `agg_loss` so that their losses add up to the batch's loss."""
+    mask = mask != 0
+    count = mask.sum() if mode == "token-mean" else (mask.sum(dim=-1) > 0).sum()
+    return count.clamp(min=1)
 
 
-def agg_loss(loss_mat: torch.Tensor, mask: torch.Tensor, mode: str, max_len: int | None = None) -> torch.Tensor:
+def agg_loss(loss_mat: torch.Tensor, mask: torch.Tensor, mode: str, max_len: int | None = None,
+             denominator: torch.Tensor | None = None) -> torch.Tensor:
     """Reduce a per-token loss `[B, T]` to a scalar over the masked tokens.
 
     - `token-mean` (DAPO): every loss token weighs the same, long or short sequence.
@@ -62,14 +64,16 @@ def agg_loss(loss_mat: torch.Tensor, mask: torch.Tensor, mode: str, max_len: int
     - `seq-mean-token-sum-norm` (Dr.GRPO): per-sequence sum / `max_len` (a constant,
       so no length bias), then mean over sequences.
     Sequence means run over sequences with at least one loss token; a batch
-    without any loss token gives 0.
+    without any loss token gives 0. `denominator` replaces `agg_denominator(mask, mode)`.
     """
     if mode not in AGGREGATIONS:
         raise ThinklingError(f"unknown aggregation '{mode}'; known: {', '.join(AGGREGATIONS)}")
     mask = mask != 0
     loss_mat = torch.where(mask, loss_mat, 0.0)
+    if denominator is None:
+        denominator = agg_denominator(mask, mode)
     if mode == "token-mean":
-        return loss_mat.sum() / mask.sum().clamp(min=1)
+        return loss_mat.sum() / denominator
     tokens = mask.sum(dim=-1)
     if mode == "seq-mean-token-mean":
         per_seq = loss_mat.sum(dim=-1) / tokens.clamp(min=1)
@@ -77,7 +81,7 @@ def agg_loss(loss_mat: torch.Tensor, mask: torch.Tensor, mode: str, max_len: int
         if max_len is None or max_len <= 0:
             raise ThinklingError("aggregation 'seq-mean-token-sum-norm' needs max_len > 0 (the max completion length)")
         per_seq = loss_mat.sum(dim=-1) / max_len
-    return per_seq.sum() / (tokens > 0).sum().clamp(min=1)
+    return per_seq.sum() / denominator
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
@@ -142,6 +146,7 @@ def policy_loss(
     entropy_coef: float = 0.0,
     max_len: int | None = None,
     token_weights: torch.Tensor | None = None,
+    denominator: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The surrogate `loss` (default: the clipped one) plus optional KL and entropy terms, aggregated.
 
@@ -152,7 +157,8 @@ def policy_loss(
     e.g. truncated importance weights for off-policy samples) multiply the surrogate per token.
 
     Stats (floats, token means over the mask): the surrogate's, `kl_mean` when ref_logp is
-    given, `entropy_mean` when entropy is given.
+    given, `entropy_mean` when entropy is given. `denominator`: see `agg_loss`
+    (micro-batches).
     """
     if loss not in POLICY_LOSSES:
         raise ThinklingError(f"unknown policy loss '{loss}'; known: {', '.join(POLICY_LOSSES)}")
@@ -177,4 +183,4 @@ def policy_loss(
         stats["entropy_mean"] = _masked_mean(entropy, mask)
         if entropy_coef != 0:
             loss_mat = loss_mat - entropy_coef * entropy
-    return agg_loss(loss_mat, mask, aggregation, max_len), stats
+    return agg_loss(loss_mat, mask, aggregation, max_len, denominator), stats

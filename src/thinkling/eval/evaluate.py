@@ -15,8 +15,8 @@ from pathlib import Path
 from rich.table import Table
 
 from thinkling.errors import ThinklingError
-from thinkling.files import atomic_write_text, disk_error, read_text
 from thinkling.eval.metrics import pass_at_k
+from thinkling.files import atomic_write_text, disk_error, read_text
 from thinkling.models.base import SamplingParams
 from thinkling.progress import bar, console
 from thinkling.rollout.scoring import Completion, complete

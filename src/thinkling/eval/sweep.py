@@ -37,10 +37,10 @@ from types import SimpleNamespace
 from thinkling.config import EvalConfig
 from thinkling.errors import ThinklingError
 from thinkling.eval.evaluate import RowLog, evaluate
+from thinkling.files import atomic_write_text
 from thinkling.models import open_policy
 from thinkling.progress import bar, console
 from thinkling.rollout.stopping import make_stop_processor
-from thinkling.files import atomic_write_text
 from thinkling.tasks import problem_set
 
 # Tokens allowed after a forced marker: the answer itself (a number, a short \boxed{}).

@@ -7,9 +7,9 @@ from pathlib import Path
 from thinkling.config import ModelConfig
 from thinkling.errors import ThinklingError
 from thinkling.files import read_json
+from thinkling.models import vllm_backend
 from thinkling.models.base import Policy, SamplingParams
 from thinkling.models.tiny import TinyPolicy
-from thinkling.models import vllm_backend
 
 __all__ = ["Policy", "SamplingParams", "build_policy", "load_policy", "open_policy"]
 
@@ -36,11 +36,20 @@ def build_policy(cfg, seed: int) -> Policy:
     `cfg` is a validated ModelConfig (`ModelConfig.validate`)."""
     if cfg.generator == "vllm":
         vllm_backend._require_vllm()  # before loading any weights
-    policy = _build(cfg, seed)
+    return configure_policy(_build(cfg, seed), cfg)
+
+
+def configure_policy(policy: Policy, cfg) -> Policy:
+    """Apply the run-time settings of the `model` section that a saved policy does not record
+    (rollout dtype, gradient checkpointing, vLLM); a resumed run calls it on its checkpoint."""
     if cfg.rollout_dtype is not None:
         if not hasattr(policy, "rollout_dtype"):
             raise ThinklingError("config key 'model.rollout_dtype' applies to hf models (model.backend: hf)")
         policy.rollout_dtype = cfg.rollout_dtype
+    if cfg.gradient_checkpointing:
+        if not hasattr(policy, "gradient_checkpointing"):
+            raise ThinklingError("config key 'model.gradient_checkpointing' applies to hf models (model.backend: hf)")
+        policy.gradient_checkpointing = True
     if cfg.generator == "vllm":
         if not hasattr(policy, "use_vllm"):
             raise ThinklingError("config key 'model.generator': vllm needs an hf model (model.backend: hf)")

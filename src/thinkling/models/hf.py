@@ -23,16 +23,18 @@ import transformers
 
 from thinkling.errors import ThinklingError
 from thinkling.files import read_json
+from thinkling.models import vllm_backend
 from thinkling.models.base import LogitsProcessor, Sample, SamplingParams, pad_batch
 from thinkling.models.hf_engine import RolloutEngine, unsupported_reason
 from thinkling.models.registry import gguf_load_kwargs, load_from_hub, resolve_model
-from thinkling.models import vllm_backend
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 # Attention and MLP projections of Llama-family models (Llama, Qwen2, Mistral, SmolLM2, Gemma).
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORA_DEFAULTS = {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": None}
+# Model types whose logits are the plain output layer of the final hidden states (`output_head`).
+HEAD_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 class _CompletionOnlyProcessor(transformers.LogitsProcessor):
@@ -58,8 +60,38 @@ class _CompletionOnlyProcessor(transformers.LogitsProcessor):
 
 def _check_dtype(dtype: str) -> torch.dtype:
     if dtype not in DTYPES:
-        raise ThinklingError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+        raise ThinklingError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}, auto")
     return DTYPES[dtype]
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether bfloat16 matmuls run natively here (CUDA with bf16, or a CPU with AVX512-BF16 / AMX).
+
+    Elsewhere bf16 is emulated and far slower than float32: on an AVX2-only CPU a SmolLM2-135M
+    forward was ~8x slower and its backward ~60x slower in bf16 (benchmarks/MEMORY_FINDINGS.md).
+    """
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> str:
+    """`auto` -> bfloat16 where it is native (`native_bf16`), else float32; a named dtype is kept,
+    with a warning when bfloat16 is asked for on a CPU that only emulates it."""
+    if dtype == "auto":
+        return "bfloat16" if native_bf16(device) else "float32"
+    _check_dtype(dtype)
+    if dtype == "bfloat16" and device.type == "cpu" and not native_bf16(device):
+        from thinkling.progress import console
+
+        console.print("[yellow]warning:[/] bfloat16 on a CPU without AVX512-BF16/AMX is emulated and many times "
+                      "slower than float32 (training ~10-60x); use dtype: float32 or auto")
+    return dtype
 
 
 def _lora_config(lora: dict, model: torch.nn.Module) -> dict:
@@ -124,6 +156,32 @@ class HFPolicy:
             bos_token_id=tokenizer.bos_token_id, eos_token_id=self.eos_id, pad_token_id=self.pad_id
         )
 
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """Activation checkpointing of the transformer layers in training mode: backward keeps
+        each layer's input only and recomputes the layer (one more forward pass), so the
+        activations of a batch cost ~D floats per token and layer instead of ~30 D."""
+        base = _base_model(self.model)
+        if hasattr(type(base), "is_activation_checkpointing"):  # transformers >= 5
+            return bool(base.is_activation_checkpointing)
+        return bool(getattr(base, "is_gradient_checkpointing", False))
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, on: bool) -> None:
+        base = _base_model(self.model)
+        if on:
+            if not getattr(base, "supports_gradient_checkpointing", False):
+                raise ThinklingError(f"{type(base).__name__} does not support gradient checkpointing")
+            # non-reentrant checkpointing: gradients reach LoRA adapters inside the layers as they are
+            enable = getattr(base, "activation_checkpointing_enable", None)
+            if enable is not None:  # transformers >= 5
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        elif self.gradient_checkpointing:
+            disable = getattr(base, "activation_checkpointing_disable", None) or base.gradient_checkpointing_disable
+            disable()
+
     # ----------------------------------------------------------------- loading
 
     @classmethod
@@ -142,14 +200,15 @@ class HFPolicy:
         """Load an alias, a local folder, a GGUF, a hub id, or a folder written by `save`.
 
         For a saved policy, arguments left at None take the saved value. `device`
-        defaults to CUDA when available.
+        defaults to CUDA when available. `dtype="auto"` is bfloat16 where it is native, else float32.
         """
         path = resolve_model(name_or_path)
         meta_file = Path(path) / "policy.json"
         meta = read_json(meta_file) if meta_file.is_file() else {}
         if meta and meta.get("backend") != "hf":
             raise ThinklingError(f"{meta_file}: backend is {meta.get('backend')!r}, not 'hf'")
-        dtype = dtype or meta.get("dtype", "float32")
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = resolve_dtype(dtype or meta.get("dtype", "float32"), torch.device(device))
         torch_dtype = _check_dtype(dtype)
         chat_template = meta.get("chat_template", True) if chat_template is None else chat_template
         system_prompt = meta.get("system_prompt") if system_prompt is None else system_prompt
@@ -177,7 +236,7 @@ class HFPolicy:
         tokenizer = _from_pretrained(
             transformers.AutoTokenizer, path, tokenizer_gguf, trust_remote_code=trust_remote_code
         )
-        model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model.to(device)
         if adapters:
             from peft import PeftModel
 
@@ -232,6 +291,26 @@ class HFPolicy:
             logits_to_keep=input_ids.shape[1] - keep_from if keep_from > 0 else 0,
         )
         return out.logits
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The final-normed hidden states `[B, T, D]` that the output layer maps to logits."""
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        out = _base_model(self.model).model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        return out.last_hidden_state
+
+    def output_head(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """(weight, bias) of the output layer when logits are exactly `hidden_states @ weight.T + bias`
+        (Llama-family layouts, no logit scaling or soft-capping), else None. The trainers then
+        score tokens from the hidden states a chunk at a time (`models.logprobs.head_logprobs`)
+        instead of materialising `[B, T, V]` logits."""
+        base = _base_model(self.model)
+        head = getattr(base, "lm_head", None)
+        config = base.config
+        if (config.model_type not in HEAD_TYPES or type(head) is not torch.nn.Linear
+                or getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None)):
+            return None
+        return head.weight, head.bias
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
         return [s.ids for s in self.sample(prompts, params)]
@@ -325,6 +404,14 @@ class HFPolicy:
         self.vllm = vllm_backend.VLLMGenerator(folder, dtype=_dtype_name(self.model), **engine_kwargs)
         return self
 
+    def release_generation_memory(self) -> None:
+        """Drop the rollout engine's copy of the weights (bf16 / LoRA-folded, ~0.4 GB for SmolLM2-135M).
+        The RL trainer calls this before an update, which changes the weights anyway (the engine
+        would rebuild the copy at the next `generate`), so the copy does not sit in memory
+        through the update's peak."""
+        if self._engine is not None:
+            self._engine.release()
+
     def weights_changed(self) -> None:
         """Called by the trainers after optimizer steps; vLLM gets the new weights at the next
         `generate` (once, however many steps came in between)."""
@@ -384,6 +471,11 @@ class HFPolicy:
             "gguf_file": self.source.get("gguf_file") if adapters else None,
         }
         (out / "policy.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def _base_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under a peft wrapper (LoRA layers stay injected in it)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def _dtype_name(model: torch.nn.Module) -> str:

@@ -297,6 +297,10 @@ class RolloutEngine:
             self._key = key
         return self._weights
 
+    def release(self) -> None:
+        """Free the decoding copy of the weights; the next `generate` rebuilds it."""
+        self._weights = self._key = None
+
     # ------------------------------------------------------------- forward
     def _forward(self, w: _Weights, ids, positions, kv, start: int, mask) -> torch.Tensor:
         """Run `ids [B, T]` at `positions [B, T]`, writing their keys/values into cache slots

@@ -1,4 +1,12 @@
-"""Per-token log-probabilities of given sequences, for any policy backend."""
+"""Per-token log-probabilities of given sequences, for any policy backend.
+
+`masked_token_logprobs` is what the trainers call. For a policy that exposes its
+final hidden states and output layer (`HFPolicy.output_head`), it never builds
+the `[B, T, V]` logits: the output layer runs on the needed positions only, a
+chunk of rows at a time (`head_logprobs`), and its backward recomputes each
+chunk's logits instead of keeping them. Over SmolLM2's 49k vocabulary a batch's
+float32 logits and their log-softmax / gradient copies were gigabytes.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from thinkling.models.base import Policy
+
+# Float32 logits held at once by `head_logprobs` (per tensor; forward and backward hold ~3 such tensors).
+HEAD_CHUNK_BYTES = 64 * 2**20
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -19,6 +30,14 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return picked - torch.logsumexp(logits, dim=-1)
 
 
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax(logits) over the last dim; -inf logits (banned tokens) count as p = 0."""
+    logp = torch.log_softmax(logits, dim=-1)
+    p = logp.exp()
+    # 0·log 0 = 0; masking logp first keeps -inf out of the backward pass as well.
+    return -(p * torch.where(p > 0, logp, 0.0)).sum(dim=-1)
+
+
 def first_loss_position(loss_mask: torch.Tensor) -> int:
     """The first next-token position any row trains on (`loss_mask` is `[B, T-1]`).
 
@@ -30,6 +49,113 @@ def first_loss_position(loss_mask: torch.Tensor) -> int:
     return int(hits[0]) if len(hits) else 0
 
 
+class _HeadLogprobs(torch.autograd.Function):
+    """log softmax(hidden @ weight.T + bias)[target] (and the entropy) by chunks of rows.
+
+    Saves only its inputs and one logsumexp per row; the backward recomputes each
+    chunk's logits under the autocast state of the forward, so both passes do the
+    same arithmetic as the unchunked computation (autograd's own backward of the
+    linear layer runs on each recomputed chunk).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk: int, with_entropy: bool):
+        device = hidden.device.type
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        ctx.chunk, ctx.with_entropy = chunk, with_entropy
+        n = hidden.shape[0]
+        logp = hidden.new_empty(n, dtype=torch.float32)
+        lse = hidden.new_empty(n, dtype=torch.float32)
+        entropy = hidden.new_empty(n, dtype=torch.float32) if with_entropy else None
+        for s in range(0, n, chunk):
+            z = F.linear(hidden[s : s + chunk], weight, bias).float()
+            lse[s : s + chunk] = torch.logsumexp(z, dim=-1)
+            logp[s : s + chunk] = z.gather(1, targets[s : s + chunk, None]).squeeze(1) - lse[s : s + chunk]
+            if with_entropy:  # H = -Σ p log p = lse - Σ p z
+                entropy[s : s + chunk] = lse[s : s + chunk] - (torch.exp(z - lse[s : s + chunk, None]) * z).sum(-1)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
+        ctx.mark_non_differentiable(lse)
+        return (logp, entropy) if with_entropy else (logp,)
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy=None):
+        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
+        device, autocast, dtype = ctx.autocast
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        w = weight.detach().requires_grad_(need_w)
+        b = None if bias is None else bias.detach().requires_grad_(need_b)
+        grad_hidden = torch.zeros_like(hidden) if need_h else None
+        rows = torch.arange(min(ctx.chunk, hidden.shape[0]), device=hidden.device)
+        w_grad = b_grad = None
+        for s in range(0, hidden.shape[0], ctx.chunk):
+            h = hidden[s : s + ctx.chunk].detach().requires_grad_(need_h)
+            with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=autocast):
+                z = F.linear(h, w, b).float()
+            with torch.no_grad():
+                logp = z - lse[s : s + ctx.chunk, None]
+                p = torch.exp(logp)
+                g = grad_logp[s : s + ctx.chunk, None]
+                grad_z = -p * g  # d logp_target / dz = onehot(target) - p
+                grad_z[rows[: len(h)], targets[s : s + ctx.chunk]] += g.squeeze(1)
+                if grad_entropy is not None:  # dH / dz = -p (log p + H)
+                    grad_z -= grad_entropy[s : s + ctx.chunk, None] * p * (logp + entropy[s : s + ctx.chunk, None])
+            inputs = [t for t, need in ((h, need_h), (w, need_w), (b, need_b)) if need]
+            grads = torch.autograd.grad(z, inputs, grad_z)
+            it = iter(grads)
+            if need_h:
+                grad_hidden[s : s + ctx.chunk] = next(it)
+            if need_w:
+                gw = next(it)
+                w_grad = gw if w_grad is None else w_grad + gw
+            if need_b:
+                gb = next(it)
+                b_grad = gb if b_grad is None else b_grad + gb
+        return (grad_hidden, w_grad, b_grad, None, None, None)
+
+
+def head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                  *, entropy: bool = False, chunk_bytes: int | None = None):
+    """log softmax(hidden @ weight.T + bias)[targets] `[N]` in float32 (and the entropy of each
+    row's distribution when `entropy`), for `hidden [N, D]`, `weight [V, D]`, `targets [N]`,
+    holding at most `chunk_bytes` (default `HEAD_CHUNK_BYTES`) of float32 logits per tensor at a time. Differentiable in
+    `hidden`, `weight` and `bias`; the same values and gradients as `token_logprobs` of the full
+    logits (and `entropy_from_logits`), to float rounding."""
+    chunk = max(1, (chunk_bytes or HEAD_CHUNK_BYTES) // (4 * weight.shape[0]))
+    out = _HeadLogprobs.apply(hidden, weight, bias, targets, chunk, entropy)
+    return (out[0], out[1]) if entropy else (out[0], None)
+
+
+def masked_token_logprobs(policy: Policy, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                          mask: torch.Tensor, *, entropy: bool = False, temperature: float = 1.0):
+    """log p(x_{t+1} | x_<=t) `[B, T-1]` where `mask [B, T-1]` is set, 0 elsewhere (and the
+    entropy of each next-token distribution there, when `entropy`), of softmax(logits / temperature).
+
+    Positions outside the mask are never scored: a policy with `output_head` runs its output
+    layer on the masked positions only (`head_logprobs`); any other policy computes logits
+    from `first_loss_position(mask)` on.
+    """
+    mask = mask.to(input_ids.device) != 0
+    hidden_fn = getattr(policy, "output_head", None)
+    head = hidden_fn() if hidden_fn is not None else None
+    if head is None:
+        start = first_loss_position(mask)
+        logits = policy.logits(input_ids, attention_mask, keep_from=start)[:, :-1]
+        if temperature != 1.0:
+            logits = logits / temperature
+        logp = F.pad(token_logprobs(logits, input_ids[:, start + 1 :]), (start, 0))
+        ent = torch.where(mask, F.pad(entropy_from_logits(logits), (start, 0)), 0.0) if entropy else None
+        return torch.where(mask, logp, 0.0), ent
+    weight, bias = head
+    if temperature != 1.0:  # logits / T = hidden @ (W / T).T + b / T
+        weight, bias = weight / temperature, None if bias is None else bias / temperature
+    hidden = policy.hidden_states(input_ids, attention_mask)[:, :-1]
+    where = mask.nonzero(as_tuple=True)
+    picked, picked_ent = head_logprobs(hidden[where], weight, bias, input_ids[:, 1:][where], entropy=entropy)
+    logp = hidden.new_zeros(mask.shape, dtype=torch.float32).index_put(where, picked)
+    ent = hidden.new_zeros(mask.shape, dtype=torch.float32).index_put(where, picked_ent) if entropy else None
+    return logp, ent
+
+
 def sequence_logprobs(policy: Policy, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       keep_from: int = 0, temperature: float = 1.0) -> torch.Tensor:
     """log p(x_t | x_<t) for t = 1..T-1 of a right-padded batch, `[B, T-1]`; 0 where x_t is padding
@@ -37,9 +163,6 @@ def sequence_logprobs(policy: Policy, input_ids: torch.Tensor, attention_mask: t
 
     `temperature` scales the logits first: the log-probs of the distribution a sampler at
     that temperature drew from, which is the policy RL optimises."""
-    logits = policy.logits(input_ids, attention_mask, keep_from=keep_from)[:, :-1]
-    if temperature != 1.0:
-        logits = logits / temperature
-    targets = input_ids[:, keep_from + 1 :].to(logits.device)
-    logprobs = F.pad(token_logprobs(logits, targets), (keep_from, 0))
-    return logprobs.masked_fill(attention_mask[:, 1:].to(logits.device) == 0, 0.0)
+    mask = attention_mask[:, 1:] != 0
+    mask[:, :keep_from] = False
+    return masked_token_logprobs(policy, input_ids, attention_mask, mask, temperature=temperature)[0]

@@ -20,7 +20,12 @@ from torch import nn
 
 from thinkling.errors import ThinklingError
 from thinkling.files import read_json
-from thinkling.models.attention import KVCache, build_attention, check_attention, rope_table
+from thinkling.models.attention import (
+    KVCache,
+    build_attention,
+    check_attention,
+    rope_table,
+)
 from thinkling.models.base import Sample, SamplingParams, pad_batch
 from thinkling.models.sampling import decode, keyed_uniforms, sample_tokens
 from thinkling.models.tokenizer import CharTokenizer

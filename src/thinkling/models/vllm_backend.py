@@ -84,7 +84,9 @@ class VLLMGenerator:
                 "the vllm backend does not run per-step logits processors (budget forcing, temperature-scaled "
                 "stopping); use backend 'hf' for those"
             )
-        from vllm.inputs import TokensPrompt  # vLLM >= 0.5; replaces generate(prompt_token_ids=...)
+        from vllm.inputs import (
+            TokensPrompt,  # vLLM >= 0.5; replaces generate(prompt_token_ids=...)
+        )
 
         # One SamplingParams per prompt: a shared seed would make the copies of a
         # prompt in a GRPO group sample identical completions.

@@ -10,9 +10,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from thinkling.rollout.scoring import Completion, score
 from thinkling.models.base import Sample, SamplingParams
 from thinkling.rollout.prompts import anchor_text, prompt_ids
+from thinkling.rollout.scoring import Completion, score
 from thinkling.tasks.base import Problem
 
 

@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 
-
 @dataclass(frozen=True)
 class Problem:
     """One reasoning problem.

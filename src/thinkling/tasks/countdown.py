@@ -13,7 +13,13 @@ import re
 from collections import Counter
 
 from thinkling.errors import ThinklingError
-from thinkling.tasks.base import Problem, Task, Verdict, extract_final_answer, register_task
+from thinkling.tasks.base import (
+    Problem,
+    Task,
+    Verdict,
+    extract_final_answer,
+    register_task,
+)
 from thinkling.tasks.synthetic import check_count, difficulty_levels, rng_for
 
 _STEP = re.compile(r"(\d+)([-+*/])(\d+)=(\d+)")

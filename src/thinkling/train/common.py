@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import random
+import resource
+import sys
 
 import torch
 
@@ -46,6 +48,33 @@ def stop_if_not_finite(step: int, **values) -> None:
         if not math.isfinite(float(value)):
             raise ThinklingError(f"step {step}: the {name.replace('_', ' ')} is {float(value)}; stopped before "
                                  "updating the weights (the last checkpoint is kept; lower the learning rate?)")
+
+
+def adam_step_norm(optimizer: torch.optim.Optimizer) -> float:
+    """‖Δθ‖ of the AdamW step just taken, recomputed from the optimizer's moments
+    (lr·m̂/(√v̂ + ε) per parameter; the weight-decay part is left out): no copy of the weights,
+    which for a full fine-tune would cost as much memory as the model."""
+    total = 0.0
+    for group in optimizer.param_groups:
+        beta1, beta2 = group["betas"]
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            if not state or "exp_avg" not in state:
+                continue
+            t = float(state["step"])
+            m_hat = state["exp_avg"] / (1 - beta1**t)
+            v_hat = state["exp_avg_sq"] / (1 - beta2**t)
+            total += float((group["lr"] * m_hat / (v_hat.sqrt() + group["eps"])).pow(2).sum())
+    return total**0.5
+
+
+def peak_rss_gb() -> float:
+    """This process's peak resident memory so far, in GiB (getrusage: one system call, no polling).
+
+    Logged by the trainers as `mem/peak_rss_gb`; it never goes down, so a step that raised it
+    is the first step whose value is higher."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / (2**30 if sys.platform == "darwin" else 2**20)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -12,26 +12,35 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from thinkling.algorithms import (
     RL_KNOBS,
     Knobs,
+    agg_denominator,
     compute_advantages,
-    entropy_from_logits,
     group_has_signal,
     policy_loss,
     rl_knobs,
 )
 from thinkling.errors import ThinklingError
 from thinkling.models.base import SamplingParams, pad, pad_batch
-from thinkling.models.logprobs import first_loss_position, sequence_logprobs, token_logprobs
+from thinkling.models.logprobs import masked_token_logprobs
 from thinkling.progress import console
 from thinkling.rewards import RewardSpec, compute_rewards
 from thinkling.rollout.bread import anchor_failed_groups
 from thinkling.rollout.groups import Group, sample_groups
 from thinkling.rollout.prompts import anchor_text, sample_levels
-from thinkling.train.common import lr_at, make_optimizer, set_lr, step_generator, stop_if_not_finite, weights_changed
+from thinkling.train.common import (
+    adam_step_norm,
+    lr_at,
+    make_optimizer,
+    peak_rss_gb,
+    set_lr,
+    step_generator,
+    stop_if_not_finite,
+    weights_changed,
+)
+
 
 def resolve_knobs(rl_cfg) -> Knobs:
     """The preset named by `rl.algorithm`, with every explicitly set key overriding it."""
@@ -181,6 +190,9 @@ class RLTrainer:
             # move the weights along Adam's momentum. Skip it.
             return {"skipped_update": 1, "advantage_abs_mean": 0.0, **signal}
         batch = build_batch(groups, adv, self.policy.pad_id)
+        release = getattr(self.policy, "release_generation_memory", None)
+        if release is not None:  # the update changes the weights: the engine's copy would be rebuilt anyway
+            release()
         model = self.policy.model
         device = next(model.parameters()).device
         n = batch.ids.shape[0]
@@ -194,39 +206,67 @@ class RLTrainer:
                 ref_logp = self._logp(self.ref, batch, slice(None), device)
         lr = lr_at(step, base_lr=c.lr, warmup=c.warmup_steps, total=total_steps, min_ratio=1.0)
         set_lr(self.optimizer, lr)
-        trained = [p for p in model.parameters() if p.requires_grad]
-        before = [p.detach().clone() for p in trained]
         model.train()
         stats_acc: dict[str, float] = {}
-        updates = 0
+        updates, step_norm = 0, 0.0
         mb = max(1, -(-n // c.minibatches))
         for epoch in range(c.ppo_epochs):
             order = torch.randperm(n, generator=step_generator(self.seed + 17 + epoch, step)) if c.minibatches > 1 else torch.arange(n)
             for start in range(0, n, mb):
                 rows = order[start : start + mb]
-                with autocast:
-                    loss, stats, _ = minibatch_loss(self.policy, batch, rows, k, max_len=c.max_new_tokens,
-                                                    temperature=c.temperature, tis_cap=c.tis_cap,
-                                                    old_logp=None if reuse_old else old_logp[rows],
-                                                    ref_logp=None if ref_logp is None else ref_logp[rows])
                 self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                loss, stats = self._accumulate(batch, rows, old_logp, ref_logp, autocast)
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
                 stop_if_not_finite(step + 1, loss=loss, grad_norm=grad_norm)
                 self.optimizer.step()
                 updates += 1
+                step_norm += adam_step_norm(self.optimizer)
                 for key, v in {**stats, "loss": loss.item(), "grad_norm": float(grad_norm)}.items():
                     stats_acc[key] = stats_acc.get(key, 0.0) + float(v)
         model.eval()
         weights_changed(self.policy)
         out = {key: v / max(1, updates) for key, v in stats_acc.items()}
+        weight_norm = sum(float(p.detach().pow(2).sum()) for p in model.parameters() if p.requires_grad) ** 0.5
         out.update(signal, lr=lr, advantage_abs_mean=adv.abs().mean().item(), **advantage_shares(batch),
-                   **update_size(before, trained))
+                   update_norm_rel=step_norm / max(weight_norm, 1e-12), weight_norm=weight_norm)
         return out
 
+    def _accumulate(self, batch: Batch, rows: torch.Tensor, old_logp, ref_logp, autocast) -> tuple[torch.Tensor, dict]:
+        """Gradients of one minibatch's loss, `rl.micro_batch_size` rows per forward/backward pass.
+
+        Each micro-batch's loss is divided by the whole minibatch's normaliser, so the
+        accumulated gradient is the minibatch's; its stats (token means) are weighted by its
+        loss tokens. Rows are grouped by length, so each micro-batch is padded only to its own
+        longest row. Returns the minibatch's loss (detached) and stats.
+        """
+        c, k = self.cfg, self.knobs
+        size = c.micro_batch_size or len(rows)
+        mask = batch.loss_mask[rows]
+        denominator = agg_denominator(mask, k.aggregation)
+        if size < len(rows):  # shortest first: similar lengths share a micro-batch
+            rows = rows[torch.argsort(batch.attention_mask[rows].sum(dim=1), stable=True)]
+        total, stats_sum, tokens = torch.zeros(()), {}, 0.0
+        for start in range(0, len(rows), size):
+            part = rows[start : start + size]
+            with autocast:
+                loss, stats, _ = minibatch_loss(self.policy, batch, part, k, max_len=c.max_new_tokens,
+                                                temperature=c.temperature, tis_cap=c.tis_cap,
+                                                old_logp=None if old_logp is None else old_logp[part],
+                                                ref_logp=None if ref_logp is None else ref_logp[part],
+                                                denominator=denominator)
+            loss.backward()
+            total += loss.detach().float().cpu()
+            n_tok = float(batch.loss_mask[part].sum())
+            tokens += n_tok
+            for key, v in stats.items():
+                stats_sum[key] = stats_sum.get(key, 0.0) + float(v) * n_tok
+        return total, {key: v / max(tokens, 1.0) for key, v in stats_sum.items()}
+
     def _logp(self, policy, batch: Batch, rows, device) -> torch.Tensor:
-        return sequence_logprobs(policy, batch.ids[rows].to(device), batch.attention_mask[rows].to(device),
-                                 keep_from=first_loss_position(batch.loss_mask[rows]), temperature=self.cfg.temperature)
+        """Log-probs of the sampled tokens (0 elsewhere) under `policy` (π_old or the reference),
+        of the distribution the sampler drew from (logits / temperature)."""
+        return masked_token_logprobs(policy, batch.ids[rows].to(device), batch.attention_mask[rows].to(device),
+                                     batch.loss_mask[rows], temperature=self.cfg.temperature)[0]
 
     # --------------------------------------------------------------------- step
     def step(self, step: int, total_steps: int) -> tuple[dict, list[Group]]:
@@ -264,6 +304,7 @@ class RLTrainer:
             metrics["bread/expert_token_fraction_anchored"] = (
                 self.totals["anchor_tokens"] / max(1, self.totals["anchor_trace_tokens"]))
         metrics["time/step_s"] = time.time() - t0
+        metrics["mem/peak_rss_gb"] = peak_rss_gb()
         return metrics, groups
 
     def _count_expert_tokens(self, groups: list[Group]) -> None:
@@ -346,9 +387,9 @@ def level_metrics(groups: list[Group], levels: tuple[str, ...]) -> dict:
 
 
 def minibatch_loss(policy, batch: Batch, rows, knobs: Knobs, *, max_len: int, old_logp=None, ref_logp=None,
-                   temperature: float = 1.0, tis_cap: float | None = None):
-    """The clipped policy loss of some rows of a batch; returns (loss, stats, logits), the logits
-    of positions `first_loss_position(batch.loss_mask[rows])` onwards, divided by `temperature`.
+                   temperature: float = 1.0, tis_cap: float | None = None, denominator=None):
+    """The clipped policy loss of some rows of a batch; returns (loss, stats, logp), `logp [B, T-1]`
+    the log-probs of the sampled tokens (0 at positions outside the loss mask, never computed).
 
     `old_logp=None` means π_old is the current policy (μ = 1): the ratio is exactly 1.
     `temperature` is the one the rollouts were sampled at: the policy being trained is
@@ -356,27 +397,33 @@ def minibatch_loss(policy, batch: Batch, rows, knobs: Knobs, *, max_len: int, ol
     When the batch has the sampler's log-probs, the stats measure how far the sampler
     (bf16 weights, vLLM) is from π_old, and `tis_cap` turns on truncated importance
     sampling: each token's loss is weighted by min(π_old / π_sampler, tis_cap).
+    `denominator`: the loss normaliser of a larger batch these rows are a micro-batch of
+    (`agg_denominator`). Columns past the rows' longest sequence are dropped (right padding
+    never changes a causal model's outputs at real positions).
     """
     device = next(policy.model.parameters()).device
-    ids = batch.ids[rows].to(device)
-    mask = batch.loss_mask[rows].to(device)
-    start = first_loss_position(batch.loss_mask[rows])  # logits before it are never needed
-    logits = policy.logits(ids, batch.attention_mask[rows].to(device), keep_from=start)
-    if temperature != 1.0:
-        logits = logits / temperature
-    logp = F.pad(token_logprobs(logits[:, :-1], ids[:, start + 1 :]), (start, 0))
-    entropy = F.pad(entropy_from_logits(logits[:, :-1]), (start, 0)) if knobs.entropy_coef > 0 else None
-    old = logp.detach() if old_logp is None else old_logp.to(device)
+    attn = batch.attention_mask[rows]
+    width = max(2, int(attn.sum(dim=1).max()))
+    ids, attn = batch.ids[rows][:, :width].to(device), attn[:, :width].to(device)
+    mask = batch.loss_mask[rows][:, : width - 1].to(device)
+
+    def cut(x):
+        return None if x is None else x[rows][:, : width - 1].to(device)
+
+    logp, entropy = masked_token_logprobs(policy, ids, attn, mask, entropy=knobs.entropy_coef != 0,
+                                          temperature=temperature)
+    old = logp.detach() if old_logp is None else old_logp[:, : width - 1].to(device)
     weights, stats = None, {"entropy_estimate": -_token_mean(old, mask)}
     if batch.sampler_logp is not None:
-        weights, offpolicy = sampler_correction(old, batch.sampler_logp[rows].to(device), mask, tis_cap)
+        weights, offpolicy = sampler_correction(old, cut(batch.sampler_logp), mask, tis_cap)
         stats.update(offpolicy)
     loss, loss_stats = policy_loss(
         logp, old, batch.advantages[rows].to(device), mask, eps_low=knobs.eps_low, eps_high=knobs.eps_high,
-        aggregation=knobs.aggregation, loss=knobs.loss, ref_logp=None if ref_logp is None else ref_logp.to(device),
+        aggregation=knobs.aggregation, loss=knobs.loss,
+        ref_logp=None if ref_logp is None else ref_logp[:, : width - 1].to(device),
         beta=knobs.beta, kl_estimator=knobs.kl_estimator, entropy=entropy, entropy_coef=knobs.entropy_coef,
-        max_len=max_len, token_weights=weights)
-    return loss, {**stats, **loss_stats}, logits
+        max_len=max_len, token_weights=weights, denominator=denominator)
+    return loss, {**stats, **loss_stats}, logp
 
 
 def sampler_correction(old_logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor,
@@ -409,13 +456,6 @@ def advantage_shares(batch: Batch) -> dict:
             "tokens/adv_neg_frac": _token_mean((sign < 0).float(), on)}
 
 
-def update_size(before: list[torch.Tensor], after: list[torch.Tensor]) -> dict:
-    """‖Δθ‖ / ‖θ‖ over the trained parameters for this step's optimizer steps, and ‖θ‖."""
-    delta = sum(float((a.detach() - b).pow(2).sum()) for a, b in zip(after, before)) ** 0.5
-    norm = sum(float(b.pow(2).sum()) for b in before) ** 0.5
-    return {"update_norm_rel": delta / max(norm, 1e-12), "weight_norm": norm}
-
-
 def _token_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
     on = mask != 0
-    return float(torch.where(on, x, 0.0).sum() / on.sum().clamp(min=1))
+    return float(torch.where(on, x.detach(), 0.0).sum() / on.sum().clamp(min=1))

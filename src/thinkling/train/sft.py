@@ -10,8 +10,17 @@ import torch.nn.functional as F
 
 from thinkling.errors import ThinklingError
 from thinkling.models.base import pad, pad_batch
+from thinkling.models.logprobs import masked_token_logprobs
 from thinkling.rollout.prompts import prompt_ids
-from thinkling.train.common import lr_at, make_optimizer, set_lr, step_generator, stop_if_not_finite, weights_changed
+from thinkling.train.common import (
+    lr_at,
+    make_optimizer,
+    peak_rss_gb,
+    set_lr,
+    step_generator,
+    stop_if_not_finite,
+    weights_changed,
+)
 
 
 @dataclass
@@ -50,6 +59,16 @@ def weighted_ce(logits: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
     ce = ce.view_as(targets)
     total = w.sum().clamp_min(1e-8) if denominator is None else denominator
     return (torch.where(w > 0, ce, 0.0) * w).sum() / total
+
+
+def sft_loss(policy, ids: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor,
+             denominator: torch.Tensor | None = None) -> torch.Tensor:
+    """`weighted_ce` of the policy's logits for a collated batch, computed only at target positions
+    and without materialising `[B, T, V]` logits (`models.logprobs.masked_token_logprobs`)."""
+    w = weights[:, 1:].float()
+    logp, _ = masked_token_logprobs(policy, ids, mask, w > 0)
+    total = w.sum().clamp_min(1e-8) if denominator is None else denominator
+    return (-logp * w).sum() / total
 
 
 def sft_examples(policy, task, problems) -> list[Example]:
@@ -96,32 +115,41 @@ def train_sft(policy, examples: list[Example], cfg, *, seed: int, run=None, star
         idx = torch.randint(len(examples), (cfg.batch_size,), generator=g).tolist()
         if dp is not None:
             idx = dp.shard(idx)
-        ids, mask, weights = (t.to(device) for t in collate([examples[i] for i in idx], policy.pad_id))
+        batch = [examples[i] for i in idx]
         lr = lr_at(step, base_lr=cfg.lr, warmup=cfg.warmup_steps, total=cfg.steps, min_ratio=cfg.min_lr_ratio)
         set_lr(optimizer, lr)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            logits = policy.logits(ids, mask)
-        if dp is None:
-            loss = weighted_ce(logits, ids, weights)
-        else:  # this shard's part of the full-batch mean; `loss` becomes that mean for logging
-            counts = dp.sum(torch.stack([weights[:, 1:].sum(), mask.sum().float()]).to(logits.device))
-            shard_loss = weighted_ce(logits, ids, weights, denominator=counts[0].clamp_min(1e-8))
-            loss = dp.sum(shard_loss.detach().clone())
+        # The loss is divided by the whole batch's target weight (every shard's, data-parallel), so
+        # micro-batches and shards add up to the full-batch mean.
+        counts = torch.tensor([sum(sum(e.weights[1:]) for e in batch), sum(len(e.ids) for e in batch)],
+                              dtype=torch.float32)
+        if dp is not None:
+            counts = dp.sum(counts.to(device)).cpu()
+        denominator = counts[0].clamp_min(1e-8)
         optimizer.zero_grad(set_to_none=True)
-        (loss if dp is None else shard_loss).backward()
+        part_loss = torch.zeros(())
+        size = cfg.micro_batch_size or len(batch)
+        if size < len(batch):  # similar lengths share a micro-batch: less padding
+            batch = sorted(batch, key=lambda e: len(e.ids))
+        for start in range(0, len(batch), size):
+            ids, mask, weights = (t.to(device) for t in collate(batch[start : start + size], policy.pad_id))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                micro = sft_loss(policy, ids, mask, weights, denominator=denominator.to(device))
+            micro.backward()
+            part_loss += micro.detach().float().cpu()
+        loss = part_loss if dp is None else dp.sum(part_loss.to(device)).cpu()  # the full-batch mean
         if dp is not None:
             dp.sum_gradients(model)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         stop_if_not_finite(step + 1, loss=loss, grad_norm=grad_norm)
         optimizer.step()
         weights_changed(policy)
-        tokens += int(mask.sum()) if dp is None else int(counts[1])
+        tokens += int(counts[1])
         done = step + 1
         if progress is not None:
             progress(done, loss.item())
         if run is not None and (done % cfg.log_every == 0 or done == cfg.steps):
             last = {"loss": loss.item(), "lr": lr, "grad_norm": float(grad_norm),
-                    "tokens_per_s": tokens / max(1e-9, time.time() - t0)}
+                    "tokens_per_s": tokens / max(1e-9, time.time() - t0), "mem/peak_rss_gb": peak_rss_gb()}
             run.log(done, last)
         if evaluate is not None and eval_every and (done % eval_every == 0) and done != cfg.steps and (
                 dp is None or dp.is_main):

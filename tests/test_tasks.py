@@ -11,7 +11,7 @@ import pytest
 
 from thinkling.errors import ThinklingError
 from thinkling.tasks import get_task, list_tasks
-from thinkling.tasks.base import render_completion
+from thinkling.tasks.base import Problem, render_completion
 from thinkling.tasks.countdown import steps_reach
 from thinkling.tasks.gym import gym_answer, metadata_difficulty
 from thinkling.tasks.jsonl import load_jsonl
@@ -383,3 +383,18 @@ def test_arithmetic_sums_verify_only_when_the_answer_is_stated():
     assert all(int(p.answer) >= 0 for p in get_task("arithmetic", subtract=True).problems(50, seed=1, difficulty=4))
     with pytest.raises(ThinklingError, match="digits"):
         get_task("arithmetic", digits=0)
+
+
+def test_strict_chain_checks_the_work_not_only_the_answer():
+    """Two slips that cancel give the right answer with wrong steps: only the strict verifier says so."""
+    strict, plain = get_task("chain", strict=True), get_task("chain")
+    for p in strict.problems(40, seed=2, difficulty=[1, 3, 5]):
+        assert strict.verify(p, strict.target(p)).correct
+    p = Problem("x", "40 +3 -2", "41", ("40+3=43", "43-2=41"), 2.0)
+    lucky = "40+3=44\n44-2=41\nA:41"  # +1 then a second slip of -1: the right answer
+    assert plain.verify(p, lucky).correct and not strict.verify(p, lucky).correct
+    assert not strict.verify(p, "40-2=38\n38+3=41\nA:41").correct  # operations out of order
+    assert not strict.verify(p, "40+3=43\nA:41").correct  # an operation left out
+    assert strict.verify(p, "40+3-2=41\nA:41").correct  # several operations on one line are fine
+    with pytest.raises(ThinklingError, match="strict"):
+        get_task("chain", strict=True, trace="rewrite")

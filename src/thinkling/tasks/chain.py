@@ -8,9 +8,32 @@ BREAD's expert anchors matter. Difficulty = k.
 
 from __future__ import annotations
 
+import re
+
 from thinkling.errors import ThinklingError
-from thinkling.tasks.base import Problem, Task, register_task, render_completion
+from thinkling.tasks.base import Problem, Task, Verdict, register_task, render_completion
 from thinkling.tasks.synthetic import check_count, difficulty_levels, rng_for
+
+
+_STEP = re.compile(r"(\d+)((?:[+-]\d+)+)=(\d+)")
+
+
+def steps_are_right(problem: Problem, completion: str) -> bool:
+    """Every line before the answer applies the prompt's next operation(s), in order, to the value
+    before it and states the right result; together they use every operation once."""
+    start, *ops = problem.prompt.split()
+    value, used = int(start), 0
+    for line in completion.strip().split("\n")[:-1]:
+        m = _STEP.fullmatch(line.strip())
+        if m is None or int(m.group(1)) != value:
+            return False
+        line_ops = re.findall(r"[+-]\d+", m.group(2))
+        if line_ops != ops[used : used + len(line_ops)]:
+            return False
+        value, used = value + sum(int(o) for o in line_ops), used + len(line_ops)
+        if int(m.group(3)) != value:
+            return False
+    return used == len(ops)
 
 
 @register_task("chain")
@@ -19,7 +42,8 @@ class ChainTask(Task):
 
     description = "Start value and k single-digit +/- operations; one step per operation (difficulty = k)"
 
-    def __init__(self, digits: int = 1, trace: str = "equation", slips: float = 0.0, merge: float = 0.0):
+    def __init__(self, digits: int = 1, trace: str = "equation", slips: float = 0.0, merge: float = 0.0,
+                 strict: bool = False):
         """`digits` = operand digits; values stay in 0 .. 10**(digits+1) - 1 (0..99 by default).
 
         `trace` picks the expert step format:
@@ -52,10 +76,15 @@ class ChainTask(Task):
             raise ThinklingError(f"task 'chain': merge must be a number in [0, 1], got {merge!r}")
         if merge and trace == "rewrite":
             raise ThinklingError("task 'chain': merge applies to the equation trace, not trace: rewrite")
+        if not isinstance(strict, bool):
+            raise ThinklingError(f"task 'chain': strict must be true or false, got {strict!r}")
+        if strict and trace == "rewrite":
+            raise ThinklingError("task 'chain': strict checks the equation trace, not trace: rewrite")
         self.digits = digits
         self.trace = trace
         self.slips = float(slips)
         self.merge = float(merge)
+        self.strict = strict
 
     def problems(self, n, seed, difficulty=None):
         levels = difficulty_levels("chain", difficulty, default=3, minimum=1)
@@ -92,6 +121,12 @@ class ChainTask(Task):
                 )
             )
         return problems
+
+    def verify(self, problem: Problem, completion: str) -> Verdict:
+        verdict = super().verify(problem, completion)
+        if not self.strict or not verdict.correct:
+            return verdict
+        return Verdict(steps_are_right(problem, completion), verdict.extracted)
 
 
 @register_task("chain_verbose")

@@ -11,6 +11,7 @@ import pytest
 
 from thinkling.errors import ThinklingError
 from thinkling.tasks import get_task, list_tasks
+from thinkling.tasks.arithmetic import ArithmeticTask
 from thinkling.tasks.base import Problem, render_completion
 from thinkling.tasks.countdown import steps_reach
 from thinkling.tasks.gym import gym_answer, metadata_difficulty
@@ -383,6 +384,10 @@ def test_arithmetic_sums_verify_only_when_the_answer_is_stated():
     assert all(int(p.answer) >= 0 for p in get_task("arithmetic", subtract=True).problems(50, seed=1, difficulty=4))
     with pytest.raises(ThinklingError, match="digits"):
         get_task("arithmetic", digits=0)
+    asked = get_task("arithmetic", instruct=True).problems(3, seed=0)
+    assert [p.prompt for p in asked] == [p.prompt + ArithmeticTask.INSTRUCTION for p in task.problems(3, seed=0)]
+    with pytest.raises(ThinklingError, match="instruct"):
+        get_task("arithmetic", instruct="yes")
 
 
 def test_strict_chain_checks_the_work_not_only_the_answer():

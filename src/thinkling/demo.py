@@ -1,6 +1,6 @@
 """The quick-start: SFT on `chain` problems from imperfect demonstrations, then GRPO and
-BREAD from the same checkpoint on long (hard) ones, same budget and seeds, and a report
-comparing them.
+BREAD from the same checkpoint on long (8-step) ones with a strict reward (every step must be
+right), same budget and seeds, and a report comparing them.
 
 Recipes live in `recipes/quickstart/`; the demo only wires their folders together.
 """

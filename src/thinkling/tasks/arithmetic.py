@@ -23,13 +23,18 @@ class ArithmeticTask(Task):
     end_of_thinking = None  # free text ending with the answer sentence, then EOS
     line_based = False
 
-    def __init__(self, digits: int = 2, subtract: bool = False):
-        """`digits` per operand (1..6); `subtract` also draws `-` (results stay >= 0)."""
+    INSTRUCTION = ' Add the numbers step by step, then write the sum as "The answer is ...".'
+
+    def __init__(self, digits: int = 2, subtract: bool = False, instruct: bool = False):
+        """`digits` per operand (1..6); `subtract` also draws `-` (results stay >= 0); `instruct`
+        appends how to state the answer to the question (a chat model otherwise rarely says it)."""
         if isinstance(digits, bool) or not isinstance(digits, int) or not 1 <= digits <= 6:
             raise ThinklingError(f"task 'arithmetic': digits must be an int in 1..6, got {digits!r}")
         if not isinstance(subtract, bool):
             raise ThinklingError(f"task 'arithmetic': subtract must be true or false, got {subtract!r}")
-        self.digits, self.subtract = digits, subtract
+        if not isinstance(instruct, bool):
+            raise ThinklingError(f"task 'arithmetic': instruct must be true or false, got {instruct!r}")
+        self.digits, self.subtract, self.instruct = digits, subtract, instruct
 
     def problems(self, n, seed, difficulty=None):
         levels = difficulty_levels("arithmetic", difficulty, default=2, minimum=2)
@@ -49,7 +54,8 @@ class ArithmeticTask(Task):
                 steps.append(f"{value} {sign} {operand} = {result}")
                 expr += f" {sign} {operand}"
                 value = result
-            problems.append(Problem(id=f"arith-{seed}-{i}", prompt=f"What is {expr}?", answer=str(value),
+            prompt = f"What is {expr}?" + (self.INSTRUCTION if self.instruct else "")
+            problems.append(Problem(id=f"arith-{seed}-{i}", prompt=prompt, answer=str(value),
                                     steps=tuple(steps), difficulty=float(k), tags=("arithmetic", f"k={k}")))
         return problems
 

@@ -15,6 +15,7 @@ import argparse
 import json
 import random
 import sys
+import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -119,6 +120,13 @@ def run_recipe(kind: str, recipe: str | None, overrides: list[str], data: dict |
     return (jobs.run_sft if kind == "sft" else jobs.run_rl)(cfg, resume=resume)
 
 
+def run_rl_job(job: dict) -> dict:
+    """`run_recipe("rl", job["recipe"], job["overrides"])` for `run_parallel`; adds its wall time."""
+    t0 = time.time()
+    run_recipe("rl", job["recipe"], job["overrides"])
+    return {**job, "seconds": time.time() - t0}
+
+
 def ensure_sft(output_dir: str | Path, recipe: str = "recipes/experiments/light-sft.yaml", overrides=()) -> Path:
     """The final policy of an SFT run, training it first if it is not there."""
     run_recipe("sft", recipe, [f"output_dir={output_dir}", *overrides])
@@ -201,3 +209,19 @@ def evaluate_model(policy, task, problems, *, max_new_tokens: int, samples: int 
         summary["check_lines_sampled"] = sum(r["completion"].count("check") for r in sampled) / len(sampled)
     summary["minimal_tokens"] = sum(minimal_tokens(p) for p in problems) / len(problems)
     return summary
+
+
+def eval_levels(path: Path, problems, task, *, samples: int, max_new_tokens: int,
+                levels=("short", "medium", "long", None)) -> dict:
+    """The saved policy at `path` evaluated once per TLDR length level (None = untagged prompt)."""
+    from thinkling.models import load_policy
+
+    policy = load_policy(path)
+    out = {}
+    for level in levels:
+        s = evaluate_model(policy, task, problems, max_new_tokens=max_new_tokens, samples=samples, level=level)
+        out[level or "none"] = {"acc_greedy": s["accuracy"], "tokens_greedy": s["mean_tokens"],
+                                "acc_sampled": s.get("pass@1"), "tokens_sampled": s.get("mean_tokens_sampled"),
+                                "checks_greedy": s["check_lines_greedy"], "checks_sampled": s.get("check_lines_sampled"),
+                                "minimal_tokens": s["minimal_tokens"], "by_difficulty": s["by_difficulty"]}
+    return out

@@ -15,18 +15,22 @@ import json
 import statistics
 from pathlib import Path
 
-from common import experiment_args, last_metric, output_dir, read_metrics, run_parallel, run_recipe, write_results
+from common import (
+    experiment_args,
+    last_metric,
+    output_dir,
+    read_metrics,
+    run_parallel,
+    run_recipe,
+    run_rl_job,
+    write_results,
+)
 
 ARMS = {  # name -> (recipe, extra overrides)
     "GRPO 8-step": ("recipes/quickstart/grpo.yaml", []),
     "BREAD 8-step": ("recipes/quickstart/bread.yaml", []),
     "GRPO 4-step": ("recipes/quickstart/grpo.yaml", ["train.difficulty=[4]", "eval.difficulty=[4]"]),
 }
-
-
-def one_run(job):
-    run_recipe("rl", job["recipe"], job["overrides"])
-    return job
 
 
 def summarise(folder: Path) -> dict:
@@ -53,11 +57,14 @@ def main():
     small = ["sft.steps=100", "rl.steps=4", "eval.size=40", "eval.every=2"] if args.quick else []
     sft = out / "sft"
     run_recipe("sft", "recipes/quickstart/sft.yaml", [f"output_dir={sft}", *[o for o in small if o.startswith(("sft", "eval"))]])
-    jobs = [{"arm": arm, "seed": s, "folder": out / f"{arm.replace(' ', '-').lower()}-s{s}", "recipe": recipe,
-             "overrides": [f"output_dir={out / (arm.replace(' ', '-').lower() + f'-s{s}')}", f"model.init={sft / 'final'}",
-                           f"seed={s}", *extra, *[o for o in small if not o.startswith("sft")]]}
-            for s in range(seeds) for arm, (recipe, extra) in ARMS.items()]
-    run_parallel(one_run, jobs, args.jobs)
+    jobs = []
+    for s in range(seeds):
+        for arm, (recipe, extra) in ARMS.items():
+            folder = out / f"{arm.replace(' ', '-').lower()}-s{s}"
+            jobs.append({"arm": arm, "seed": s, "folder": folder, "recipe": recipe,
+                         "overrides": [f"output_dir={folder}", f"model.init={sft / 'final'}", f"seed={s}", *extra,
+                                       *[o for o in small if not o.startswith("sft")]]})
+    run_parallel(run_rl_job, jobs, args.jobs)
     results, rows = {}, []
     for arm in ARMS:
         runs = [summarise(j["folder"]) for j in jobs if j["arm"] == arm]

@@ -23,18 +23,17 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 from common import (
     VERBOSE_EVAL_K,
-    evaluate_model,
+    eval_levels,
     experiment_args,
     output_dir,
     read_metrics,
     run_parallel,
-    run_recipe,
+    run_rl_job,
     verbose_sft,
     write_results,
 )
 
 RECIPE = "recipes/experiments/tldr-chain-verbose.yaml"
-LEVELS = ["short", "medium", "long", None]
 
 
 def add_args(p):
@@ -47,26 +46,6 @@ def add_args(p):
                    help="suffix: check lines re-do the last r steps; repeat: they restate the last step")
     p.add_argument("--no-control", action="store_true",
                    help="skip the control run: the same GRPO with the accuracy reward only (no length term)")
-
-
-def one_run(job):
-    t0 = time.time()
-    run_recipe("rl", RECIPE, job["overrides"])
-    return {**job, "seconds": time.time() - t0}
-
-
-def eval_levels(path: Path, problems, task, samples: int) -> dict:
-    from thinkling.models import load_policy
-
-    policy = load_policy(path)
-    out = {}
-    for level in LEVELS:
-        s = evaluate_model(policy, task, problems, max_new_tokens=160, samples=samples, level=level)
-        out[level or "none"] = {"acc_greedy": s["accuracy"], "tokens_greedy": s["mean_tokens"],
-                                "acc_sampled": s.get("pass@1"), "tokens_sampled": s.get("mean_tokens_sampled"),
-                                "checks_greedy": s["check_lines_greedy"], "checks_sampled": s.get("check_lines_sampled"),
-                                "minimal_tokens": s["minimal_tokens"], "by_difficulty": s["by_difficulty"]}
-    return out
 
 
 def main():
@@ -93,22 +72,22 @@ def main():
             over.append("eval.size=50")
         if args.checks != "suffix":
             over += [f"train.options={{checks: {args.checks}}}", f"eval.options={{checks: {args.checks}}}"]
-        jobs.append({"seed": seed, "folder": str(folder), "overrides": over})
+        jobs.append({"seed": seed, "folder": str(folder), "recipe": RECIPE, "overrides": over})
     if not args.no_control:  # same GRPO, accuracy reward only: how much shortening comes from accuracy alone?
         folder = out / f"control-acc-only{tag}-s0"
         over = [o for o in jobs[0]["overrides"] if not o.startswith("output_dir=")]
-        jobs.append({"seed": 0, "control": True, "folder": str(folder),
+        jobs.append({"seed": 0, "control": True, "folder": str(folder), "recipe": RECIPE,
                      "overrides": [f"output_dir={folder}", *over, "rl.rewards={accuracy: 1.0, format: 0.0}"]})
-    done = run_parallel(one_run, jobs, args.jobs)
+    done = run_parallel(run_rl_job, jobs, args.jobs)
 
     from thinkling.tasks import get_task
 
     task = get_task("chain_verbose", checks=args.checks)
     problems = task.problems(size, 1, VERBOSE_EVAL_K)
-    evals = {"SFT": eval_levels(sft, problems, task, samples)}
+    evals = {"SFT": eval_levels(sft, problems, task, samples=samples, max_new_tokens=160)}
     for j in done:
         name = f"GRPO acc-only s{j['seed']}" if j.get("control") else f"TLDR s{j['seed']}"
-        evals[name] = eval_levels(Path(j["folder"]) / "final", problems, task, samples)
+        evals[name] = eval_levels(Path(j["folder"]) / "final", problems, task, samples=samples, max_new_tokens=160)
     tldr_keys = [k for k in evals if k.startswith("TLDR")]
     mean = {lv: {key: sum(evals[k][lv][key] for k in tldr_keys) / len(tldr_keys)
                  for key in ("acc_greedy", "tokens_greedy", "acc_sampled", "tokens_sampled", "checks_sampled")}

@@ -16,32 +16,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from common import experiment_args, output_dir, run_parallel, run_recipe, sft_tagged, write_results
+from common import eval_levels, experiment_args, output_dir, run_parallel, run_rl_job, sft_tagged, write_results
 
 RECIPE = "recipes/experiments/tldr-chain-merge.yaml"
 OPTIONS = {"merge": 0.5, "strict": True}
-LEVELS = ["short", "medium", "long", None]
-
-
-def one_run(job):
-    t0 = time.time()
-    run_recipe("rl", RECIPE, job["overrides"])
-    return {**job, "seconds": time.time() - t0}
-
-
-def eval_levels(path: Path, problems, task, samples: int) -> dict:
-    from common import evaluate_model
-
-    from thinkling.models import load_policy
-
-    policy = load_policy(path)
-    out = {}
-    for level in LEVELS:
-        s = evaluate_model(policy, task, problems, max_new_tokens=96, samples=samples, level=level)
-        out[level or "none"] = {"acc_greedy": s["accuracy"], "tokens_greedy": s["mean_tokens"],
-                                "acc_sampled": s.get("pass@1"), "tokens_sampled": s.get("mean_tokens_sampled")}
-    return out
-
 
 def main():
     args = experiment_args(__doc__.splitlines()[0])
@@ -49,18 +27,17 @@ def main():
     steps, seeds, samples, size = (5, 1, 2, 60) if args.quick else (100, args.seeds or 1, 4, 300)
     t0 = time.time()
     sft = sft_tagged(out / "sft", "chain", OPTIONS, [2, 3, 4, 5, 6], steps=200 if args.quick else 1500)
-    jobs = [{"seed": s, "folder": str(out / f"rl-s{s}"),
+    jobs = [{"seed": s, "folder": str(out / f"rl-s{s}"), "recipe": RECIPE,
              "overrides": [f"output_dir={out / f'rl-s{s}'}", f"model.init={sft}", f"seed={s}", f"rl.steps={steps}",
                            f"rl.save_every={steps}", f"eval.every={max(1, steps // 4)}"]} for s in range(seeds)]
-    done = run_parallel(one_run, jobs, args.jobs)
+    done = run_parallel(run_rl_job, jobs, args.jobs)
 
     from thinkling.tasks import get_task
 
     task = get_task("chain", **OPTIONS)
     problems = task.problems(size, 1, [4, 5, 6])
-    evals = {"SFT": eval_levels(sft, problems, task, samples)}
-    for j in done:
-        evals[f"TLDR s{j['seed']}"] = eval_levels(Path(j["folder"]) / "final", problems, task, samples)
+    evals = {name: eval_levels(path, problems, task, samples=samples, max_new_tokens=96)
+             for name, path in [("SFT", sft), *[(f"TLDR s{j['seed']}", Path(j["folder"]) / "final") for j in done]]}
     rows = [[name, lv, e["acc_greedy"], e["tokens_greedy"], e["acc_sampled"], e["tokens_sampled"]]
             for name, ev in evals.items() for lv, e in ev.items()]
     results = {"sft": str(sft), "recipe": RECIPE, "steps": steps, "size": size, "samples": samples, "evals": evals,

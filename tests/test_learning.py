@@ -95,4 +95,4 @@ def test_bread_learns_where_grpo_never_sees_a_success():
     grpo_end, grpo_seen = run(bread=False)
     bread_end, _ = run(bread=True)
     assert grpo_end < 0.05 and sum(grpo_seen) / len(grpo_seen) < 0.01, (grpo_seen, grpo_end)  # (seed 0: none)
-    assert bread_end >= 0.9, bread_end  # (0.98-0.99 over seeds 0-3)
+    assert bread_end >= 0.9, bread_end  # (0.9775-0.98 over seeds 0-3)

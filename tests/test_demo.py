@@ -32,3 +32,12 @@ def test_a_bad_override_fails_before_any_training(tmp_path):
     with pytest.raises(ThinklingError, match="rl.no_such_key|no_such_key"):
         run_demo(str(tmp_path / "demo"), ["rl.no_such_key=1"])
     assert not (tmp_path / "demo" / "sft").exists()
+
+
+def test_the_sft_stage_takes_both_cores_only_where_there_are_two():
+    from thinkling.config import load_recipe
+    from thinkling.demo import _recipe, sft_speed
+
+    assert "threads=2" not in sft_speed(1) and "threads=2" in sft_speed(2)
+    cfg = load_recipe(_recipe("sft.yaml"), ["output_dir=x", *sft_speed(2)])
+    assert cfg.threads == 2 and cfg.sft.micro_batch_size == 16

@@ -27,6 +27,13 @@ RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "quickstart"
 DEMO_BUDGET = ("sft.steps=900", "rl.steps=50")  # applied before the user's overrides
 
 
+def sft_speed(cpus: int | None) -> list[str]:
+    """The SFT stage runs alone: it may use two threads (1.5-1.7x faster than one on an idle
+    2-core machine; the RL stages run side by side, a thread each). Length-sorted micro-batches of
+    16 pad ~1.6x fewer tokens than one batch of 64; the step and its loss are the same batch's."""
+    return ["sft.micro_batch_size=16", *(["threads=2"] if (cpus or 1) >= 2 else [])]
+
+
 def _recipe(name: str) -> Path:
     path = RECIPES / name
     if not path.exists():
@@ -50,7 +57,8 @@ def run_demo(out: str = "runs/demo", overrides: list[str] = (), resume: bool = F
     if not (sft_final / "policy.json").exists():
         console.rule("1/2  SFT on 1-8-step chain problems from imperfect demonstrations")
         t = time.time()
-        jobs.run_sft(load_recipe(_recipe("sft.yaml"), [f"output_dir={sft_dir}", *overrides]), resume=sft_dir.exists())
+        sft_cfg = load_recipe(_recipe("sft.yaml"), [f"output_dir={sft_dir}", *sft_speed(os.cpu_count()), *overrides])
+        jobs.run_sft(sft_cfg, resume=sft_dir.exists())
         timings["sft"] = time.time() - t
     todo = [(name, folder) for name, folder in (("grpo", grpo_dir), ("bread", bread_dir))
             if not (folder / "eval.json").exists()]

@@ -140,9 +140,10 @@ def _overrides(out: Path) -> list[str]:
             "rl.save_every=2", "rl.lr=3e-3", "rl.bread.enabled=true", "rl.kl_to_start=false"]
 
 
-def _job(out: Path, resume: bool = False, crash_at: int | None = None) -> None:
+def _job(out: Path, resume: bool = False, crash_at: int | None = None, finish: bool = True) -> None:
     """`jobs.run_rl` (what `thinkling rl` runs) on `LengthLottery`, every process stopping at step
-    `crash_at` (after the checkpoint of the step before)."""
+    `crash_at` (after the checkpoint of the step before). `finish=False` skips the final save,
+    evaluation and report (its plots take seconds); the last checkpoint holds the same policy."""
     from thinkling import jobs
     from thinkling.tasks.base import _REGISTRY
     from thinkling.train import rl
@@ -155,6 +156,9 @@ def _job(out: Path, resume: bool = False, crash_at: int | None = None) -> None:
         return step(self, i, total)
 
     rl.RLTrainer.step = crashing_step
+    done = jobs.finish
+    if not finish:
+        jobs.finish = lambda *args, **kwargs: {}
     _REGISTRY["length-lottery"] = LengthLottery  # for this run only: other tests list the tasks
     try:
         cfg = load_recipe("recipes/quickstart/grpo.yaml", _overrides(out))
@@ -163,14 +167,15 @@ def _job(out: Path, resume: bool = False, crash_at: int | None = None) -> None:
         pass
     finally:
         rl.RLTrainer.step = step
+        jobs.finish = done
         del _REGISTRY["length-lottery"]
 
 
 def _job_worker(rank: int, world: int, port: int, runs: list) -> None:
     _init(rank, world, port)
     os.chdir(Path(__file__).parents[1])
-    for out, resume, crash_at in runs:
-        _job(Path(out), resume, crash_at)
+    for out, resume, crash_at, finish in runs:
+        _job(Path(out), resume, crash_at, finish)
         torch.distributed.barrier()  # rank 0 finishes the folder before the next run reads it
     torch.distributed.destroy_process_group()
 
@@ -179,25 +184,28 @@ def test_two_process_run_stopped_and_resumed_equals_an_uninterrupted_one(tmp_pat
     from thinkling.models import load_policy
 
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
-    runs = [(str(a), False, None), (str(b), False, 2), (str(c), False, 2)]
+    runs = [(str(a), False, None, True), (str(b), False, 2, False), (str(c), False, 2, False)]
     mp.spawn(_job_worker, args=(2, _free_port(), runs), nprocs=2, join=True)
+    assert (a / "final" / "policy.json").exists() and (a / "eval.json").exists()  # written by process 0
     for run in (b, c):
         assert (run / "checkpoints" / "latest").read_text() == "step_000002" and not (run / "final").exists()
-    mp.spawn(_job_worker, args=(2, _free_port(), [(str(b), True, None)]), nprocs=2, join=True)
+    mp.spawn(_job_worker, args=(2, _free_port(), [(str(b), True, None, False)]), nprocs=2, join=True)
     monkeypatch.chdir(Path(__file__).parents[1])
-    _job(c, resume=True)  # the same checkpoint resumed by one process
+    _job(c, resume=True, finish=False)  # the same checkpoint resumed by one process
 
-    wa = load_policy(a).model.state_dict()
+    last = lambda run: load_policy(run / "checkpoints" / "step_000004" / "policy").model.state_dict()
+    wa = last(a)
     for run, exact in ((b, True), (c, False)):
-        wr = load_policy(run).model.state_dict()
+        wr = last(run)
         for name in wa:
             if exact:
                 assert torch.equal(wa[name], wr[name]), name
-            else:
-                torch.testing.assert_close(wr[name], wa[name], atol=1e-5, rtol=1e-5, msg=name)
+            else:  # summation order differs; see the AdamW note above
+                torch.testing.assert_close(wr[name], wa[name], atol=1e-4, rtol=1e-4, msg=name)
     rows = {run: [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()] for run in (a, b, c)}
-    key = lambda rs: [(r["step"], r.get("reward_mean"), r.get("bread/probe_groups")) for r in rs]  # noqa: E731
-    trained = [r for r in rows[a] if "reward_mean" in r]
+    rows = {run: [r for r in rs if "reward_mean" in r] for run, rs in rows.items()}
+    key = lambda rs: [(r["step"], r.get("reward_mean"), r.get("bread/probe_groups")) for r in rs]
+    trained = rows[a]
     assert [r["step"] for r in trained] == [1, 2, 3, 4]  # logged once, by process 0
     assert sum(not r.get("skipped_update") for r in trained) >= 2 and any(r["bread/anchored"] for r in trained)
     assert key(rows[b]) == key(rows[a])
@@ -211,7 +219,8 @@ def test_a_world_without_a_rendezvous_is_one_error_line(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
     env.update(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "thinkling.cli", "rl", "recipes/quickstart/grpo.yaml", *[o for o in _overrides(tmp_path / "r") if not o.startswith("train.name")]]
-    done = subprocess.run(cmd, cwd=Path(__file__).parents[1], env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(cmd, cwd=Path(__file__).parents[1], env=env, capture_output=True, text=True, timeout=120,
+                          check=False)
     assert done.returncode == 2, done.stderr[-2000:]
     lines = [x for x in (done.stdout + done.stderr).splitlines() if x.strip()]
     assert len(lines) == 1 and "cannot open the gloo process group" in lines[0] and "MASTER_ADDR" in lines[0], lines

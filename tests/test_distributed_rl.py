@@ -80,6 +80,9 @@ def _init(rank: int, world: int, port: int) -> DataParallel:
 
 
 def _train_worker(rank: int, world: int, port: int, out: str) -> None:
+    from thinkling.train import distributed
+
+    distributed.GRAD_BUCKET = 3000  # several buckets, some of one large tensor (in place), some flat copies
     dp = _init(rank, world, port)
     torch.save({name: _train(cfg, dp) for name, cfg in CASES.items()}, f"{out}.{rank}")
     torch.distributed.destroy_process_group()

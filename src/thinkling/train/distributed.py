@@ -44,6 +44,9 @@ import torch
 from thinkling.errors import ThinklingError
 from thinkling.runs import RunDir
 
+# Elements per gradient all-reduce (64 MiB of fp32), as DDP's buckets: the flat copy stays small.
+GRAD_BUCKET = 2**24
+
 
 @dataclass(frozen=True)
 class DataParallel:
@@ -162,7 +165,9 @@ class DataParallel:
                     torch.distributed.broadcast(p.data, src=0)
 
     def sum_gradients(self, model: torch.nn.Module) -> None:
-        """Sum gradients over processes in one all-reduce of a flat buffer.
+        """Sum gradients over processes, a bucket of up to `GRAD_BUCKET` elements per all-reduce
+        (few collectives, and the flat copy stays small: a copy of all gradients would cost as
+        much memory as the gradients themselves).
 
         A parameter has a gradient after the sum iff it had one on some process: one without
         rows this step (RL after dynamic sampling) gets zeros where the others have gradients,
@@ -175,11 +180,22 @@ class DataParallel:
         for p, h in zip(params, has.tolist()):
             if h and p.grad is None:
                 p.grad = torch.zeros_like(p)
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        if not grads:
+        bucket: list[torch.Tensor] = []
+        size = 0
+        for g in (p.grad for p in model.parameters() if p.grad is not None):
+            bucket.append(g)
+            size += g.numel()
+            if size >= GRAD_BUCKET:
+                self._sum_bucket(bucket)
+                bucket, size = [], 0
+        if bucket:
+            self._sum_bucket(bucket)
+
+    def _sum_bucket(self, grads: list[torch.Tensor]) -> None:
+        if len(grads) == 1 and grads[0].is_contiguous():  # one large tensor: in place, no copy
+            self.sum(grads[0])
             return
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        self.sum(flat)
+        flat = self.sum(torch.cat([g.reshape(-1) for g in grads]))
         offset = 0
         for g in grads:
             g.copy_(flat[offset : offset + g.numel()].view_as(g))

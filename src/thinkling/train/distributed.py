@@ -97,16 +97,23 @@ class DataParallel:
 
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """All-reduce (sum) in place; returns the tensor."""
-        if self.enabled:
-            with self._timed():
-                torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
-        return tensor
+        return self._all_reduce(tensor, torch.distributed.ReduceOp.SUM) if self.enabled else tensor
 
     def max(self, tensor: torch.Tensor) -> torch.Tensor:
         """All-reduce (max) in place; returns the tensor."""
-        if self.enabled:
-            with self._timed():
-                torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+        return self._all_reduce(tensor, torch.distributed.ReduceOp.MAX) if self.enabled else tensor
+
+    def _all_reduce(self, tensor: torch.Tensor, op) -> torch.Tensor:
+        """In place, wherever the tensor lives: nccl reduces only GPU tensors, so a CPU count
+        travels to the GPU and back."""
+        device = self._device()
+        with self._timed():
+            if tensor.device == device:
+                torch.distributed.all_reduce(tensor, op=op)
+            else:
+                moved = tensor.to(device)
+                torch.distributed.all_reduce(moved, op=op)
+                tensor.copy_(moved)
         return tensor
 
     def gather(self, obj) -> list:

@@ -129,17 +129,23 @@ def run_sft(cfg, resume: bool = False) -> dict:
 
 # ---------------------------------------------------------------------- RL
 def run_rl(cfg, resume: bool = False) -> dict:
+    """RL in one process, or data-parallel under torchrun / accelerate launch (`train.distributed`),
+    as `run_sft`: process 0 alone writes the run folder, evaluates and reports; the others return
+    {"rank": r}. A run may be resumed with any number of processes."""
     configure_threads(cfg.threads, cfg.model)
     seed_everything(cfg.seed)
     task, problems = problem_set(cfg.train, "train")
     eval_task, eval_problems = problem_set(cfg.eval, "eval")
-    knobs = validate_rl(cfg, problems)
+    dp = DataParallel.from_env()
+    if not dp.is_main:
+        console.quiet = True  # one voice: process 0 reports for the run
+    knobs = validate_rl(cfg, problems, warn=dp.is_main)
 
     def prepare(policy):
         check_fits(policy, problems, cfg.rl.max_new_tokens, "train")
         check_fits(policy, eval_problems, cfg.eval.max_new_tokens, "eval")
 
-    run, policy, _, ckpt, start = _open_run(cfg, resume, lambda: RunDir(cfg.output_dir, cfg, resume=resume), prepare)
+    run, policy, _, ckpt, start = _open_run(cfg, resume, lambda: dp.run_dir(cfg.output_dir, cfg, resume=resume), prepare)
     optimizer = make_optimizer(policy.model, cfg.rl.lr, cfg.rl.weight_decay)
     if ckpt is not None:
         load_optimizer_state(optimizer, ckpt / "optimizer.pt")
@@ -154,8 +160,10 @@ def run_rl(cfg, resume: bool = False) -> dict:
             policy, task, problems, cfg.rl, knobs, seed=cfg.seed, run=run, start_step=start, optimizer=optimizer,
             reference=reference,
             state=run.load_state(ckpt) if ckpt is not None else None,
-            evaluate=_evaluator(policy, eval_task, eval_problems, cfg), eval_every=cfg.eval.every,
+            evaluate=_evaluator(policy, eval_task, eval_problems, cfg), eval_every=cfg.eval.every, data_parallel=dp,
             progress=lambda step, m: advance(1, info=f"reward {m.get('reward_mean', 0):.2f} acc {m.get('accuracy', 0):.2f}"))
+    if not dp.is_main:
+        return {"rank": dp.rank}
     return finish(run, policy, eval_task, eval_problems, cfg, step=cfg.rl.steps,
                   extra={"total/generated_tokens": trainer.totals["generated_tokens"]})
 

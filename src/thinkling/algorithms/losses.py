@@ -46,13 +46,17 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3"
     return KL_ESTIMATORS[estimator](logp, ref_logp)
 
 
-def agg_denominator(mask: torch.Tensor, mode: str) -> torch.Tensor:
-    """What `agg_loss` divides by: the number of loss tokens (`token-mean`) or of sequences with
-    at least one (the sequence means), at least 1. Micro-batches of a batch pass the whole batch's
-    value to `agg_loss` so that their losses add up to the batch's loss."""
+def agg_count(mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """The number of loss tokens (`token-mean`) or of sequences with at least one (the sequence
+    means): what `agg_loss` divides by, before the floor of 1. Counts of shards add up (data-parallel)."""
     mask = mask != 0
-    count = mask.sum() if mode == "token-mean" else (mask.sum(dim=-1) > 0).sum()
-    return count.clamp(min=1)
+    return mask.sum() if mode == "token-mean" else (mask.sum(dim=-1) > 0).sum()
+
+
+def agg_denominator(mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """What `agg_loss` divides by: `agg_count`, at least 1. Micro-batches of a batch pass the whole
+    batch's value to `agg_loss` so that their losses add up to the batch's loss."""
+    return agg_count(mask, mode).clamp(min=1)
 
 
 def agg_loss(loss_mat: torch.Tensor, mask: torch.Tensor, mode: str, max_len: int | None = None,

@@ -26,6 +26,7 @@ class Group:
     anchor_tokens: int = 0
     rewards: list[float] = field(default_factory=list)
     key: int = 0  # the request's sampling-stream key (see `sample_groups`)
+    position: int = 0  # its place among the step's groups of all processes (data-parallel RL)
 
     @property
     def has_success(self) -> bool:

@@ -4,6 +4,11 @@ One loop serves GRPO, Dr.GRPO, DAPO, CLGRPO, BREAD and TLDR: they differ only
 in the knobs `resolve_knobs` fills from the preset and the recipe. `train_rl`
 is the whole loop (step, log, samples, evaluation, checkpoints); `RLTrainer`
 holds one step's work (collect, update).
+
+Data-parallel (`train.distributed`): each process samples its share of every
+step's prompts and sums what the step normalises by over processes (loss
+denominators, kept groups, metric sums, gradients), so N processes take the
+step one process takes on the whole batch (docs/scale.md).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import torch
 from thinkling.algorithms import (
     RL_KNOBS,
     Knobs,
-    agg_denominator,
+    agg_count,
     compute_advantages,
     group_has_signal,
     policy_loss,
@@ -40,6 +45,7 @@ from thinkling.train.common import (
     stop_if_not_finite,
     weights_changed,
 )
+from thinkling.train.distributed import DataParallel
 
 
 def resolve_knobs(rl_cfg) -> Knobs:
@@ -112,10 +118,12 @@ class RLTrainer:
     `rl.kl_to_start` is on. Without one (β = 0, kl_to_start off) no reference is run.
     """
 
-    def __init__(self, policy, task, problems, cfg, knobs: Knobs, optimizer, *, seed: int, reference=None):
+    def __init__(self, policy, task, problems, cfg, knobs: Knobs, optimizer, *, seed: int, reference=None,
+                 data_parallel: DataParallel | None = None):
         self.policy, self.task, self.problems, self.cfg, self.knobs = policy, task, problems, cfg, knobs
         self.optimizer = optimizer
         self.seed = seed
+        self.dp = data_parallel or DataParallel()
         self.reward_spec = RewardSpec.from_dict(cfg.rewards)
         if knobs.beta > 0 and reference is None:
             raise ThinklingError("rl.beta > 0 needs the reference policy (the run's starting policy)")
@@ -132,45 +140,80 @@ class RLTrainer:
         return SamplingParams(c.max_new_tokens, c.temperature, c.top_p, None, seed=(self.seed * 7919 + step) * 1009 + round_)
 
     def collect(self, step: int) -> tuple[list[Group], dict]:
-        c = self.cfg
+        """This process's groups of the step (each with its `position` in the whole step's batch)
+        and the step's rollout stats, summed over processes.
+
+        Every round's prompts are drawn for the whole step from (seed, step); process r samples
+        requests r, r+N, ... of the round, keyed by the request's place in the round, so a group's
+        completions and BREAD probes are the same for any number of processes. After each round
+        the kept groups are counted over processes: the refill decision, and the order of groups
+        in the batch (round, then request), are those of one process.
+        """
+        c, dp = self.cfg, self.dp
         g = step_generator(self.seed, step)
-        stats = {"groups_sampled": 0, "groups_dropped_equal": 0, "bread/anchored": 0, "bread/failed_groups": 0,
-                 "bread/probe_groups": 0, "bread/dropped_unsolved": 0, "bread/dropped_no_trace": 0}
+        stats = dict.fromkeys(("groups_sampled", "groups_dropped_equal", "bread/anchored", "bread/failed_groups",
+                               "bread/probe_groups", "bread/dropped_unsolved", "bread/dropped_no_trace",
+                               "generated_tokens"), 0)
+        probe_rounds = 0
         kept: list[Group] = []
-        generated = 0
+        n_kept = 0  # over all processes
         for round_ in range(1 + (c.resample_rounds if self.knobs.dynamic_sampling else 0)):
-            need = c.prompts_per_step - len(kept)
+            need = c.prompts_per_step - n_kept
             if need <= 0:
                 break
             idx = torch.randint(len(self.problems), (need,), generator=g).tolist()
             levels = (sample_levels(need, int(torch.randint(2**31, (1,), generator=g)), self.reward_spec.length.levels)
                       if self.reward_spec.length is not None else [None] * need)
-            requests = [(self.problems[i], lv, 0) for i, lv in zip(idx, levels)]
-            groups = sample_groups(self.policy, self.task, requests, c.group_size, self._params(step, 100 * round_))
+            keys = list(range(dp.rank, need, dp.world_size))  # this process's requests
+            requests = [(self.problems[idx[i]], levels[i], 0) for i in keys]
+            groups = (sample_groups(self.policy, self.task, requests, c.group_size, self._params(step, 100 * round_),
+                                    keys=keys) if requests else [])
             stats["groups_sampled"] += len(groups)
-            generated += sum(x.tokens for grp in groups for x in grp.completions)
+            stats["generated_tokens"] += sum(x.tokens for grp in groups for x in grp.completions)
             if c.bread.enabled:
                 failed = [grp for grp in groups if not grp.has_success]
-                groups = [grp for grp in groups if grp.has_success]
                 branched, bstats = anchor_failed_groups(
                     self.policy, self.task, failed, c.group_size,
                     lambda r, rr=round_: self._params(step, 100 * rr + 1 + r), c.bread.max_probes,
                     self.anchor_memory if c.bread.remember_anchors else None)
+                if c.bread.remember_anchors:
+                    self._share_anchors(branched)
                 stats["bread/failed_groups"] += len(failed)
                 stats["bread/anchored"] += len(branched)
-                for k in ("bread/probe_groups", "bread/probe_rounds", "bread/dropped_unsolved", "bread/dropped_no_trace"):
-                    stats[k] = stats.get(k, 0) + bstats[k]
-                generated += bstats["generated_tokens"]  # all probes, including failed ones
-                groups += branched
+                for k in ("bread/probe_groups", "bread/dropped_unsolved", "bread/dropped_no_trace"):
+                    stats[k] += bstats[k]
+                stats["generated_tokens"] += bstats["generated_tokens"]  # all probes, including failed ones
+                # Probes run in lock-step: one process searching every group needs the most rounds any needed.
+                probe_rounds += int(dp.max(torch.tensor(bstats["bread/probe_rounds"])))
+                groups = sorted([grp for grp in groups if grp.has_success] + branched, key=lambda grp: grp.key)
             for grp in groups:
                 grp.rewards = self._rewards(grp)
             if self.knobs.dynamic_sampling:
                 signal = group_has_signal(torch.tensor([grp.rewards for grp in groups])) if groups else []
                 stats["groups_dropped_equal"] += sum(1 for s in signal if not s)
                 groups = [grp for grp, s in zip(groups, signal) if s]
+            was_kept = torch.zeros(need)
+            was_kept[[grp.key for grp in groups]] = 1.0
+            dp.sum(was_kept)
+            place = n_kept + was_kept.cumsum(0).long() - 1
+            for grp in groups:
+                grp.position = int(place[grp.key])
+            n_kept += int(was_kept.sum())
             kept += groups
-        stats["generated_tokens"] = generated
-        return kept[: c.prompts_per_step] if self.knobs.dynamic_sampling else kept, stats
+        stats = {k: int(v) for k, v in dp.reduce(stats).items()}
+        if c.bread.enabled:
+            stats["bread/probe_rounds"] = probe_rounds
+        return kept, stats
+
+    def _share_anchors(self, branched: list[Group]) -> None:
+        """Tell every process the anchors the others found (`rl.bread.remember_anchors`): the problem
+        may go to another process next time. Applied in request order, as one process would."""
+        if not self.dp.enabled:
+            return
+        found = sorted(x for part in self.dp.gather([(grp.key, grp.problem.id, grp.anchor_steps) for grp in branched])
+                       for x in part)
+        for _, problem_id, anchor in found:
+            self.anchor_memory[problem_id] = anchor
 
     def _rewards(self, grp: Group) -> list[float]:
         comps = grp.completions
@@ -180,29 +223,38 @@ class RLTrainer:
 
     # ------------------------------------------------------------------- update
     def update(self, groups: list[Group], step: int, total_steps: int) -> dict:
-        c, k = self.cfg, self.knobs
-        rewards = torch.tensor([grp.rewards for grp in groups])
+        """One PPO update on the step's groups (this process's share; gradients summed over processes).
+
+        Minibatches are cut from the rows of the whole step's batch (row = group position × G +
+        completion), so each process trains the rows of a minibatch it holds, possibly none."""
+        c, k, dp = self.cfg, self.knobs, self.dp
+        rewards = torch.tensor([grp.rewards for grp in groups], dtype=torch.float32).reshape(-1, c.group_size)
         stop_if_not_finite(step + 1, reward=rewards.sum())
         adv = compute_advantages(k.advantage, rewards)
-        signal = {"groups_with_signal": float(group_has_signal(rewards).float().mean())}
-        if not adv.any() and k.beta == 0 and k.entropy_coef == 0:
+        batch = build_batch(groups, adv, self.policy.pad_id) if groups else None
+        counts = dp.reduce({"groups": len(groups), "groups_with_signal": int(group_has_signal(rewards).sum()),
+                            "rows": adv.numel(), "adv_abs": float(adv.abs().sum()), "adv_nonzero": int((adv != 0).sum()),
+                            **advantage_token_counts(batch)})
+        signal = {"groups_with_signal": counts["groups_with_signal"] / max(1.0, counts["groups"])}
+        if not counts["adv_nonzero"] and k.beta == 0 and k.entropy_coef == 0:
             # No learning signal: the gradient is exactly zero, but an optimizer step would still
             # move the weights along Adam's momentum. Skip it.
             return {"skipped_update": 1, "advantage_abs_mean": 0.0, **signal}
-        batch = build_batch(groups, adv, self.policy.pad_id)
         release = getattr(self.policy, "release_generation_memory", None)
         if release is not None:  # the update changes the weights: the engine's copy would be rebuilt anyway
             release()
         model = self.policy.model
         device = next(model.parameters()).device
-        n = batch.ids.shape[0]
+        n = int(counts["rows"])
+        local = {grp.position * c.group_size + i: row
+                 for row, (grp, i) in enumerate((grp, i) for grp in groups for i in range(c.group_size))}
         reuse_old = c.ppo_epochs == 1 and c.minibatches == 1  # π_old == π_θ exactly: ratio is 1
         old_logp = ref_logp = None
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=c.bf16)
         with torch.no_grad(), autocast:
-            if not reuse_old:
+            if not reuse_old and batch is not None:
                 old_logp = self._logp(self.policy, batch, slice(None), device)
-            if self.ref is not None:
+            if self.ref is not None and batch is not None:
                 ref_logp = self._logp(self.ref, batch, slice(None), device)
         lr = lr_at(step, base_lr=c.lr, warmup=c.warmup_steps, total=total_steps, min_ratio=1.0)
         set_lr(self.optimizer, lr)
@@ -213,9 +265,10 @@ class RLTrainer:
         for epoch in range(c.ppo_epochs):
             order = torch.randperm(n, generator=step_generator(self.seed + 17 + epoch, step)) if c.minibatches > 1 else torch.arange(n)
             for start in range(0, n, mb):
-                rows = order[start : start + mb]
+                rows = torch.tensor([local[r] for r in order[start : start + mb].tolist() if r in local], dtype=torch.long)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss, stats = self._accumulate(batch, rows, old_logp, ref_logp, autocast)
+                dp.sum_gradients(model)
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
                 stop_if_not_finite(step + 1, loss=loss, grad_norm=grad_norm)
                 self.optimizer.step()
@@ -227,25 +280,30 @@ class RLTrainer:
         weights_changed(self.policy)
         out = {key: v / max(1, updates) for key, v in stats_acc.items()}
         weight_norm = sum(float(p.detach().pow(2).sum()) for p in model.parameters() if p.requires_grad) ** 0.5
-        out.update(signal, lr=lr, advantage_abs_mean=adv.abs().mean().item(), **advantage_shares(batch),
+        tokens = max(counts["tokens"], 1.0)
+        out.update(signal, lr=lr, advantage_abs_mean=counts["adv_abs"] / max(1.0, counts["rows"]),
+                   **{"tokens/adv_pos_frac": counts["tokens_pos"] / tokens, "tokens/adv_neg_frac": counts["tokens_neg"] / tokens},
                    update_norm_rel=step_norm / max(weight_norm, 1e-12), weight_norm=weight_norm)
         return out
 
-    def _accumulate(self, batch: Batch, rows: torch.Tensor, old_logp, ref_logp, autocast) -> tuple[torch.Tensor, dict]:
+    def _accumulate(self, batch: Batch | None, rows: torch.Tensor, old_logp, ref_logp,
+                    autocast) -> tuple[torch.Tensor, dict]:
         """Gradients of one minibatch's loss, `rl.micro_batch_size` rows per forward/backward pass.
 
-        Each micro-batch's loss is divided by the whole minibatch's normaliser, so the
-        accumulated gradient is the minibatch's; its stats (token means) are weighted by its
-        loss tokens. Rows are grouped by length, so each micro-batch is padded only to its own
-        longest row. Returns the minibatch's loss (detached) and stats.
+        Each micro-batch's loss is divided by the whole minibatch's normaliser (counted over all
+        processes), so the accumulated gradients of all processes sum to the minibatch's; its stats
+        (token means; `*_max` stats: maxima) are weighted by loss tokens over all processes.
+        Rows are grouped by length, so each micro-batch is padded only to its own longest row.
+        Returns the minibatch's loss (detached, summed over processes) and stats.
         """
         c, k = self.cfg, self.knobs
-        size = c.micro_batch_size or len(rows)
-        mask = batch.loss_mask[rows]
-        denominator = agg_denominator(mask, k.aggregation)
+        device = next(self.policy.model.parameters()).device
+        count = agg_count(batch.loss_mask[rows], k.aggregation) if len(rows) else torch.zeros((), dtype=torch.long)
+        denominator = self.dp.sum(count.to(device)).clamp(min=1)
+        size = c.micro_batch_size or max(1, len(rows))
         if size < len(rows):  # shortest first: similar lengths share a micro-batch
             rows = rows[torch.argsort(batch.attention_mask[rows].sum(dim=1), stable=True)]
-        total, stats_sum, tokens = torch.zeros(()), {}, 0.0
+        total, sums, maxes, tokens = torch.zeros(()), {}, {}, 0.0
         for start in range(0, len(rows), size):
             part = rows[start : start + size]
             with autocast:
@@ -259,8 +317,13 @@ class RLTrainer:
             n_tok = float(batch.loss_mask[part].sum())
             tokens += n_tok
             for key, v in stats.items():
-                stats_sum[key] = stats_sum.get(key, 0.0) + float(v) * n_tok
-        return total, {key: v / max(tokens, 1.0) for key, v in stats_sum.items()}
+                if key.endswith("_max"):
+                    maxes[key] = max(maxes.get(key, float("-inf")), float(v))
+                else:
+                    sums[key] = sums.get(key, 0.0) + float(v) * n_tok
+        reduced = self.dp.reduce({**sums, "_loss": float(total), "_tokens": tokens}, maxes)
+        loss, tokens = torch.tensor(reduced.pop("_loss")), max(reduced.pop("_tokens"), 1.0)
+        return loss, {key: v if key.endswith("_max") else v / tokens for key, v in reduced.items()}
 
     def _logp(self, policy, batch: Batch, rows, device) -> torch.Tensor:
         """Log-probs of the sampled tokens (0 elsewhere) under `policy` (π_old or the reference),
@@ -270,53 +333,49 @@ class RLTrainer:
 
     # --------------------------------------------------------------------- step
     def step(self, step: int, total_steps: int) -> tuple[dict, list[Group]]:
-        t0 = time.time()
+        """Collect and update; returns the step's metrics (over all processes; the `time/` ones are
+        this process's: generate and update without communication, then communication) and this
+        process's groups."""
+        dp = self.dp
+        t0, comm0 = time.time(), dp.comm_seconds()
         groups, stats = self.collect(step)
-        t_gen = time.time() - t0
-        metrics = {**stats, "time/generate_s": t_gen}
-        all_c = [x for grp in groups for x in grp.completions]
-        if all_c:
-            rewards = torch.tensor([r for grp in groups for r in grp.rewards])
-            metrics.update({
-                "reward_mean": rewards.mean().item(), "reward_std": rewards.std(unbiased=False).item(),
-                "accuracy": sum(x.correct for x in all_c) / len(all_c),
-                "format_rate": sum(x.format_ok for x in all_c) / len(all_c),
-                "completion_len_mean": sum(x.tokens for x in all_c) / len(all_c),
-                "completion_len_max": max(x.tokens for x in all_c),
-            })
-            if self.reward_spec.length is not None:
-                metrics.update(level_metrics(groups, self.reward_spec.length.levels))
-            anchored = [grp for grp in groups if grp.anchor_steps > 0]
-            if anchored:
-                metrics["bread/anchor_steps_mean"] = sum(g.anchor_steps for g in anchored) / len(anchored)
-                metrics["bread/anchor_tokens_mean"] = sum(g.anchor_tokens for g in anchored) / len(anchored)
-            self._count_expert_tokens(groups)
+        levels = self.reward_spec.length.levels if self.reward_spec.length is not None else ()
+        sums = dp.reduce({**rollout_sums(groups, levels), **self._expert_tokens(groups)},
+                         {"completion_len_max": max((x.tokens for grp in groups for x in grp.completions), default=0)})
+        comm1 = dp.comm_seconds()
+        metrics = {**stats, "time/generate_s": time.time() - t0 - (comm1 - comm0)}
+        if sums["completions"]:
+            metrics.update(rollout_metrics(sums, levels))
+            for key in ("trace_tokens_all", "anchor_tokens", "anchor_trace_tokens"):
+                self.totals[key] = self.totals.get(key, 0) + int(sums[f"expert/{key}"])
             t1 = time.time()
             metrics.update(self.update(groups, step, total_steps))
-            metrics["time/update_s"] = time.time() - t1
+            metrics["time/update_s"] = time.time() - t1 - (dp.comm_seconds() - comm1)
         else:
             metrics["skipped_update"] = 1  # every group dropped
         self.totals["generated_tokens"] += stats["generated_tokens"]
-        self.totals["samples"] += len(all_c)
+        self.totals["samples"] += int(sums["completions"])
         metrics["total/generated_tokens"] = self.totals["generated_tokens"]
         if self.cfg.bread.enabled and self.totals.get("trace_tokens_all"):
             metrics["bread/expert_token_fraction"] = self.totals["anchor_tokens"] / self.totals["trace_tokens_all"]
             metrics["bread/expert_token_fraction_anchored"] = (
                 self.totals["anchor_tokens"] / max(1, self.totals["anchor_trace_tokens"]))
+        metrics["time/comm_s"] = dp.comm_seconds() - comm0
         metrics["time/step_s"] = time.time() - t0
         metrics["mem/peak_rss_gb"] = peak_rss_gb()
         return metrics, groups
 
-    def _count_expert_tokens(self, groups: list[Group]) -> None:
+    def _expert_tokens(self, groups: list[Group]) -> dict:
         """Expert tokens BREAD showed the model, against two denominators: the full traces of the
         anchored problems, and the full traces of every problem trained on (what SFT would use)."""
-
+        out = {"expert/trace_tokens_all": 0, "expert/anchor_tokens": 0, "expert/anchor_trace_tokens": 0}
         for grp in groups:
             full = len(self.policy.encode_text(anchor_text(grp.problem, len(grp.problem.steps))))
-            self.totals["trace_tokens_all"] = self.totals.get("trace_tokens_all", 0) + full
+            out["expert/trace_tokens_all"] += full
             if grp.anchor_steps > 0:
-                self.totals["anchor_tokens"] += grp.anchor_tokens
-                self.totals["anchor_trace_tokens"] += full
+                out["expert/anchor_tokens"] += grp.anchor_tokens
+                out["expert/anchor_trace_tokens"] += full
+        return out
 
     def state(self) -> dict:
         return {"anchor_memory": self.anchor_memory, "totals": self.totals}
@@ -328,7 +387,7 @@ class RLTrainer:
 
 def train_rl(policy, task, problems, cfg, knobs: Knobs, *, seed: int, run=None, start_step: int = 0,
              optimizer=None, state: dict | None = None, evaluate=None, eval_every: int = 0,
-             progress=None, reference=None) -> RLTrainer:
+             progress=None, reference=None, data_parallel: DataParallel | None = None) -> RLTrainer:
     """Train for `cfg.steps` RL steps (continuing from `start_step`), mirroring `train_sft`.
 
     Every step logs its metrics to `run`; every `cfg.samples_every` steps a few groups go to
@@ -337,13 +396,19 @@ def train_rl(policy, task, problems, cfg, knobs: Knobs, *, seed: int, run=None, 
     (policy, optimizer, trainer state) is written every `cfg.save_every` steps and at the end.
     Step N's prompts and samples depend only on (seed, N), so a resumed run repeats exactly
     what an uninterrupted one does. `reference` is the run's starting policy (see `RLTrainer`).
+    With a `data_parallel` world of several processes, every process runs this loop on its share
+    of each step and only process 0 evaluates (its `run` is the only one that writes).
     Returns the trainer (its `totals` count generated tokens).
     """
+    dp = data_parallel or DataParallel()
+    dp.broadcast_parameters(policy.model)
     optimizer = optimizer or make_optimizer(policy.model, cfg.lr, cfg.weight_decay)
-    trainer = RLTrainer(policy, task, problems, cfg, knobs, optimizer, seed=seed, reference=reference)
+    trainer = RLTrainer(policy, task, problems, cfg, knobs, optimizer, seed=seed, reference=reference, data_parallel=dp)
     if state:
         trainer.load_state(state)
     policy.model.eval()
+    if not dp.is_main:
+        evaluate = None
 
     def evaluate_now(step: int) -> None:
         metrics = evaluate(step)
@@ -370,6 +435,47 @@ def train_rl(policy, task, problems, cfg, knobs: Knobs, *, seed: int, run=None, 
     return trainer
 
 
+def rollout_sums(groups: list[Group], levels: tuple[str, ...] = ()) -> dict:
+    """The sums the step's rollout metrics are means of (`rollout_metrics`). Sums, not means, so
+    that data-parallel processes can add theirs up and log the whole batch's means."""
+    comps = [(grp, c, r) for grp in groups for c, r in zip(grp.completions, grp.rewards or [0.0] * len(grp.completions))]
+    anchored = [grp for grp in groups if grp.anchor_steps > 0]
+    out = {"completions": len(comps), "reward": sum(r for _, _, r in comps), "reward_sq": sum(r * r for _, _, r in comps),
+           "correct": sum(c.correct for _, c, _ in comps), "format_ok": sum(c.format_ok for _, c, _ in comps),
+           "tokens": sum(c.tokens for _, c, _ in comps), "anchored_groups": len(anchored),
+           "anchor_steps": sum(grp.anchor_steps for grp in anchored),
+           "anchor_tokens": sum(grp.anchor_tokens for grp in anchored)}
+    for level in levels:
+        of_level = [c for grp, c, _ in comps if grp.level == level]
+        out[f"tldr/{level}/n"] = len(of_level)
+        out[f"tldr/{level}/tokens"] = sum(c.tokens for c in of_level)
+        out[f"tldr/{level}/correct"] = sum(c.correct for c in of_level)
+    return out
+
+
+def rollout_metrics(sums: dict, levels: tuple[str, ...] = ()) -> dict:
+    """Reward, accuracy, format and length means of the step's completions from `rollout_sums`
+    (`completion_len_max` passed through when present), TLDR's per-level means (`level_metrics`)
+    and BREAD's anchor means over anchored groups. Empty for a step without completions."""
+    n = sums["completions"]
+    if not n:
+        return {}
+    mean = sums["reward"] / n
+    out = {"reward_mean": mean, "reward_std": max(0.0, sums["reward_sq"] / n - mean * mean) ** 0.5,
+           "accuracy": sums["correct"] / n, "format_rate": sums["format_ok"] / n,
+           "completion_len_mean": sums["tokens"] / n}
+    if "completion_len_max" in sums:
+        out["completion_len_max"] = int(sums["completion_len_max"])
+    for level in levels:
+        if sums[f"tldr/{level}/n"]:
+            out[f"tldr/{level}/completion_len_mean"] = sums[f"tldr/{level}/tokens"] / sums[f"tldr/{level}/n"]
+            out[f"tldr/{level}/accuracy"] = sums[f"tldr/{level}/correct"] / sums[f"tldr/{level}/n"]
+    if sums["anchored_groups"]:
+        out["bread/anchor_steps_mean"] = sums["anchor_steps"] / sums["anchored_groups"]
+        out["bread/anchor_tokens_mean"] = sums["anchor_tokens"] / sums["anchored_groups"]
+    return out
+
+
 def level_metrics(groups: list[Group], levels: tuple[str, ...]) -> dict:
     """TLDR per length level L: `tldr/<L>/completion_len_mean` and `tldr/<L>/accuracy`.
 
@@ -377,13 +483,7 @@ def level_metrics(groups: list[Group], levels: tuple[str, ...]) -> dict:
     step-wide means mix the levels and cannot show it. Means over this step's completions whose
     group had level L; a level no prompt drew this step gets no keys.
     """
-    out = {}
-    for level in levels:
-        comps = [c for grp in groups if grp.level == level for c in grp.completions]
-        if comps:
-            out[f"tldr/{level}/completion_len_mean"] = sum(c.tokens for c in comps) / len(comps)
-            out[f"tldr/{level}/accuracy"] = sum(c.correct for c in comps) / len(comps)
-    return out
+    return {k: v for k, v in rollout_metrics(rollout_sums(groups, levels), levels).items() if k.startswith("tldr/")}
 
 
 def minibatch_loss(policy, batch: Batch, rows, knobs: Knobs, *, max_len: int, old_logp=None, ref_logp=None,
@@ -447,13 +547,15 @@ def sampler_correction(old_logp: torch.Tensor, sampler_logp: torch.Tensor, mask:
     return ratio.clamp(max=cap).detach(), stats
 
 
-def advantage_shares(batch: Batch) -> dict:
-    """Share of trained tokens with positive / negative advantage: how much of an update pushes up
-    and how much pushes down (with a rare success, most tokens are pushed down)."""
+def advantage_token_counts(batch: Batch | None) -> dict:
+    """Trained tokens, and those with positive / negative advantage: how much of an update pushes
+    up and how much pushes down (with a rare success, most tokens are pushed down). Counts, so
+    that processes can add theirs up."""
+    if batch is None:
+        return {"tokens": 0, "tokens_pos": 0, "tokens_neg": 0}
     on = batch.loss_mask != 0
     sign = batch.advantages[:, None].expand_as(on)
-    return {"tokens/adv_pos_frac": _token_mean((sign > 0).float(), on),
-            "tokens/adv_neg_frac": _token_mean((sign < 0).float(), on)}
+    return {"tokens": int(on.sum()), "tokens_pos": int((on & (sign > 0)).sum()), "tokens_neg": int((on & (sign < 0)).sum())}
 
 
 def _token_mean(x: torch.Tensor, mask: torch.Tensor) -> float:

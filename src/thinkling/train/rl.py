@@ -22,6 +22,7 @@ from thinkling.algorithms import (
     policy_loss,
     rl_knobs,
 )
+from thinkling.data.curriculum import Uniform
 from thinkling.errors import ThinklingError
 from thinkling.models.base import SamplingParams, pad, pad_batch
 from thinkling.models.logprobs import masked_token_logprobs
@@ -112,8 +113,10 @@ class RLTrainer:
     `rl.kl_to_start` is on. Without one (β = 0, kl_to_start off) no reference is run.
     """
 
-    def __init__(self, policy, task, problems, cfg, knobs: Knobs, optimizer, *, seed: int, reference=None):
+    def __init__(self, policy, task, problems, cfg, knobs: Knobs, optimizer, *, seed: int, reference=None,
+                 sampler=None):
         self.policy, self.task, self.problems, self.cfg, self.knobs = policy, task, problems, cfg, knobs
+        self.sampler = sampler or Uniform(len(problems))  # which problems a step draws (data.curriculum)
         self.optimizer = optimizer
         self.seed = seed
         self.reward_spec = RewardSpec.from_dict(cfg.rewards)
@@ -142,11 +145,13 @@ class RLTrainer:
             need = c.prompts_per_step - len(kept)
             if need <= 0:
                 break
-            idx = torch.randint(len(self.problems), (need,), generator=g).tolist()
+            idx = self.sampler.pick(need, step, g)
             levels = (sample_levels(need, int(torch.randint(2**31, (1,), generator=g)), self.reward_spec.length.levels)
                       if self.reward_spec.length is not None else [None] * need)
             requests = [(self.problems[i], lv, 0) for i, lv in zip(idx, levels)]
             groups = sample_groups(self.policy, self.task, requests, c.group_size, self._params(step, 100 * round_))
+            self.sampler.observe([(i, sum(x.correct for x in grp.completions), len(grp.completions))
+                                  for i, grp in zip(idx, groups)])
             stats["groups_sampled"] += len(groups)
             generated += sum(x.tokens for grp in groups for x in grp.completions)
             if c.bread.enabled:
@@ -170,6 +175,7 @@ class RLTrainer:
                 groups = [grp for grp, s in zip(groups, signal) if s]
             kept += groups
         stats["generated_tokens"] = generated
+        stats.update(self.sampler.stats())
         return kept[: c.prompts_per_step] if self.knobs.dynamic_sampling else kept, stats
 
     def _rewards(self, grp: Group) -> list[float]:
@@ -319,16 +325,17 @@ class RLTrainer:
                 self.totals["anchor_trace_tokens"] += full
 
     def state(self) -> dict:
-        return {"anchor_memory": self.anchor_memory, "totals": self.totals}
+        return {"anchor_memory": self.anchor_memory, "totals": self.totals, "sampler": self.sampler.state()}
 
     def load_state(self, state: dict) -> None:
         self.anchor_memory = dict(state.get("anchor_memory", {}))
+        self.sampler.load_state(state.get("sampler", {}))
         self.totals.update(state.get("totals", {}))
 
 
 def train_rl(policy, task, problems, cfg, knobs: Knobs, *, seed: int, run=None, start_step: int = 0,
              optimizer=None, state: dict | None = None, evaluate=None, eval_every: int = 0,
-             progress=None, reference=None) -> RLTrainer:
+             progress=None, reference=None, sampler=None) -> RLTrainer:
     """Train for `cfg.steps` RL steps (continuing from `start_step`), mirroring `train_sft`.
 
     Every step logs its metrics to `run`; every `cfg.samples_every` steps a few groups go to
@@ -336,11 +343,12 @@ def train_rl(policy, task, problems, cfg, knobs: Knobs, *, seed: int, run=None, 
     `eval_every` steps before the last (the caller evaluates the final policy); a checkpoint
     (policy, optimizer, trainer state) is written every `cfg.save_every` steps and at the end.
     Step N's prompts and samples depend only on (seed, N), so a resumed run repeats exactly
-    what an uninterrupted one does. `reference` is the run's starting policy (see `RLTrainer`).
+    what an uninterrupted one does. `reference` is the run's starting policy (see `RLTrainer`);
+    `sampler` (data.curriculum, default uniform) chooses each step's problems, its state checkpointed.
     Returns the trainer (its `totals` count generated tokens).
     """
     optimizer = optimizer or make_optimizer(policy.model, cfg.lr, cfg.weight_decay)
-    trainer = RLTrainer(policy, task, problems, cfg, knobs, optimizer, seed=seed, reference=reference)
+    trainer = RLTrainer(policy, task, problems, cfg, knobs, optimizer, seed=seed, reference=reference, sampler=sampler)
     if state:
         trainer.load_state(state)
     policy.model.eval()

@@ -33,7 +33,10 @@ class LocalTeacher:
 
     def __init__(self, spec: str, task, max_new_tokens: int, temperature: float, seed: int):
         self.name, self.task = spec, task
-        self.policy = open_policy(spec)
+        try:
+            self.policy = open_policy(spec)
+        except ThinklingError as e:  # open_policy names the flag --model
+            raise ThinklingError(f"--teacher {spec}: {str(e).removeprefix(f'--model {spec}: ')}") from None
         self.params = SamplingParams(max_new_tokens, temperature, 1.0, None, seed=seed)
 
     def solve(self, questions: list[tuple[int, object]], tries: int) -> list[tuple[str | None, int]]:

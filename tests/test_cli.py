@@ -254,3 +254,17 @@ def test_pipeline_checks_every_stage_before_the_first_runs(capsys, tmp_path):
     code, err = _run(capsys, "pipeline", str(recipe))
     _one_line(code, err, "stages[2] (grpo)")
     assert "rl.algorithm" in err and not (tmp_path / "p").exists()
+
+
+def test_resume_accepts_a_run_saved_before_a_setting_existed(tmp_path):
+    """A key the saved config.yaml lacks was added by a newer thinkling at its default: not a change."""
+    import yaml
+
+    from thinkling.errors import ThinklingError
+    from thinkling.runs import check_same_config
+
+    now = {"seed": 0, "sft": {"lr": 0.1}, "curriculum": {"sampler": "uniform"}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"seed": 0, "sft": {"lr": 0.1}}))
+    check_same_config(tmp_path, yaml.safe_dump(now))
+    with pytest.raises(ThinklingError, match="sft.lr"):
+        check_same_config(tmp_path, yaml.safe_dump({**now, "sft": {"lr": 0.2}}))

@@ -37,7 +37,10 @@ CASES = {
     # failed groups branched from expert anchors; anchors remembered across steps and processes.
     "bread": dataclasses.replace(BASE, steps=4, bread=BreadConfig(enabled=True)),
     "bread-kl": dataclasses.replace(BASE, beta=0.1, kl_to_start=True, bread=BreadConfig(enabled=True, max_probes=2)),
+    # a curriculum sampler learning from every group's outcome, wherever it was sampled.
+    "grpo-bandit": dataclasses.replace(BASE, steps=4),
 }
+SAMPLERS = {"grpo-bandit": "bandit"}  # case -> curriculum.sampler (default uniform)
 
 
 class LengthLottery(ChainTask):
@@ -53,19 +56,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _train(cfg: RLConfig, data_parallel=None):
+def _train(case: str, data_parallel=None):
     """A few RL steps of a fresh tiny model: (each step's metrics, weights, last gradients, trainer state)."""
     torch.set_num_threads(1)
+    cfg = CASES[case]
+    from thinkling.config import CurriculumConfig
+    from thinkling.data.curriculum import make_sampler
     from thinkling.models.tiny import TinyPolicy
     from thinkling.train.rl import resolve_knobs, train_rl
 
     task = LengthLottery()
     problems = task.problems(12, seed=0, difficulty=[3, 4])
+    sampler = make_sampler(CurriculumConfig(sampler=SAMPLERS.get(case, "uniform"), buckets=2), problems, cfg.steps)
     policy = TinyPolicy.create(TINY, seed=0)
     reference = TinyPolicy.create(TINY, seed=0) if cfg.kl_to_start else None
     metrics = []
     trainer = train_rl(policy, task, problems, cfg, resolve_knobs(cfg), seed=0, reference=reference,
-                       data_parallel=data_parallel, progress=lambda step, m: metrics.append(m))
+                       data_parallel=data_parallel, sampler=sampler, progress=lambda step, m: metrics.append(m))
     weights = {n: p.detach().clone() for n, p in policy.model.named_parameters()}
     grads = {n: p.grad.clone() for n, p in policy.model.named_parameters() if p.grad is not None}
     return metrics, weights, grads, trainer.state()
@@ -84,7 +91,7 @@ def _train_worker(rank: int, world: int, port: int, out: str) -> None:
 
     distributed.GRAD_BUCKET = 3000  # several buckets, some of one large tensor (in place), some flat copies
     dp = _init(rank, world, port)
-    torch.save({name: _train(cfg, dp) for name, cfg in CASES.items()}, f"{out}.{rank}")
+    torch.save({name: _train(name, dp) for name in CASES}, f"{out}.{rank}")
     torch.distributed.destroy_process_group()
 
 
@@ -105,7 +112,7 @@ def _same_metrics(got: dict, want: dict) -> None:
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_two_processes_take_the_one_process_steps(two_process_results, case):
-    single_metrics, single_weights, single_grads, single_state = _train(CASES[case])
+    single_metrics, single_weights, single_grads, single_state = _train(case)
     for rank in (0, 1):
         metrics, weights, grads, state = two_process_results[rank][case]
         assert len(metrics) == len(single_metrics)
@@ -129,6 +136,8 @@ def test_two_processes_take_the_one_process_steps(two_process_results, case):
     if case.startswith("bread"):
         assert sum(m["bread/anchored"] for m in single_metrics) > 0
         assert single_state["anchor_memory"]
+    if case in SAMPLERS:
+        assert single_state["sampler"]["progress"] != [0.0, 0.0]  # it learnt from outcomes
     if case == "dapo-refill":
         assert sum(m["groups_dropped_equal"] for m in single_metrics) > 0
         assert sum(m["groups_sampled"] for m in single_metrics) > 3 * CASES[case].prompts_per_step

@@ -23,6 +23,7 @@ LAYERS = [
     ["rollout"],
     ["rewards", "algorithms"],
     ["eval"],
+    ["data"],
     ["train"],
     ["lab"],
     ["jobs"],

@@ -59,6 +59,29 @@ def build_parser() -> argparse.ArgumentParser:
                     help="text forced at the budget instead of the task's end of thinking, e.g. $'\\nThe answer is'")
     sw.add_argument("--out", default="runs/sweep", help="folder for sweep.json, sweep.png and per-setting .jsonl")
 
+    diff = sub.add_parser("difficulty", help="measure each problem's difficulty: 1 - pass rate of a model over k samples")
+    _model_and_task_args(diff, max_new_tokens=64)
+    diff.set_defaults(seed=0, samples=8)  # the train set's seed (train.seed) by default; k = 8
+    diff.add_argument("--temperature", type=float, default=1.0)
+    diff.add_argument("--out", required=True, help="JSONL file of {id, difficulty, ...}; rerun to continue it")
+
+    dist = sub.add_parser("distill", help="CoT SFT data: teachers' traces whose final answer verifies (rejection sampling)")
+    dist.add_argument("--input", required=True, help="JSONL of {question, answer} records (the jsonl task's format)")
+    dist.add_argument("--teacher", action="append", required=True, metavar="MODEL|URL",
+                      help="a saved policy, run folder, alias or hub id, or an OpenAI-compatible endpoint "
+                           "http(s)://host:port/v1[#served-model] (repeatable)")
+    dist.add_argument("--out", required=True, help="JSONL of accepted traces; rejections go to <out>.rejected.jsonl")
+    dist.add_argument("--tries", type=int, default=4, help="tries per question and teacher")
+    dist.add_argument("--task", default=None, help="whose verifier checks the answers (e.g. chain); "
+                      "default: math-verify on the \\boxed{} / 'The answer is' answer")
+    dist.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="task option (repeatable)")
+    dist.add_argument("--system", default=None, help="system prompt for endpoints (default: step by step, \\boxed{})")
+    dist.add_argument("--max-new-tokens", type=int, default=512)
+    dist.add_argument("--temperature", type=float, default=0.7)
+    dist.add_argument("--seed", type=int, default=0)
+    dist.add_argument("--batch-size", type=int, default=16, help="questions per batch (rows are written per batch)")
+    dist.add_argument("--threads", type=int, default=None, help="torch CPU threads for local teachers")
+
     report = sub.add_parser("report", help="(re)build report.md of one run, or compare several runs side by side")
     report.add_argument("runs", nargs="+", help="run folders")
     report.add_argument("--out", default=None, help="folder for the comparison (default: the run itself for one run)")
@@ -191,6 +214,10 @@ def _dispatch(args) -> int:
                             samples=args.samples, temperature=args.temperature, batch_size=args.batch_size,
                             seed=args.seed, dtype=args.dtype, threads=args.threads, budget_marker=args.budget_marker,
                             trust_remote_code=args.trust_remote_code)
+    elif args.verb == "difficulty":
+        _difficulty(args)
+    elif args.verb == "distill":
+        _distill(args)
     elif args.verb == "report":
         _report(args)
     elif args.verb == "tasks":
@@ -200,6 +227,60 @@ def _dispatch(args) -> int:
     elif args.verb == "lab":
         _lab(args)
     return 0
+
+
+def _difficulty(args) -> None:
+    from thinkling.data.difficulty import measure_difficulty
+    from thinkling.jobs import configure_eval_threads
+    from thinkling.models import open_policy
+    from thinkling.tasks import problem_set
+
+    cfg = _eval_config(args)
+    if cfg.temperature <= 0 and cfg.samples > 1:
+        raise ThinklingError("--temperature must be > 0 for --samples > 1 (greedy samples are all the same)")
+    task, problems = problem_set(cfg, "--task")
+    configure_eval_threads(args.model, args.threads)
+    policy = open_policy(args.model, args.dtype, args.trust_remote_code)
+    rows = measure_difficulty(policy, task, problems, args.out, model=args.model, samples=cfg.samples,
+                              max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed,
+                              batch_size=cfg.batch_size)
+    ids = {p.id for p in problems}
+    by_level: dict[float, list[float]] = {}
+    for r in rows:
+        if r["id"] in ids:
+            by_level.setdefault(r["task_difficulty"], []).append(r["difficulty"])
+    table = Table(title=f"{args.model} — {task.name}: measured difficulty (1 - pass rate, k={cfg.samples}) -> {args.out}")
+    for col in ("task difficulty", "n", "mean measured", "never solved", "always solved"):
+        table.add_column(col, justify="right")
+    for level, ds in sorted(by_level.items()):
+        table.add_row(f"{level:g}", str(len(ds)), f"{sum(ds) / len(ds):.3f}", str(sum(d == 1 for d in ds)),
+                      str(sum(d == 0 for d in ds)))
+    console.print(table)
+
+
+def _distill(args) -> None:
+    from thinkling.data.distill import DEFAULT_SYSTEM, distill, make_teacher
+    from thinkling.jobs import configure_eval_threads
+    from thinkling.tasks.jsonl import load_jsonl
+    from thinkling.tasks.mathverify import MathTask
+
+    if args.threads is not None and args.threads < 1:
+        raise ThinklingError(f"--threads must be >= 1, got {args.threads}")
+    problems = load_jsonl(args.input)
+    task = get_task(args.task, **_parse_options(args.option)) if args.task else MathTask()
+    local = [t for t in args.teacher if not t.startswith(("http://", "https://"))]
+    if local:
+        configure_eval_threads(local[0], args.threads)
+    teachers = [make_teacher(t, task, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                             seed=args.seed, system=args.system or DEFAULT_SYSTEM) for t in args.teacher]
+    stats = distill(problems, teachers, args.out, tries=args.tries, batch_size=args.batch_size)
+    table = Table(title=f"{args.input} -> {args.out}: traces whose answer verifies ({args.tries} tries each)")
+    for col in ("teacher", "questions", "accepted", "acceptance", "tries / question"):
+        table.add_column(col, justify="right")
+    for name, s in stats.items():
+        table.add_row(name, str(s["questions"]), str(s["accepted"]), f"{s['acceptance']:.3f}",
+                      f"{s['tries'] / s['questions']:.2f}")
+    console.print(table)
 
 
 def _report(args) -> None:

@@ -194,6 +194,28 @@ class RLConfig:
         _check(where, "tis_cap", self.tis_cap is None or self.tis_cap >= 1, ">= 1 (or null: off)", self.tis_cap)
 
 
+CURRICULA = ("uniform", "ordered", "filter", "bandit", "lfr")
+
+
+@dataclass
+class CurriculumConfig:
+    """Which training problems each step draws (`data.curriculum`); `uniform` is the plain random draw."""
+
+    sampler: str = "uniform"  # uniform | ordered | filter | bandit | lfr
+    difficulty_file: str | None = None  # JSONL of measured difficulties (`thinkling difficulty`) replacing the task's
+    buckets: int = 3  # difficulty clusters (ordered, bandit): equal-count splits, equal difficulties kept together
+    window: int = 2  # filter: skip a problem whose last `window` groups were all right (or all wrong)
+    temperature: float = 0.1  # bandit: softmax temperature over the clusters' learning progress
+    explore: float = 0.1  # bandit: share of picks spread evenly over the clusters
+    review_every: int = 5  # lfr: every n-th step re-draws from the problems already solved
+
+    def validate(self, where: str = "curriculum") -> None:
+        _check(where, "sampler", self.sampler in CURRICULA, " or ".join(CURRICULA), self.sampler)
+        _at_least(self, where, 1, "buckets", "window", "review_every")
+        _check(where, "temperature", self.temperature > 0, "> 0", self.temperature)
+        _check(where, "explore", 0 <= self.explore <= 1, "in [0, 1]", self.explore)
+
+
 @dataclass
 class RunConfig:
     output_dir: str = "runs/run"
@@ -204,6 +226,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     rl: RLConfig = field(default_factory=RLConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
 
     def validate(self, where: str = "") -> None:
         _at_least(self, where, 1, "threads")

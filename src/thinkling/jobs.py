@@ -12,6 +12,7 @@ import torch
 from rich.table import Table
 
 from thinkling.config import ModelConfig
+from thinkling.data.curriculum import make_sampler
 from thinkling.errors import ThinklingError
 from thinkling.eval.evaluate import RowLog, eval_metrics, evaluate_policy, print_summary
 from thinkling.eval.report import eval_report, write_report
@@ -89,6 +90,7 @@ def check_recipe(cfg, kind: str, init_from_earlier_stage: bool = False) -> None:
     problem_set(cfg.eval, "eval")
     if kind == "rl":
         validate_rl(cfg, train_problems, warn=False)
+    make_sampler(cfg.curriculum, train_problems, cfg.rl.steps if kind == "rl" else cfg.sft.steps, kind)
     init = cfg.model.init
     if init and not init_from_earlier_stage and not any((Path(init) / f).exists() for f in ("policy.json", "final")):
         raise ThinklingError(f"config key 'model.init': {init} is not a saved policy or run folder")
@@ -103,6 +105,7 @@ def run_sft(cfg, resume: bool = False) -> dict:
     seed_everything(cfg.seed)
     train_task, train_problems = problem_set(cfg.train, "train")
     eval_task, eval_problems = problem_set(cfg.eval, "eval")
+    sampler = make_sampler(cfg.curriculum, train_problems, cfg.sft.steps, "sft")
     dp = DataParallel.from_env()
     if not dp.is_main:
         console.quiet = True  # one voice: process 0 reports for the run
@@ -121,7 +124,7 @@ def run_sft(cfg, resume: bool = False) -> dict:
     with bar("sft", cfg.sft.steps - start) as advance:
         train_sft(policy, examples, cfg.sft, seed=cfg.seed, run=run, start_step=start, optimizer=optimizer,
                   evaluate=_evaluator(policy, eval_task, eval_problems, cfg), eval_every=cfg.eval.every,
-                  data_parallel=dp, progress=lambda step, loss: advance(1, info=f"loss {loss:.3f}"))
+                  data_parallel=dp, sampler=sampler, progress=lambda step, loss: advance(1, info=f"loss {loss:.3f}"))
     if not dp.is_main:
         return {"rank": dp.rank}
     return finish(run, policy, eval_task, eval_problems, cfg, step=cfg.sft.steps)
@@ -140,6 +143,7 @@ def run_rl(cfg, resume: bool = False) -> dict:
     if not dp.is_main:
         console.quiet = True  # one voice: process 0 reports for the run
     knobs = validate_rl(cfg, problems, warn=dp.is_main)
+    sampler = make_sampler(cfg.curriculum, problems, cfg.rl.steps)
 
     def prepare(policy):
         check_fits(policy, problems, cfg.rl.max_new_tokens, "train")
@@ -158,7 +162,7 @@ def run_rl(cfg, resume: bool = False) -> dict:
     with bar("rl", cfg.rl.steps - start) as advance:
         trainer = train_rl(
             policy, task, problems, cfg.rl, knobs, seed=cfg.seed, run=run, start_step=start, optimizer=optimizer,
-            reference=reference,
+            reference=reference, sampler=sampler,
             state=run.load_state(ckpt) if ckpt is not None else None,
             evaluate=_evaluator(policy, eval_task, eval_problems, cfg), eval_every=cfg.eval.every, data_parallel=dp,
             progress=lambda step, m: advance(1, info=f"reward {m.get('reward_mean', 0):.2f} acc {m.get('accuracy', 0):.2f}"))

@@ -133,14 +133,15 @@ class RunDir:
 
 
 def check_same_config(path: Path, config_text: str) -> None:
-    """`--resume` continues a run only with the config it was started with."""
+    """`--resume` continues a run only with the config it was started with. A key the saved config
+    lacks is a setting a newer thinkling added (at its default, old behaviour): not a change."""
     saved = path / "config.yaml"
     if not path.is_dir():
         raise ThinklingError(f"--resume: run folder {path} does not exist")
     if not saved.is_file():
         raise ThinklingError(f"--resume: {path} is not a run folder (no config.yaml); nothing was changed in it")
     before, now = _flat(yaml.safe_load(read_text(saved)) or {}), _flat(yaml.safe_load(config_text))
-    changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+    changed = sorted(k for k in before if before[k] != now.get(k))
     if changed:
         shown = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:4])
         more = f" (and {len(changed) - 4} more)" if len(changed) > 4 else ""

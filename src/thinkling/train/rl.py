@@ -27,6 +27,7 @@ from thinkling.algorithms import (
     policy_loss,
     rl_knobs,
 )
+from thinkling.data.curriculum import Uniform
 from thinkling.errors import ThinklingError
 from thinkling.models.base import SamplingParams, pad, pad_batch
 from thinkling.models.logprobs import masked_token_logprobs
@@ -119,8 +120,9 @@ class RLTrainer:
     """
 
     def __init__(self, policy, task, problems, cfg, knobs: Knobs, optimizer, *, seed: int, reference=None,
-                 data_parallel: DataParallel | None = None):
+                 data_parallel: DataParallel | None = None, sampler=None):
         self.policy, self.task, self.problems, self.cfg, self.knobs = policy, task, problems, cfg, knobs
+        self.sampler = sampler or Uniform(len(problems))  # which problems a step draws (data.curriculum)
         self.optimizer = optimizer
         self.seed = seed
         self.dp = data_parallel or DataParallel()
@@ -161,13 +163,14 @@ class RLTrainer:
             need = c.prompts_per_step - n_kept
             if need <= 0:
                 break
-            idx = torch.randint(len(self.problems), (need,), generator=g).tolist()
+            idx = self.sampler.pick(need, step, g)
             levels = (sample_levels(need, int(torch.randint(2**31, (1,), generator=g)), self.reward_spec.length.levels)
                       if self.reward_spec.length is not None else [None] * need)
             keys = list(range(dp.rank, need, dp.world_size))  # this process's requests
             requests = [(self.problems[idx[i]], levels[i], 0) for i in keys]
             groups = (sample_groups(self.policy, self.task, requests, c.group_size, self._params(step, 100 * round_),
                                     keys=keys) if requests else [])
+            self._observe(idx, groups)
             stats["groups_sampled"] += len(groups)
             stats["generated_tokens"] += sum(x.tokens for grp in groups for x in grp.completions)
             if c.bread.enabled:
@@ -203,7 +206,16 @@ class RLTrainer:
         stats = {k: int(v) for k, v in dp.reduce(stats).items()}
         if c.bread.enabled:
             stats["bread/probe_rounds"] = probe_rounds
+        stats.update(self.sampler.stats())
         return kept, stats
+
+    def _observe(self, idx: list[int], groups: list[Group]) -> None:
+        """Show the curriculum sampler every group's outcome of the round, in request order, on
+        every process (each sampled only its share): their samplers stay identical."""
+        mine = [(grp.key, idx[grp.key], sum(x.correct for x in grp.completions), len(grp.completions))
+                for grp in groups]
+        outcomes = sorted(x for part in self.dp.gather(mine) for x in part)
+        self.sampler.observe([(i, right, size) for _, i, right, size in outcomes])
 
     def _share_anchors(self, branched: list[Group]) -> None:
         """Tell every process the anchors the others found (`rl.bread.remember_anchors`): the problem
@@ -378,16 +390,17 @@ class RLTrainer:
         return out
 
     def state(self) -> dict:
-        return {"anchor_memory": self.anchor_memory, "totals": self.totals}
+        return {"anchor_memory": self.anchor_memory, "totals": self.totals, "sampler": self.sampler.state()}
 
     def load_state(self, state: dict) -> None:
         self.anchor_memory = dict(state.get("anchor_memory", {}))
+        self.sampler.load_state(state.get("sampler", {}))
         self.totals.update(state.get("totals", {}))
 
 
 def train_rl(policy, task, problems, cfg, knobs: Knobs, *, seed: int, run=None, start_step: int = 0,
              optimizer=None, state: dict | None = None, evaluate=None, eval_every: int = 0,
-             progress=None, reference=None, data_parallel: DataParallel | None = None) -> RLTrainer:
+             progress=None, reference=None, data_parallel: DataParallel | None = None, sampler=None) -> RLTrainer:
     """Train for `cfg.steps` RL steps (continuing from `start_step`), mirroring `train_sft`.
 
     Every step logs its metrics to `run`; every `cfg.samples_every` steps a few groups go to
@@ -395,7 +408,8 @@ def train_rl(policy, task, problems, cfg, knobs: Knobs, *, seed: int, run=None, 
     `eval_every` steps before the last (the caller evaluates the final policy); a checkpoint
     (policy, optimizer, trainer state) is written every `cfg.save_every` steps and at the end.
     Step N's prompts and samples depend only on (seed, N), so a resumed run repeats exactly
-    what an uninterrupted one does. `reference` is the run's starting policy (see `RLTrainer`).
+    what an uninterrupted one does. `reference` is the run's starting policy (see `RLTrainer`);
+    `sampler` (data.curriculum, default uniform) chooses each step's problems, its state checkpointed.
     With a `data_parallel` world of several processes, every process runs this loop on its share
     of each step and only process 0 evaluates (its `run` is the only one that writes).
     Returns the trainer (its `totals` count generated tokens).
@@ -403,7 +417,8 @@ def train_rl(policy, task, problems, cfg, knobs: Knobs, *, seed: int, run=None, 
     dp = data_parallel or DataParallel()
     dp.broadcast_parameters(policy.model)
     optimizer = optimizer or make_optimizer(policy.model, cfg.lr, cfg.weight_decay)
-    trainer = RLTrainer(policy, task, problems, cfg, knobs, optimizer, seed=seed, reference=reference, data_parallel=dp)
+    trainer = RLTrainer(policy, task, problems, cfg, knobs, optimizer, seed=seed, reference=reference,
+                        data_parallel=dp, sampler=sampler)
     if state:
         trainer.load_state(state)
     policy.model.eval()

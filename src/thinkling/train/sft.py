@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from thinkling.data.curriculum import Uniform
 from thinkling.errors import ThinklingError
 from thinkling.models.base import pad, pad_batch
 from thinkling.models.logprobs import masked_token_logprobs
@@ -86,7 +87,8 @@ def check_examples_fit(policy, examples: list[Example], problems) -> list[Exampl
 
 
 def train_sft(policy, examples: list[Example], cfg, *, seed: int, run=None, start_step: int = 0,
-              optimizer=None, evaluate=None, eval_every: int = 0, progress=None, data_parallel=None) -> dict:
+              optimizer=None, evaluate=None, eval_every: int = 0, progress=None, data_parallel=None,
+              sampler=None) -> dict:
     """Train for `cfg.steps` steps (continuing from `start_step`).
 
     Batches are drawn from a per-step random stream, so step N sees the same
@@ -97,6 +99,7 @@ def train_sft(policy, examples: list[Example], cfg, *, seed: int, run=None, star
     each process trains on its shard of that batch and gradients are summed, so
     the step equals the single-process one; only process 0 evaluates.
     `evaluate(step) -> metrics` runs every `eval_every` steps before the last and is logged to `run`.
+    `sampler` (data.curriculum: uniform, the default, or ordered; stateless) picks each batch.
     """
     if not examples:
         raise ThinklingError("SFT: the training set is empty")
@@ -107,12 +110,13 @@ def train_sft(policy, examples: list[Example], cfg, *, seed: int, run=None, star
     if dp is not None:
         dp.broadcast_parameters(model)
     device = next(model.parameters()).device
+    sampler = sampler or Uniform(len(examples))
     last = {}
     t0 = time.time()
     tokens = 0
     for step in range(start_step, cfg.steps):
         g = step_generator(seed, step)
-        idx = torch.randint(len(examples), (cfg.batch_size,), generator=g).tolist()
+        idx = sampler.pick(cfg.batch_size, step, g)
         if dp is not None:
             idx = dp.shard(idx)
         batch = [examples[i] for i in idx]

@@ -248,6 +248,8 @@ def test_jsonl_bad_line_names_file_and_line(tmp_path, bad, message):
         ("\\boxed{1} then \\boxed{\\{a, b\\}}", "\\{a, b\\}"),
         ("The answer is $18.", "$18"),
         ("the answer is: 3.5.", "3.5"),
+        ("The answer is 13. To sum up, 45 + 26 + 44 = 110", "13"),  # the stated clause only
+        ("The answer is 116, i.e. 45+26+44", "116"),
         ("She pays 1,234 dollars in total.", "1,234"),
         ("5 - 3 = 2, so x-4", "4"),
         ("the change is -7 now", "-7"),
@@ -297,6 +299,13 @@ def test_math_equivalent_answers_verify(reference, completion):
 )
 def test_math_wrong_answers_fail(reference, completion):
     assert not verify_math(reference, completion).correct
+
+
+def test_numeric_answers_must_be_numbers():
+    assert verify_math("115", "The answer is 45 + 26 + 44.").correct  # symbolic equality, right for MATH
+    assert not verify_math("115", "The answer is 45 + 26 + 44.", numeric=True).correct
+    assert verify_math("1234", "The answer is $1,234.", numeric=True).correct
+    assert not get_task("gsm8k").verify(Problem(id="g", prompt="?", answer="115"), "The answer is 100 + 15.").correct
 
 
 def test_math_check_off_the_main_thread_and_under_a_time_limit():
@@ -381,6 +390,9 @@ def test_arithmetic_sums_verify_only_when_the_answer_is_stated():
         assert task.verify(p, f"It is {p.answer}. The answer is {p.answer}.").correct
         assert not task.verify(p, "\n".join(p.steps)).correct  # a number at the end is not a stated answer
         assert not task.verify(p, f"The answer is \\boxed{{{int(p.answer) + 1}}}.").correct
+        # Restating the question is not an answer (math-verify alone finds the sum equal).
+        assert not task.verify(p, f"The answer is {p.prompt[8:-1]}.").correct
+        assert not task.verify(p, f"The answer is 1. Indeed {p.prompt[8:-1]} is it.").correct
     assert all(int(p.answer) >= 0 for p in get_task("arithmetic", subtract=True).problems(50, seed=1, difficulty=4))
     with pytest.raises(ThinklingError, match="digits"):
         get_task("arithmetic", digits=0)

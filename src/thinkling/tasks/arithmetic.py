@@ -62,7 +62,7 @@ class ArithmeticTask(Task):
     def verify(self, problem: Problem, completion: str) -> Verdict:
         """Right only when the answer is stated (`The answer is N` / `\\boxed{N}`): the last-number
         fallback of `verify_math` would reward a stray number at the end of rambling text."""
-        verdict = verify_math(problem.answer, completion)
+        verdict = verify_math(problem.answer, completion, numeric=True)
         return verdict if self.format_ok(completion) else Verdict(False, verdict.extracted)
 
     def format_ok(self, completion: str) -> bool:

@@ -99,6 +99,7 @@ class GSM8KTask(BenchmarkTask):
     """GSM8K test set, 1,319 grade-school word problems (options: source, path, skip)."""
 
     description = "GSM8K test set, 1,319 grade-school word problems (options: source, path, skip)"
+    numeric_answers = True
 
     def load_olmo(self):
         return [parse_record(doc, where, f"gsm8k-{i}") for i, (doc, where) in enumerate(olmo_docs("gsm8k"))]

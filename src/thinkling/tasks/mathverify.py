@@ -23,6 +23,7 @@ _BOXED = re.compile(r"\\(?:boxed|fbox)\s*")
 _ANSWER_IS = re.compile(r"answer is\s*:?\s*([^\n]+)", re.IGNORECASE)
 _NUMBER = re.compile(r"(?:(?<![\w)])-)?\d+(?:,\d{3})*(?:\.\d+)?")
 _THOUSANDS = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
+_CLAUSE_END = re.compile(r"\.(?:\s|$)|,\s|;")  # where a stated answer's sentence or clause ends
 _NUMBER_AND_UNIT = re.compile(r"(-?\d[\d,]*(?:\.\d+)?)\s*(?:[A-Za-z]{2,}\.?\s*)+")
 
 
@@ -50,7 +51,9 @@ def extract_math_answer(text: str) -> str | None:
         return boxed
     stated = list(_ANSWER_IS.finditer(text))
     if stated:
-        return stated[-1][1].strip().rstrip(".").strip() or None
+        # Only the stated clause: "The answer is 13. So 45 + 26 + 44 ..." states 13, and the
+        # rest of the line must not be parsed (math-verify would find 45 + 26 + 44 in it).
+        return _CLAUSE_END.split(stated[-1][1], maxsplit=1)[0].strip().rstrip(".").strip() or None
     numbers = _NUMBER.findall(text)
     return numbers[-1] if numbers else None
 
@@ -129,9 +132,14 @@ def _equal_in_worker(ref: str, ans: str, timeout: float) -> bool:
         return False
 
 
-def verify_math(reference: str, completion: str, timeout: float = 5.0) -> Verdict:
-    """Extract the completion's final answer and compare it with the reference answer."""
+def verify_math(reference: str, completion: str, timeout: float = 5.0, numeric: bool = False) -> Verdict:
+    """Extract the completion's final answer and compare it with the reference answer.
+
+    `numeric`: the answer must be a number. math-verify compares expressions symbolically, so
+    without it "The answer is 45 + 26 + 44" is a right answer to "What is 45 + 26 + 44?"."""
     got = extract_math_answer(completion)
+    if got is not None and numeric and not _NUMBER.fullmatch(normalize(got)):
+        return Verdict(correct=False, extracted=got)
     return Verdict(correct=got is not None and math_equal(reference, got, timeout), extracted=got)
 
 
@@ -151,6 +159,7 @@ class MathTask(Task):
     line_based = False  # the answer sentence may follow any token
     timeout = 5.0
     skip = 0
+    numeric_answers = False  # answers are numbers (GSM8K): an expression is not accepted as one
 
     def set_skip(self, skip) -> None:
         if isinstance(skip, bool) or not isinstance(skip, int) or skip < 0:
@@ -186,7 +195,7 @@ class MathTask(Task):
         return pool[:n]
 
     def verify(self, problem: Problem, completion: str) -> Verdict:
-        return verify_math(problem.answer, completion, self.timeout)
+        return verify_math(problem.answer, completion, self.timeout, numeric=self.numeric_answers)
 
     def format_ok(self, completion: str) -> bool:
         return last_boxed(completion) is not None or "the answer is" in completion.lower()

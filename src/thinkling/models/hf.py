@@ -11,6 +11,7 @@ the same policy (for adapters: where their base model comes from).
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import os
 import tempfile
@@ -298,6 +299,41 @@ class HFPolicy:
         out = _base_model(self.model).model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
         return out.last_hidden_state
+
+    def prefix_sharing(self) -> bool:
+        """Whether `prefix_shared_hidden` / `_logits` can run now: not under gradient checkpointing while
+        training with gradients, where transformers drops the KV cache from checkpointed layers."""
+        training = self.model.training and torch.is_grad_enabled()
+        return not (training and self.gradient_checkpointing)
+
+    def prefix_shared_hidden(self, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, owner: torch.Tensor,
+                             input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Final hidden states `[B, T, D]` of right-padded rows `input_ids`, row b continuing prefix
+        `owner[b]` of the left-padded `prefix_ids [N, P]` (see `models.logprobs.shared_prefix_logprobs`)."""
+        return self._on_prefixes(_base_model(self.model).model, prefix_ids, prefix_mask, owner, input_ids,
+                                 attention_mask).last_hidden_state
+
+    def prefix_shared_logits(self, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, owner: torch.Tensor,
+                             input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """`prefix_shared_hidden`'s logits `[B, T, V]`, for models without a plain `output_head`."""
+        return self._on_prefixes(self.model, prefix_ids, prefix_mask, owner, input_ids, attention_mask).logits
+
+    def _on_prefixes(self, module, prefix_ids, prefix_mask, owner, input_ids, attention_mask):
+        """Run each prefix once (with gradient) into a DynamicCache, then every row on its prefix's
+        keys and values (selected per row: backward sums the rows' gradients into the prefix)."""
+        if not self.prefix_sharing():
+            raise ThinklingError("prefix sharing does not work under gradient checkpointing")
+        # transformers 5 renamed `past_key_values` to `cache`
+        name = "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+        prefix_cache = transformers.DynamicCache()
+        module(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=(prefix_mask.cumsum(-1) - 1).clamp(min=0),
+               use_cache=True, **{name: prefix_cache})
+        cache = transformers.DynamicCache()
+        for i, (k, v, *_) in enumerate(prefix_cache):
+            cache.update(k.index_select(0, owner), v.index_select(0, owner), i)
+        keys = torch.cat([prefix_mask.index_select(0, owner), attention_mask], dim=1)
+        positions = (keys.cumsum(-1) - 1).clamp(min=0)[:, prefix_ids.shape[1] :]
+        return module(input_ids=input_ids, attention_mask=keys, position_ids=positions, use_cache=True, **{name: cache})
 
     def output_head(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """(weight, bias) of the output layer when logits are exactly `hidden_states @ weight.T + bias`

@@ -162,3 +162,13 @@ def test_share_prompt_is_a_checked_recipe_key(tmp_path):
     assert load_recipe(None, ["rl.share_prompt=true"]).rl.share_prompt is True
     with pytest.raises(ThinklingError, match="share_prompt"):
         load_recipe(None, ["rl.share_prompt=3"])
+
+
+def test_share_prompt_warns_under_gradient_checkpointing(tmp_path, capsys):
+    policy = _hf_policy(tmp_path)
+    cfg = RLConfig(share_prompt=True)
+    RLTrainer(policy, None, [], cfg, resolve_knobs(cfg), None, seed=0)
+    assert "share_prompt" not in capsys.readouterr().err
+    policy.gradient_checkpointing = True
+    RLTrainer(policy, None, [], cfg, resolve_knobs(cfg), None, seed=0)
+    assert "rl.share_prompt" in capsys.readouterr().err

@@ -98,15 +98,16 @@ def test_hf_shared_prefix_equals_unshared(tmp_path, lora):
     assert max(diffs) < TOL, diffs
 
 
-def test_hf_gradient_checkpointing_falls_back_to_unshared(tmp_path):
-    """transformers drops the KV cache inside checkpointed layers: sharing must not run there."""
-    policy = _hf_policy(tmp_path)
+@pytest.mark.parametrize("lora", [None, {"r": 4, "dropout": 0.0}])
+def test_hf_shared_prefix_under_gradient_checkpointing_equals_unshared(tmp_path, lora):
+    """Checkpointed layers replay their forward in backward: the caches must look the same then."""
+    policy = _hf_policy(tmp_path, lora=lora)
     policy.gradient_checkpointing = True
-    assert not policy.prefix_sharing()
-    with torch.no_grad():
-        assert policy.prefix_sharing()  # π_old / reference passes may still share
-    diffs = _compare(policy, *_rows((5, 60)), expect_shared=False)
+    assert policy.gradient_checkpointing and policy.prefix_sharing()
+    diffs = _compare(policy, *_rows((5, 60)))
     assert max(diffs) < TOL, diffs
+    layers = policy.model.get_base_model().model.layers if lora else policy.model.model.layers
+    assert all("_can_checkpoint_with_cache" not in layer.__dict__ for layer in layers)  # left as it was
 
 
 def _groups(policy):
@@ -162,13 +163,3 @@ def test_share_prompt_is_a_checked_recipe_key(tmp_path):
     assert load_recipe(None, ["rl.share_prompt=true"]).rl.share_prompt is True
     with pytest.raises(ThinklingError, match="share_prompt"):
         load_recipe(None, ["rl.share_prompt=3"])
-
-
-def test_share_prompt_warns_under_gradient_checkpointing(tmp_path, capsys):
-    policy = _hf_policy(tmp_path)
-    cfg = RLConfig(share_prompt=True)
-    RLTrainer(policy, None, [], cfg, resolve_knobs(cfg), None, seed=0)
-    assert "share_prompt" not in capsys.readouterr().err
-    policy.gradient_checkpointing = True
-    RLTrainer(policy, None, [], cfg, resolve_knobs(cfg), None, seed=0)
-    assert "rl.share_prompt" in capsys.readouterr().err

@@ -133,10 +133,6 @@ class RLTrainer:
         if reference is not None:
             reference.model.requires_grad_(False)
             reference.model.eval()
-        if cfg.share_prompt and getattr(policy, "gradient_checkpointing", False):
-            console.print("[yellow]warning:[/] rl.share_prompt: under gradient checkpointing the update's "
-                          "forward/backward runs unshared (transformers drops the KV cache in checkpointed layers); "
-                          "only the π_old / reference passes share prompts")
         self.anchor_memory: dict = {}
         self.totals = {"generated_tokens": 0, "anchor_tokens": 0, "anchor_trace_tokens": 0, "samples": 0}
 

@@ -88,17 +88,20 @@ def main(argv=None):
     ap.add_argument("--prompt-len", type=int, default=150)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--hf-layers", type=int, default=4)
+    ap.add_argument("--checkpointing", action="store_true", help="hf: gradient checkpointing on (as the SmolLM2 recipes)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     header("RL update: prefix sharing (rl.share_prompt) vs not", ["benchmarks/prefix_share.py", *sys.argv[1:]])
     print(f"prompts={args.prompts} prompt_len={args.prompt_len}±8 max_new_tokens={args.max_new_tokens} "
-          f"hf_layers={args.hf_layers} repeats={args.repeats} μ=1 β=0 fp32\n")
+          f"hf_layers={args.hf_layers} hf_gradient_checkpointing={args.checkpointing} repeats={args.repeats} μ=1 β=0 fp32\n")
     rec = Recorder()
     rows = []
     for model in args.models:
         base = tiny_policy() if model == "tiny" else hf_policy(args.hf_layers)
+        if model == "hf":
+            base.gradient_checkpointing = args.checkpointing
         vocab = base.model.config.vocab_size
         start = copy.deepcopy(base.model.state_dict())
         for G in args.groups:

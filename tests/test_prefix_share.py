@@ -98,6 +98,18 @@ def test_hf_shared_prefix_equals_unshared(tmp_path, lora):
     assert max(diffs) < TOL, diffs
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_hf_shared_prefix_equals_unshared_on_other_layouts(arch):
+    """q/k/v biases (Qwen2), per-head q/k norms (Qwen3)."""
+    pytest.importorskip("transformers")
+    from test_engine import _policy, make_model
+
+    policy = _policy(make_model(arch, initializer_range=0.02))
+    policy.model.train()
+    diffs = _compare(policy, *_rows((5, 60)))
+    assert max(diffs) < TOL, diffs
+
+
 @pytest.mark.parametrize("lora", [None, {"r": 4, "dropout": 0.0}])
 def test_hf_shared_prefix_under_gradient_checkpointing_equals_unshared(tmp_path, lora):
     """Checkpointed layers replay their forward in backward: the caches must look the same then."""

@@ -329,10 +329,13 @@ class HFPolicy:
         return out.last_hidden_state
 
     def prefix_sharing(self) -> bool:
-        """Whether `prefix_shared_hidden` / `_logits` can run now. Under gradient checkpointing (training,
-        with gradients) transformers drops the KV cache from checkpointed layers unless the layer may
-        keep a cache it only reads (`_can_checkpoint_with_cache`, recent transformers): ours are
-        never written during the pass, so a replayed layer sees the same keys and values."""
+        """Whether `prefix_shared_hidden` can run now: Llama-family layouts with a plain output
+        layer (`output_head`). Under gradient checkpointing (training, with gradients) transformers
+        drops the KV cache from checkpointed layers unless the layer may keep a cache it only reads
+        (`_can_checkpoint_with_cache`, recent transformers): ours are never written during the
+        pass, so a replayed layer sees the same keys and values."""
+        if self.output_head() is None:
+            return False
         if not (self.model.training and torch.is_grad_enabled() and self.gradient_checkpointing):
             return True
         return all(hasattr(layer, "_can_checkpoint_with_cache") for layer in _base_model(self.model).model.layers)
@@ -344,16 +347,12 @@ class HFPolicy:
         return self._on_prefixes(_base_model(self.model).model, prefix_ids, prefix_mask, owner, input_ids,
                                  attention_mask).last_hidden_state
 
-    def prefix_shared_logits(self, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, owner: torch.Tensor,
-                             input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """`prefix_shared_hidden`'s logits `[B, T, V]`, for models without a plain `output_head`."""
-        return self._on_prefixes(self.model, prefix_ids, prefix_mask, owner, input_ids, attention_mask).logits
-
     def _on_prefixes(self, module, prefix_ids, prefix_mask, owner, input_ids, attention_mask):
         """Run each prefix once (with gradient), recording its keys and values, then every row on its
         prefix's (selected per row: backward sums the rows' gradients into the prefix)."""
         if not self.prefix_sharing():
-            raise ThinklingError("prefix sharing needs a newer transformers under gradient checkpointing")
+            raise ThinklingError("prefix sharing: needs a Llama-family model (and a newer transformers under "
+                                 "gradient checkpointing)")
         # transformers 5 renamed `past_key_values` to `cache`
         name = "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
         layers = _base_model(self.model).model.layers

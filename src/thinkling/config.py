@@ -180,6 +180,7 @@ class RLConfig:
     bf16: bool = False  # bf16 autocast for the update's forward passes; weights, grads and AdamW stay fp32
     kl_to_start: bool = True  # log KL(π‖π_start) each step (runs the frozen starting policy on the samples)
     tis_cap: float | None = None  # truncated importance sampling for off-policy rollouts (bf16, vLLM): weight cap
+    share_prompt: bool = False  # update: run each group's prompt (+ BREAD anchor) once for its G completions (same numbers)
 
     def validate(self, where: str = "rl") -> None:
         _at_least(self, where, 1, "steps", "prompts_per_step", "ppo_epochs", "minibatches", "max_new_tokens",

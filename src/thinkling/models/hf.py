@@ -11,6 +11,7 @@ the same policy (for adapters: where their base model comes from).
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import os
 import tempfile
@@ -117,6 +118,34 @@ def _apply_lora(model: torch.nn.Module, cfg: dict) -> torch.nn.Module:
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)
+
+
+class _RecordingCache(transformers.DynamicCache):
+    """Keeps each layer's keys and values of a prefix pass and stores nothing else: a layer replayed
+    by gradient checkpointing sees the same (empty) past and records again."""
+
+    def __init__(self):
+        super().__init__()
+        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        self.kv[layer_idx] = (key_states, value_states)
+        return key_states, value_states
+
+
+class _PrefixCache(transformers.DynamicCache):
+    """Prefix keys and values `[(k, v)]` per layer; `update` returns them followed by the new ones
+    without storing these, so a layer replayed by gradient checkpointing sees the same."""
+
+    def __init__(self, kv: list[tuple[torch.Tensor, torch.Tensor]]):
+        super().__init__()
+        for i, (k, v) in enumerate(kv):  # stored once, so the masks count the prefix as the past
+            super().update(k, v, i)
+        self.prefix = kv
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        k, v = self.prefix[layer_idx]
+        return torch.cat([k, key_states], dim=-2), torch.cat([v, value_states], dim=-2)
 
 
 class HFPolicy:
@@ -298,6 +327,54 @@ class HFPolicy:
         out = _base_model(self.model).model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
         return out.last_hidden_state
+
+    def prefix_sharing(self) -> bool:
+        """Whether `prefix_shared_hidden` can run now: Llama-family layouts with a plain output
+        layer (`output_head`). Under gradient checkpointing (training, with gradients) transformers
+        drops the KV cache from checkpointed layers unless the layer may keep a cache it only reads
+        (`_can_checkpoint_with_cache`, recent transformers): ours are never written during the
+        pass, so a replayed layer sees the same keys and values."""
+        if self.output_head() is None:
+            return False
+        if not (self.model.training and torch.is_grad_enabled() and self.gradient_checkpointing):
+            return True
+        return all(hasattr(layer, "_can_checkpoint_with_cache") for layer in _base_model(self.model).model.layers)
+
+    def prefix_shared_hidden(self, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, owner: torch.Tensor,
+                             input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Final hidden states `[B, T, D]` of right-padded rows `input_ids`, row b continuing prefix
+        `owner[b]` of the left-padded `prefix_ids [N, P]` (see `models.logprobs.shared_prefix_logprobs`)."""
+        return self._on_prefixes(_base_model(self.model).model, prefix_ids, prefix_mask, owner, input_ids,
+                                 attention_mask).last_hidden_state
+
+    def _on_prefixes(self, module, prefix_ids, prefix_mask, owner, input_ids, attention_mask):
+        """Run each prefix once (with gradient), recording its keys and values, then every row on its
+        prefix's (selected per row: backward sums the rows' gradients into the prefix)."""
+        if not self.prefix_sharing():
+            raise ThinklingError("prefix sharing: needs a Llama-family model (and a newer transformers under "
+                                 "gradient checkpointing)")
+        # transformers 5 renamed `past_key_values` to `cache`
+        name = "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+        layers = _base_model(self.model).model.layers
+        before = [layer.__dict__.get("_can_checkpoint_with_cache") for layer in layers]
+        for layer in layers:  # the caches below are only read: a checkpointed layer may keep them
+            layer._can_checkpoint_with_cache = True
+        try:
+            recorder = _RecordingCache()
+            module(input_ids=prefix_ids, attention_mask=prefix_mask, use_cache=False, **{name: recorder},
+                   position_ids=(prefix_mask.cumsum(-1) - 1).clamp(min=0))
+            cache = _PrefixCache([(k.index_select(0, owner), v.index_select(0, owner))
+                                  for _, (k, v) in sorted(recorder.kv.items())])
+            keys = torch.cat([prefix_mask.index_select(0, owner), attention_mask], dim=1)
+            positions = (keys.cumsum(-1) - 1).clamp(min=0)[:, prefix_ids.shape[1] :]
+            return module(input_ids=input_ids, attention_mask=keys, position_ids=positions, use_cache=False,
+                          **{name: cache})
+        finally:
+            for layer, value in zip(layers, before):
+                if value is None:
+                    del layer._can_checkpoint_with_cache  # back to the class's value
+                else:
+                    layer._can_checkpoint_with_cache = value
 
     def output_head(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """(weight, bias) of the output layer when logits are exactly `hidden_states @ weight.T + bias`

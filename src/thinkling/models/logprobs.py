@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from thinkling.models.base import Policy
+from thinkling.models.base import Policy, pad_batch
 
 # Float32 logits held at once by `head_logprobs` (per tensor; forward and backward hold ~3 such tensors).
 HEAD_CHUNK_BYTES = 64 * 2**20
@@ -166,3 +166,58 @@ def sequence_logprobs(policy: Policy, input_ids: torch.Tensor, attention_mask: t
     mask = attention_mask[:, 1:] != 0
     mask[:, :keep_from] = False
     return masked_token_logprobs(policy, input_ids, attention_mask, mask, temperature=temperature)[0]
+
+
+def shared_prefix_logprobs(policy: Policy, input_ids: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor,
+                           prefix_len: torch.Tensor, *, entropy: bool = False, temperature: float = 1.0):
+    """`masked_token_logprobs`, with each distinct prefix run once for all the rows that start with it.
+
+    Why: the G completions of an RL group share their prompt; running it G times is most of an
+    update's work when prompts are long. Row b's first `prefix_len[b]` tokens are context (its
+    mask is 0 there). All of them but the last form the shared prefix: the rows with the same
+    shared tokens get one forward of them (left-padded, with gradient), and each row runs its
+    last prefix token (which scores the first completion token) and its completion on the
+    prefix's keys and values. Same values and gradients as `masked_token_logprobs` to float
+    rounding; falls back to it when the policy cannot share (`prefix_sharing`), a row trains on
+    a prefix position, or a prefix has no shared token.
+    """
+    device = input_ids.device
+    mask = mask.to(device) != 0
+    cut = (prefix_len.to(device) - 1).clamp(min=0)
+    lengths = attention_mask.sum(dim=1)
+    positions = torch.arange(mask.shape[1], device=device)
+    can = getattr(policy, "prefix_sharing", None)
+    if (can is None or not can() or not bool((cut > 0).all())
+            or bool((mask & (positions[None] < cut[:, None])).any())):
+        return masked_token_logprobs(policy, input_ids, attention_mask, mask, entropy=entropy, temperature=temperature)
+    owners: dict[tuple[int, ...], int] = {}
+    ids, cuts, ends = input_ids.tolist(), cut.tolist(), lengths.tolist()
+    owner = [owners.setdefault(tuple(row[:c]), len(owners)) for row, c in zip(ids, cuts)]
+    prefix_ids, prefix_mask = pad_batch([list(p) for p in owners], policy.pad_id, left=True)
+    rows_ids, rows_mask = pad_batch([row[c:e] for row, c, e in zip(ids, cuts, ends)], policy.pad_id)
+    # rows_mask[b, j] (next-token position j of the row) is mask[b, cut[b] + j]
+    width = rows_ids.shape[1] - 1
+    index = (cut[:, None] + torch.arange(width, device=device)[None]).clamp(max=mask.shape[1] - 1)
+    row_loss = mask.gather(1, index) & (torch.arange(width, device=device)[None] < (lengths - cut - 1)[:, None])
+    args = (prefix_ids.to(device), prefix_mask.to(device), torch.tensor(owner, device=device),
+            rows_ids.to(device), rows_mask.to(device))
+    hidden_fn = getattr(policy, "output_head", None)
+    head = hidden_fn() if hidden_fn is not None else None
+    where = row_loss.nonzero(as_tuple=True)
+    targets = rows_ids.to(device)[:, 1:][where]
+    if head is None:
+        logits = policy.prefix_shared_logits(*args)[:, :-1][where]
+        if temperature != 1.0:
+            logits = logits / temperature
+        picked = token_logprobs(logits, targets)
+        picked_ent = entropy_from_logits(logits) if entropy else None
+    else:
+        weight, bias = head
+        if temperature != 1.0:
+            weight, bias = weight / temperature, None if bias is None else bias / temperature
+        hidden = policy.prefix_shared_hidden(*args)[:, :-1]
+        picked, picked_ent = head_logprobs(hidden[where], weight, bias, targets, entropy=entropy)
+    at = (where[0], cut[where[0]] + where[1])  # back to the rows' own positions
+    logp = picked.new_zeros(mask.shape).index_put(at, picked)
+    ent = picked.new_zeros(mask.shape).index_put(at, picked_ent) if entropy else None
+    return logp, ent

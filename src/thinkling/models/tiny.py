@@ -281,6 +281,20 @@ class TinyPolicy:
             raise ThinklingError("policy.logits: the batch must be right-padded (attention_mask 1...1 0...0)")
         return self.model(input_ids.to(self.device))[:, keep_from:]
 
+    def prefix_sharing(self) -> bool:
+        """Whether `prefix_shared_logits` can run (always: the KV cache works with gradients)."""
+        return True
+
+    def prefix_shared_logits(self, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, owner: torch.Tensor,
+                             input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Logits `[B, T, V]` of right-padded rows `input_ids`, row b continuing prefix `owner[b]` of the
+        left-padded `prefix_ids [N, P]`: each prefix runs once (with gradient) into a KV cache
+        whose rows are then selected per row (`models.logprobs.shared_prefix_logprobs`)."""
+        model = self.model
+        cache = model.new_cache(len(prefix_ids), prefix_ids.shape[1] + input_ids.shape[1])
+        model.hidden(prefix_ids, attention_mask=prefix_mask, cache=cache)
+        return model(input_ids, attention_mask=attention_mask, cache=cache.select(owner))
+
     def _budgets(self, prompts: list[list[int]], params: SamplingParams) -> list[int]:
         """New tokens each prompt may get: max_new_tokens, capped by max_seq_len."""
         params.validate()

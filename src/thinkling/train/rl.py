@@ -30,7 +30,7 @@ from thinkling.algorithms import (
 from thinkling.data.curriculum import Uniform
 from thinkling.errors import ThinklingError
 from thinkling.models.base import SamplingParams, pad, pad_batch
-from thinkling.models.logprobs import masked_token_logprobs
+from thinkling.models.logprobs import masked_token_logprobs, shared_prefix_logprobs
 from thinkling.progress import console
 from thinkling.rewards import RewardSpec, compute_rewards
 from thinkling.rollout.bread import anchor_failed_groups
@@ -93,22 +93,24 @@ class Batch:
     loss_mask: torch.Tensor  # [B, T-1], aligned with next-token log-probs
     advantages: torch.Tensor  # [B]
     sampler_logp: torch.Tensor | None = None  # [B, T-1]: the sampler's log-probs (None: not recorded)
+    prefix_len: torch.Tensor | None = None  # [B]: tokens of context (prompt + BREAD anchor) before the completion
 
 
 def build_batch(groups: list[Group], advantages: torch.Tensor, pad_id: int) -> Batch:
     """Sequences are prefix + completion; only completion tokens enter the loss (prefix and
     BREAD anchors are context), so they receive exactly zero gradient."""
-    seqs, masks, advs, logps = [], [], [], []
+    seqs, masks, advs, logps, prefix = [], [], [], [], []
     for gi, g in enumerate(groups):
         for ci, c in enumerate(g.completions):
             seqs.append(g.prefix + c.ids)
+            prefix.append(len(g.prefix))
             masks.append([0] * len(g.prefix) + [1] * len(c.ids))
             advs.append(float(advantages[gi, ci]))
             logps.append(None if c.logprobs is None else [0.0] * len(g.prefix) + list(c.logprobs))
     ids, attn = pad_batch(seqs, pad_id)
     loss_mask = pad(masks, 0.0, dtype=torch.float32)
     sampler = None if any(lp is None for lp in logps) else pad(logps, 0.0, dtype=torch.float32)[:, 1:]
-    return Batch(ids, attn, loss_mask[:, 1:], torch.tensor(advs), sampler)
+    return Batch(ids, attn, loss_mask[:, 1:], torch.tensor(advs), sampler, torch.tensor(prefix))
 
 
 class RLTrainer:
@@ -313,7 +315,9 @@ class RLTrainer:
         count = agg_count(batch.loss_mask[rows], k.aggregation) if len(rows) else torch.zeros((), dtype=torch.long)
         denominator = self.dp.sum(count.to(device)).clamp(min=1)
         size = c.micro_batch_size or max(1, len(rows))
-        if size < len(rows):  # shortest first: similar lengths share a micro-batch
+        if size < len(rows) and c.share_prompt:  # a group's rows together (they share a prefix), short prompts first
+            rows = rows[torch.argsort(batch.prefix_len[rows] * (len(batch.ids) + 1) + rows)]
+        elif size < len(rows):  # shortest first: similar lengths share a micro-batch
             rows = rows[torch.argsort(batch.attention_mask[rows].sum(dim=1), stable=True)]
         total, sums, maxes, tokens = torch.zeros(()), {}, {}, 0.0
         for start in range(0, len(rows), size):
@@ -321,6 +325,7 @@ class RLTrainer:
             with autocast:
                 loss, stats, _ = minibatch_loss(self.policy, batch, part, k, max_len=c.max_new_tokens,
                                                 temperature=c.temperature, tis_cap=c.tis_cap,
+                                                share_prompt=c.share_prompt,
                                                 old_logp=None if old_logp is None else old_logp[part],
                                                 ref_logp=None if ref_logp is None else ref_logp[part],
                                                 denominator=denominator)
@@ -340,8 +345,11 @@ class RLTrainer:
     def _logp(self, policy, batch: Batch, rows, device) -> torch.Tensor:
         """Log-probs of the sampled tokens (0 elsewhere) under `policy` (π_old or the reference),
         of the distribution the sampler drew from (logits / temperature)."""
-        return masked_token_logprobs(policy, batch.ids[rows].to(device), batch.attention_mask[rows].to(device),
-                                     batch.loss_mask[rows], temperature=self.cfg.temperature)[0]
+        ids, attn, mask = batch.ids[rows].to(device), batch.attention_mask[rows].to(device), batch.loss_mask[rows]
+        if self.cfg.share_prompt and batch.prefix_len is not None:
+            return shared_prefix_logprobs(policy, ids, attn, mask, batch.prefix_len[rows],
+                                          temperature=self.cfg.temperature)[0]
+        return masked_token_logprobs(policy, ids, attn, mask, temperature=self.cfg.temperature)[0]
 
     # --------------------------------------------------------------------- step
     def step(self, step: int, total_steps: int) -> tuple[dict, list[Group]]:
@@ -502,7 +510,8 @@ def level_metrics(groups: list[Group], levels: tuple[str, ...]) -> dict:
 
 
 def minibatch_loss(policy, batch: Batch, rows, knobs: Knobs, *, max_len: int, old_logp=None, ref_logp=None,
-                   temperature: float = 1.0, tis_cap: float | None = None, denominator=None):
+                   temperature: float = 1.0, tis_cap: float | None = None, denominator=None,
+                   share_prompt: bool = False):
     """The clipped policy loss of some rows of a batch; returns (loss, stats, logp), `logp [B, T-1]`
     the log-probs of the sampled tokens (0 at positions outside the loss mask, never computed).
 
@@ -514,7 +523,8 @@ def minibatch_loss(policy, batch: Batch, rows, knobs: Knobs, *, max_len: int, ol
     sampling: each token's loss is weighted by min(π_old / π_sampler, tis_cap).
     `denominator`: the loss normaliser of a larger batch these rows are a micro-batch of
     (`agg_denominator`). Columns past the rows' longest sequence are dropped (right padding
-    never changes a causal model's outputs at real positions).
+    never changes a causal model's outputs at real positions). `share_prompt`: rows with the same
+    prefix (`batch.prefix_len`) run it once (`shared_prefix_logprobs`; same numbers, less work).
     """
     device = next(policy.model.parameters()).device
     attn = batch.attention_mask[rows]
@@ -525,8 +535,12 @@ def minibatch_loss(policy, batch: Batch, rows, knobs: Knobs, *, max_len: int, ol
     def cut(x):
         return None if x is None else x[rows][:, : width - 1].to(device)
 
-    logp, entropy = masked_token_logprobs(policy, ids, attn, mask, entropy=knobs.entropy_coef != 0,
-                                          temperature=temperature)
+    if share_prompt and batch.prefix_len is not None:
+        logp, entropy = shared_prefix_logprobs(policy, ids, attn, mask, batch.prefix_len[rows],
+                                               entropy=knobs.entropy_coef != 0, temperature=temperature)
+    else:
+        logp, entropy = masked_token_logprobs(policy, ids, attn, mask, entropy=knobs.entropy_coef != 0,
+                                              temperature=temperature)
     old = logp.detach() if old_logp is None else old_logp[:, : width - 1].to(device)
     weights, stats = None, {"entropy_estimate": -_token_mean(old, mask)}
     if batch.sampler_logp is not None:

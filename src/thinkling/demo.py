@@ -27,14 +27,30 @@ RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "quickstart"
 DEMO_BUDGET = ("sft.steps=900", "rl.steps=50")  # applied before the user's overrides
 
 
-def sft_speed(cpus: int | None, load: float) -> list[str]:
+def sft_speed(cpus: int | None, busy: float) -> list[str]:
     """The SFT stage runs alone: on an idle machine two threads are 1.5-1.7x faster than one (the
     RL stages run side by side, a thread each). Under load two threads crawl (measured: ~9 s a
     step, against 0.33 s idle, with two other jobs on the 2 cores), so they are taken only when
-    the last minute's load average leaves a core free. Length-sorted micro-batches of 16 pad ~1.6x fewer
-    tokens than one batch of 64; the step and its loss are the same batch's."""
-    both = (cpus or 1) >= 2 and load < (cpus or 1) - 1
+    other processes keep less than half a core `busy`. Length-sorted micro-batches of 16 pad
+    ~1.6x fewer tokens than one batch of 64; the step and its loss are the same batch's."""
+    both = (cpus or 1) >= 2 and busy < 0.5
     return ["sft.micro_batch_size=16", *(["threads=2"] if both else [])]
+
+
+def busy_cores(seconds: float = 1.0) -> float:
+    """Cores kept busy by other processes over the next `seconds` (/proc/stat), or the
+    one-minute load average where there is no /proc: that lags, which matters after a set-up."""
+    def ticks() -> tuple[int, int]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return sum(fields), fields[3] + fields[4]  # all, idle + iowait
+
+    try:
+        all0, idle0 = ticks()
+        time.sleep(seconds)
+        all1, idle1 = ticks()
+    except (OSError, ValueError, IndexError):
+        return os.getloadavg()[0]
+    return (os.cpu_count() or 1) * (1 - (idle1 - idle0) / max(1, all1 - all0))
 
 
 def _recipe(name: str) -> Path:
@@ -60,7 +76,7 @@ def run_demo(out: str = "runs/demo", overrides: list[str] = (), resume: bool = F
     if not (sft_final / "policy.json").exists():
         console.rule("1/2  SFT on 1-8-step chain problems from imperfect demonstrations")
         t = time.time()
-        sft_cfg = load_recipe(_recipe("sft.yaml"), [f"output_dir={sft_dir}", *sft_speed(os.cpu_count(), os.getloadavg()[0]), *overrides])
+        sft_cfg = load_recipe(_recipe("sft.yaml"), [f"output_dir={sft_dir}", *sft_speed(os.cpu_count(), busy_cores()), *overrides])
         jobs.run_sft(sft_cfg, resume=sft_dir.exists())
         timings["sft"] = time.time() - t
     todo = [(name, folder) for name, folder in (("grpo", grpo_dir), ("bread", bread_dir))

@@ -22,10 +22,10 @@ from common import (
     experiment_args,
     output_dir,
     run_parallel,
-    run_recipe,
     run_rl_job,
     write_results,
 )
+from quickstart_seeds import quickstart_sft
 
 from thinkling.models import load_policy
 from thinkling.rollout.prompts import prompt_ids
@@ -63,16 +63,14 @@ def main():
     base = output_dir("quickstart-seeds", None, args.quick)  # the SFT and lr 1e-4 runs live there
     out = output_dir("greedy-drift", args.out, args.quick)
     seeds = args.seeds or (1 if args.quick else 3)
-    small = ["sft.steps=100", "rl.steps=4", "eval.size=40", "eval.every=2"] if args.quick else []
-    sft = base / "sft"
-    run_recipe("sft", "recipes/quickstart/sft.yaml", [f"output_dir={sft}", *[o for o in small if o.startswith(("sft", "eval"))]])
+    sft, small = quickstart_sft(base, args.quick)
     jobs = []
     for s in range(seeds):
         for arm, extra in ARMS.items():
             folder = base / f"grpo-4-step-s{s}" if not extra else out / f"{arm.replace(' ', '-')}-s{s}"
             jobs.append({"arm": arm, "seed": s, "folder": folder, "recipe": RECIPE,
                          "overrides": [f"output_dir={folder}", f"model.init={sft / 'final'}", f"seed={s}", *FOUR_STEP,
-                                       *extra, *[o for o in small if not o.startswith("sft")]]})
+                                       *extra, *small]})
     run_parallel(run_rl_job, jobs, args.jobs)
 
     task = get_task("chain", strict=True)

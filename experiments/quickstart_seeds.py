@@ -50,20 +50,26 @@ def spread(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ({min(values):.3f}-{max(values):.3f})"
 
 
+def quickstart_sft(out: Path, quick: bool) -> tuple[Path, list[str]]:
+    """The shared SFT run folder (trained once, reused) and the overrides that shrink the RL runs in `--quick`."""
+    small = ["sft.steps=100", "rl.steps=4", "eval.size=40", "eval.every=2"] if quick else []
+    sft = out / "sft"
+    run_recipe("sft", "recipes/quickstart/sft.yaml", [f"output_dir={sft}", *[o for o in small if o.startswith(("sft", "eval"))]])
+    return sft, [o for o in small if not o.startswith("sft")]
+
+
 def main():
     args = experiment_args(__doc__.splitlines()[0])
     out = output_dir("quickstart-seeds", args.out, args.quick)
     seeds = args.seeds or (1 if args.quick else 3)
-    small = ["sft.steps=100", "rl.steps=4", "eval.size=40", "eval.every=2"] if args.quick else []
-    sft = out / "sft"
-    run_recipe("sft", "recipes/quickstart/sft.yaml", [f"output_dir={sft}", *[o for o in small if o.startswith(("sft", "eval"))]])
+    sft, small = quickstart_sft(out, args.quick)
     jobs = []
     for s in range(seeds):
         for arm, (recipe, extra) in ARMS.items():
             folder = out / f"{arm.replace(' ', '-').lower()}-s{s}"
             jobs.append({"arm": arm, "seed": s, "folder": folder, "recipe": recipe,
                          "overrides": [f"output_dir={folder}", f"model.init={sft / 'final'}", f"seed={s}", *extra,
-                                       *[o for o in small if not o.startswith("sft")]]})
+                                       *small]})
     run_parallel(run_rl_job, jobs, args.jobs)
     results, rows = {}, []
     for arm in ARMS:

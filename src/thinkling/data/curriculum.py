@@ -69,6 +69,8 @@ def lfr_weight(last: float | None, solved_before: bool) -> float:
 class Uniform:
     """Every problem equally likely, with replacement."""
 
+    learns_from_outcomes = False  # True: `observe` changes what it picks (RL must report every group)
+
     def __init__(self, n: int):
         self.n = n
 
@@ -117,6 +119,8 @@ class PassRateFilter(Uniform):
     from a group with equal rewards, so those rollouts are wasted. When every problem is skipped
     it draws from all of them."""
 
+    learns_from_outcomes = True
+
     def __init__(self, n: int, window: int):
         super().__init__(n)
         self.window, self.rates, self.skipped = window, {}, 0
@@ -144,6 +148,8 @@ class Bandit(Uniform):
     """SPaRFT-style: a bandit over difficulty clusters, each rewarded by its learning progress
     (how much its success rate changed between visits, smoothed). Mass moves to the clusters
     the policy is learning (or forgetting) now, away from mastered or hopeless ones."""
+
+    learns_from_outcomes = True
 
     def __init__(self, buckets: list[int], temperature: float, explore: float):
         super().__init__(len(buckets))
@@ -189,6 +195,8 @@ class LFR(Uniform):
     """Learn, Focus, Review: draw failed problems more than unseen ones and forgotten ones (solved
     once, failed since) most; solved problems leave the draw, and every `review_every`-th step
     draws only from them, so forgetting is noticed and the problem comes back as forgotten."""
+
+    learns_from_outcomes = True
 
     def __init__(self, n: int, review_every: int):
         super().__init__(n)

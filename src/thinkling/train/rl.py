@@ -213,7 +213,10 @@ class RLTrainer:
 
     def _observe(self, idx: list[int], groups: list[Group]) -> None:
         """Show the curriculum sampler every group's outcome of the round, in request order, on
-        every process (each sampled only its share): their samplers stay identical."""
+        every process (each sampled only its share): their samplers stay identical. Samplers that
+        do not learn from outcomes skip it (no exchange between processes every round)."""
+        if not self.sampler.learns_from_outcomes:
+            return
         mine = [(grp.key, idx[grp.key], sum(x.correct for x in grp.completions), len(grp.completions))
                 for grp in groups]
         outcomes = sorted(x for part in self.dp.gather(mine) for x in part)

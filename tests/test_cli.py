@@ -197,8 +197,10 @@ def test_resume_after_a_kill_leaves_the_rows_of_an_uninterrupted_run(tmp_path):
     over = [*FAST, "sft.steps=4", "sft.save_every=2", "eval.every=2"]
     assert main(["sft", "recipes/chain-sft.yaml", f"output_dir={a}", *over]) == 0
     assert main(["sft", "recipes/chain-sft.yaml", f"output_dir={b}", *over]) == 0
-    # killed after checkpoint 2, with rows of steps 3-4, a half-written checkpoint and a half-saved final
+    # killed after checkpoint 2, with rows of steps 3-4 and half a row, a half-written checkpoint and a half-saved final
     shutil.rmtree(b / "checkpoints" / "step_000004")
+    with open(b / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')
     (b / "checkpoints" / "latest").write_text("step_000002")
     (b / "checkpoints" / ".tmp_abc").mkdir()
     (b / ".final_tmp").mkdir()

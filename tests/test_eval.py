@@ -139,3 +139,17 @@ def test_sweep_stop_cli_writes_table_and_plot(tmp_path, tiny_policy, capsys):
     table = json.loads((out / "sweep.json").read_text())
     assert [(r["method"], r["value"]) for r in table["rows"]] == [("ts", 1.0), ("ts", 4.0), ("budget", 3)]
     assert table["n"] == 4 and table["decoding"] == "greedy" and (out / "sweep.png").stat().st_size > 0
+
+
+def test_read_jsonl_redoes_a_half_written_last_line_and_names_a_bad_one(tmp_path):
+    from thinkling.files import append_jsonl, read_jsonl
+
+    f = tmp_path / "rows.jsonl"
+    append_jsonl(f, [{"a": 1}, {"a": 2}])
+    with open(f, "a") as out:
+        out.write('{"a": 3')  # the writer was killed mid-line
+    assert read_jsonl(f) == [(1, {"a": 1}), (2, {"a": 2})]
+    assert f.read_text() == '{"a": 1}\n{"a": 2}\n'  # cut, so the next append starts a whole line
+    f.write_text('{"a": 1}\nnot json\n{"a": 2}\n')
+    with pytest.raises(ThinklingError, match=r"rows.jsonl:2: not a row"):
+        read_jsonl(f, "a row")

@@ -52,3 +52,44 @@ def disk_error(path, error: Exception) -> ThinklingError:
     """The one-line error for a write that failed (a full disk says so)."""
     full = isinstance(error, OSError) and error.errno == errno.ENOSPC
     return ThinklingError(f"cannot write {path}: " + ("no space left on device" if full else str(error)))
+
+
+def read_jsonl(path: str | Path, what: str = "JSON") -> list[tuple[int, object]]:
+    """(line number, value) of each non-blank line of an append-only JSONL file; none when it does
+    not exist. A half-written last line (its writer was killed mid-write) is cut from the file so the
+    row is redone; any other unparsable line is an error naming the file, the line and `what` it
+    should have been."""
+    path = Path(path)
+    if path.is_dir():
+        raise ThinklingError(f"{path}: is a folder; name a .jsonl file")
+    if not path.exists():
+        return []
+    lines = read_text(path).splitlines(keepends=True)
+    out = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            out.append((number, json.loads(line)))
+        except json.JSONDecodeError:
+            if number == len(lines) and not line.endswith("\n"):
+                atomic_write_text(path, "".join(lines[:-1]))
+                break
+            raise ThinklingError(f"{path}:{number}: not {what}") from None
+    return out
+
+
+def append_jsonl(path: str | Path, rows: list[dict], durable: bool = True) -> None:
+    """Append rows, each as one whole line; `durable` syncs them to disk before returning."""
+    if not rows:
+        return
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in rows))
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+    except OSError as e:
+        raise disk_error(path, e) from None

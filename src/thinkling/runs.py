@@ -22,7 +22,7 @@ import yaml
 
 from thinkling.config import to_dict
 from thinkling.errors import ThinklingError
-from thinkling.files import atomic_write_text, disk_error, read_json, read_text
+from thinkling.files import append_jsonl, atomic_write_text, disk_error, read_json, read_jsonl, read_text
 
 
 class RunDir:
@@ -61,11 +61,7 @@ class RunDir:
     # -------------------------------------------------------------- metrics
     def log(self, step: int, metrics: dict) -> None:
         row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
-        try:
-            with open(self.path / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-        except OSError as e:
-            raise disk_error(self.path / "metrics.jsonl", e) from None
+        append_jsonl(self.path / "metrics.jsonl", [row], durable=False)
         self._rows += 1
         tb = self._writer()
         for k, v in row.items():
@@ -83,8 +79,7 @@ class RunDir:
         self._rows = min(self._rows, rows)
 
     def metrics(self) -> list[dict]:
-        f = self.path / "metrics.jsonl"
-        return [json.loads(line) for line in read_text(f).splitlines() if line] if f.exists() else []
+        return [row for _, row in read_jsonl(self.path / "metrics.jsonl", "a metrics row")]
 
     def _writer(self):
         if self._tb is None:

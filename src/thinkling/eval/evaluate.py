@@ -16,7 +16,7 @@ from rich.table import Table
 
 from thinkling.errors import ThinklingError
 from thinkling.eval.metrics import pass_at_k
-from thinkling.files import atomic_write_text, disk_error, read_text
+from thinkling.files import append_jsonl, atomic_write_text, read_jsonl
 from thinkling.models.base import SamplingParams
 from thinkling.progress import bar, console
 from thinkling.rollout.scoring import Completion, complete
@@ -43,38 +43,26 @@ class RowLog:
         if not self.path.exists():
             atomic_write_text(self.path, json.dumps({"settings": settings}) + "\n" if settings is not None else "")
             return
-        lines = read_text(self.path).splitlines(keepends=True)
-        start = 0
-        if lines and '"settings"' in lines[0]:
-            saved = json.loads(lines[0]).get("settings")
+        entries = read_jsonl(self.path, "an evaluation row; delete the file to start over")
+        first = entries[0][1] if entries else None
+        if isinstance(first, dict) and "settings" in first:
+            saved, entries = first["settings"], entries[1:]
             if settings is not None and saved != settings:
                 changed = sorted(k for k in saved.keys() | settings.keys() if saved.get(k) != settings.get(k))
                 raise ThinklingError(f"{self.path} holds completions of another evaluation (different "
                                      f"{', '.join(changed)}); use another --out or delete the file")
-            start = 1
-        elif settings is not None and any(line.strip() for line in lines):
+        elif settings is not None and entries:
             raise ThinklingError(f"{self.path} holds completions of an unknown evaluation; use another --out or delete it")
-        for n, line in enumerate(lines[start:], start=start + 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                self.rows[(row["id"], row["mode"])] = row
-            except (ValueError, KeyError):
-                if n == len(lines) and not line.endswith("\n"):  # half-written by an interrupted run: redo it
-                    atomic_write_text(self.path, "".join(lines[:-1]))
-                    continue
-                raise ThinklingError(f"{self.path}:{n}: not an evaluation row; delete the file to start over") from None
+        for n, row in entries:
+            if not isinstance(row, dict) or "id" not in row or "mode" not in row:
+                raise ThinklingError(f"{self.path}:{n}: not an evaluation row; delete the file to start over")
+            self.rows[(row["id"], row["mode"])] = row
 
     def add(self, rows: list[dict]) -> None:
         for row in rows:
             self.rows[(row["id"], row["mode"])] = row
         if self.path:
-            try:
-                with open(self.path, "a") as f:
-                    f.write("".join(json.dumps(r) + "\n" for r in rows))
-            except OSError as e:
-                raise disk_error(self.path, e) from None
+            append_jsonl(self.path, rows, durable=False)
 
     def __contains__(self, key) -> bool:
         return key in self.rows

@@ -16,7 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from thinkling.errors import ThinklingError  # noqa: E402
-from thinkling.files import atomic_write_text  # noqa: E402
+from thinkling.files import atomic_write_text, read_jsonl  # noqa: E402
 
 # (metric key, panel title). A panel is drawn when some run logged its key.
 HELD_OUT = [("eval/accuracy", "held-out accuracy (greedy)"), ("eval/pass@1", "held-out pass@1 (sampled)"),
@@ -32,8 +32,7 @@ DYNAMICS = [("kl_mean", "KL(π ‖ π_start) on the samples"), ("update_norm_rel
 
 
 def read_metrics(run: str | Path) -> list[dict]:
-    f = Path(run) / "metrics.jsonl"
-    return [json.loads(line) for line in f.read_text().splitlines() if line.strip()] if f.exists() else []
+    return [row for _, row in read_jsonl(Path(run) / "metrics.jsonl", "a metrics row")]
 
 
 def series(rows: list[dict], y: str, x: str = "step") -> tuple[list[float], list[float]]:

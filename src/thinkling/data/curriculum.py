@@ -18,7 +18,6 @@ from thinkling.data.records import read_records
 from thinkling.errors import ThinklingError
 
 NEEDS_DIFFICULTY = ("ordered", "bandit")
-NEEDS_OUTCOMES = ("filter", "bandit", "lfr")  # SFT has no rollouts to learn outcomes from
 PROGRESS_EMA = 0.3  # bandit: weight of the newest change in a cluster's success rate
 SOLVED = 0.5  # lfr: a visit solves a problem when at least this share of its group is right
 HARD, FORGOTTEN, UNSEEN = 2.0, 4.0, 1.0  # lfr: draw weights (a solved problem waits for review)
@@ -254,7 +253,8 @@ def make_sampler(cfg, problems, steps: int, kind: str = "rl"):
     """The sampler a recipe's `curriculum` section names, for these training problems and `steps`
     steps; one error when it cannot work (no outcomes in SFT, no spread of difficulty)."""
     name = cfg.sampler
-    if kind == "sft" and name in NEEDS_OUTCOMES:
+    learns = {"filter": PassRateFilter, "bandit": Bandit, "lfr": LFR}.get(name, Uniform).learns_from_outcomes
+    if kind == "sft" and learns:  # SFT has no rollouts to learn outcomes from
         raise ThinklingError(f"config key 'curriculum.sampler': '{name}' learns from rollout outcomes, which SFT "
                              "does not have; SFT takes uniform or ordered")
     difficulties = (measured_difficulties(cfg.difficulty_file, problems) if cfg.difficulty_file

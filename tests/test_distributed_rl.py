@@ -118,10 +118,14 @@ def test_two_processes_take_the_one_process_steps(two_process_results, case):
         assert len(metrics) == len(single_metrics)
         for got, want in zip(metrics, single_metrics):
             _same_metrics(got, want)
-        # The last update's summed gradient: equal up to float summation order.
+        # The last update's summed gradient: equal up to float summation order, whose error scales
+        # with the tensor's largest entries (seen: 2e-4 of the largest on an AVX-512 CPU, where the
+        # refilled DAPO batch sums its groups in another order; a missing or doubled shard is O(1)).
         assert grads.keys() == single_grads.keys()
         for name, g in grads.items():
-            torch.testing.assert_close(g, single_grads[name], atol=1e-6, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+            want = single_grads[name]
+            atol = max(1e-6, 5e-4 * float(want.abs().max()))
+            torch.testing.assert_close(g, want, atol=atol, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
         # Weights after all steps: AdamW divides by √v, so an element whose gradient is ~0 turns
         # rounding noise into up to a step of size lr (3e-3); 1e-4 is a thirtieth of that.
         for name, w in weights.items():

@@ -95,14 +95,21 @@ def language_lora_targets(model: torch.nn.Module) -> list[str]:
 
 
 def freeze_vision(model: torch.nn.Module) -> None:
-    """Stop gradients into the vision encoder(s)."""
+    """Stop gradients into the vision encoder(s), but not into a connector they hold (Qwen2-VL's
+    `visual.merger`): the connector is what adapts image features to the language model."""
     base = _base_model(model)
     for name in vision_module_names(base):
-        base.get_submodule(name).requires_grad_(False)
+        encoder = base.get_submodule(name)
+        encoder.requires_grad_(False)
+        for connector in _find(encoder, CONNECTOR_MODULES):
+            encoder.get_submodule(connector).requires_grad_(True)
 
 
 class HFVLMPolicy(HFPolicy):
-    """A transformers image-text-to-text model (optionally LoRA-wrapped) with its processor."""
+    """A transformers image-text-to-text model (optionally LoRA-wrapped) with its processor.
+
+    `train_vision=True` lets full fine-tuning train the vision encoder too; under LoRA only the
+    adapters (on the language model) train either way."""
 
     def __init__(self, model: torch.nn.Module, processor: Any, *, chat_template: bool = True,
                  system_prompt: str | None = None, source: dict | None = None, train_vision: bool = False):
@@ -113,7 +120,7 @@ class HFVLMPolicy(HFPolicy):
         self.processor = processor
         self.use_engine = False  # the rollout engine runs text-only Llama layouts
         self.train_vision = train_vision
-        if not train_vision:
+        if not train_vision and not hasattr(model, "peft_config"):  # under LoRA only the adapters train
             freeze_vision(model)
         config = _base_model(model).config
         self.image_token_ids = {int(getattr(config, k)) for k in ("image_token_id", "image_token_index")
@@ -156,15 +163,24 @@ class HFVLMPolicy(HFPolicy):
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, path, is_trainable=True)
-        elif lora is not None:
+        policy = cls.create(model, processor, lora=None if adapters else lora,
+                            chat_template=meta.get("chat_template", True) if chat_template is None else chat_template,
+                            system_prompt=meta.get("system_prompt") if system_prompt is None else system_prompt,
+                            source={"base": base, "trust_remote_code": trust_remote_code},
+                            train_vision=meta.get("train_vision", False) if train_vision is None else train_vision)
+        if adapters:
+            policy.lora = adapters
+        return policy
+
+    @classmethod
+    def create(cls, model: torch.nn.Module, processor: Any, *, lora: dict | None = None, **kwargs: Any) -> HFVLMPolicy:
+        """A policy of an in-memory model, LoRA-wrapped (language model only) when `lora` is given."""
+        adapters = None
+        if lora is not None:
             adapters = lora_config(lora, model)
             model = _apply_lora(model, adapters)
-        model.eval()
-        policy = cls(model, processor,
-                     chat_template=meta.get("chat_template", True) if chat_template is None else chat_template,
-                     system_prompt=meta.get("system_prompt") if system_prompt is None else system_prompt,
-                     source={"base": base, "trust_remote_code": trust_remote_code},
-                     train_vision=meta.get("train_vision", False) if train_vision is None else train_vision)
+        model.eval()  # peft leaves its wrapper in train mode; trainers switch to train() themselves
+        policy = cls(model, processor, **kwargs)
         policy.lora = adapters
         return policy
 
@@ -225,17 +241,24 @@ class HFVLMPolicy(HFPolicy):
 
     # ------------------------------------------------------------------- model
 
-    def pixel_inputs(self, images: Sequence[Sequence] | None, rows: int) -> dict[str, torch.Tensor]:
-        """The model's vision inputs for `rows` rows, row b holding `images[b]` (in placeholder order);
-        {} when no row has an image."""
+    def vision_inputs(self, input_ids: torch.Tensor, images: Sequence[Sequence] | None) -> dict[str, torch.Tensor]:
+        """The model's vision inputs for the rows of `input_ids`, row b holding `images[b]` (in
+        placeholder order); {} when no row has an image. Models with multimodal rotary positions
+        (Qwen2-VL) also get each token's modality (`mm_token_type_ids`), which their processor
+        derives from the ids."""
+        rows = input_ids.shape[0]
         if images is None or not any(len(r) for r in images):
             return {}
         if len(images) != rows:
             raise ThinklingError(f"images: {len(images)} image lists for {rows} rows")
         out = self.processor.image_processor(images=[list(r) for r in images], return_tensors="pt")
         dtype = next(self.model.parameters()).dtype
-        return {k: (v.to(self.device, dtype) if v.is_floating_point() else v.to(self.device))
-                for k, v in out.items() if isinstance(v, torch.Tensor)}
+        inputs = {k: (v.to(self.device, dtype) if v.is_floating_point() else v.to(self.device))
+                  for k, v in out.items() if isinstance(v, torch.Tensor)}
+        if "mm_token_type_ids" in getattr(self.processor, "model_input_names", ()):
+            types = self.processor.create_mm_token_type_ids(input_ids.tolist())
+            inputs["mm_token_type_ids"] = torch.tensor(types, dtype=torch.long, device=self.device)
+        return inputs
 
     def _check_images(self, input_ids: torch.Tensor, images: Sequence[Sequence] | None) -> None:
         if not self.image_token_ids:
@@ -265,7 +288,7 @@ class HFVLMPolicy(HFPolicy):
         self._check_images(input_ids, images)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
                          logits_to_keep=input_ids.shape[1] - keep_from if keep_from > 0 else 0,
-                         **self.pixel_inputs(images, input_ids.shape[0]))
+                         **self.vision_inputs(input_ids, images))
         return out.logits
 
     def output_head(self):
@@ -335,7 +358,7 @@ class HFVLMPolicy(HFPolicy):
                     torch.manual_seed(params.seed)
                 out = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                                           max_new_tokens=params.max_new_tokens, eos_token_id=self.eos_id,
-                                          pad_token_id=self.pad_id, **self.pixel_inputs(images, len(prompts)),
+                                          pad_token_id=self.pad_id, **self.vision_inputs(input_ids, images),
                                           **kwargs)
         finally:
             self.model.train(was_training)

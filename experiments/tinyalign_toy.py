@@ -27,7 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from thinkling.models.tinyalign import IGNORE_INDEX, MemoryBank, TinyAlign, pool, splice_prefix
+from thinkling.models.tinyalign import (
+    IGNORE_INDEX,
+    MemoryBank,
+    TinyAlign,
+    pool,
+    splice_prefix,
+)
 
 N_ATTR, N_VALUES, PATCHES, FEAT, D = 3, 6, 4, 16, 32
 VOCAB = N_ATTR + N_VALUES  # question tokens 0..2, answer tokens 3..8

@@ -206,6 +206,8 @@ def test_images_without_image_tokens_is_an_error(policy):
     ids, attention = pad_batch(prompts[2:], policy.pad_id)
     with pytest.raises(ThinklingError, match="row 0: 1 images"):
         policy.logits(ids, attention, images=[[image(1)]])
+    with pytest.raises(ThinklingError, match="1 image lists for 2 rows"):
+        policy.logits(*pad_batch(prompts[:2], policy.pad_id), images=[images[0]])
     with pytest.raises(ThinklingError, match="image lists for"):
         policy.vision_inputs(torch.zeros(2, 3, dtype=torch.long), [[image(1)]])
 

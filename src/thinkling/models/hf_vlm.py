@@ -261,6 +261,9 @@ class HFVLMPolicy(HFPolicy):
         return inputs
 
     def _check_images(self, input_ids: torch.Tensor, images: Sequence[Sequence] | None) -> None:
+        """One image list per row, and images exactly in the rows whose ids hold image tokens."""
+        if images is not None and len(images) != input_ids.shape[0]:
+            raise ThinklingError(f"images: {len(images)} image lists for {input_ids.shape[0]} rows")
         if not self.image_token_ids:
             return
         has_tokens = torch.isin(input_ids, torch.tensor(sorted(self.image_token_ids), device=input_ids.device)).any(1)

@@ -37,11 +37,16 @@ def read_json(path: str | Path) -> dict:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write through a temporary file and a rename: readers see the old file or the new one."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """`atomic_write_text` for binary files (tensors)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=".tmp_", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.replace(tmp, path)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)

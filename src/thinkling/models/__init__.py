@@ -28,6 +28,10 @@ def load_policy(directory: str | Path, trust_remote_code: bool = False) -> Polic
         return TinyPolicy.load(str(path))
     if backend == "hf":
         return _hf().load(str(path), trust_remote_code=trust_remote_code)
+    if backend == "hf_vlm":
+        from thinkling.models.hf_vlm import HFVLMPolicy
+
+        return HFVLMPolicy.load(str(path), trust_remote_code=trust_remote_code)
     raise ThinklingError(f"{meta_file}: unknown backend '{backend}'")
 
 

@@ -1,0 +1,392 @@
+"""A Hugging Face vision-language model behind the `Policy` protocol.
+
+Any `AutoModelForImageTextToText` with its processor works: LLaVA, Idefics3 / SmolVLM,
+Qwen2-VL / Qwen2.5-VL. It is an `HFPolicy` whose prompts may carry images:
+
+- `encode_prompt(prompt, images)` renders the processor's chat template with one image
+  placeholder per image (before the text) and lets the processor expand each placeholder
+  into the model's image tokens, so the ids hold exactly the image tokens the vision features
+  fill in. A prompt with no images is a plain text prompt.
+- `logits`, `sample` and `generate` take `images`: one list of PIL images per row (per prompt),
+  in the order their placeholders appear. The pixel inputs are recomputed from the images by
+  the processor's image processor, which resizes and splits them the way `encode_prompt` did.
+- The shared trainers call `policy.logits(ids, mask, keep_from)` with no images
+  (`models.logprobs.masked_token_logprobs`); `with policy.using_images(rows):` makes those
+  calls see the rows' images, so SFT and RL losses run unchanged.
+
+Only completion tokens are trained: a sequence is prompt ids (image tokens included) +
+completion + eos, and `completion_mask` zeroes every prompt position and, defensively, every
+image token. The vision tower is frozen by default (its features were aligned in pre-training;
+training it with a small RL batch mostly adds memory); LoRA goes on the language model only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+
+from thinkling.errors import ThinklingError
+from thinkling.files import atomic_write_text, read_json
+from thinkling.models.base import SamplingParams, pad_batch
+from thinkling.models.hf import (
+    LLAMA_PROJECTIONS,
+    LORA_DEFAULTS,
+    HFPolicy,
+    _apply_lora,
+    _check_dtype,
+    _CompletionOnlyProcessor,
+    _dtype_name,
+    _from_pretrained,
+    _portable,
+    resolve_dtype,
+)
+from thinkling.models.registry import resolve_model
+
+BACKEND = "hf_vlm"
+# Where the families keep their vision encoder and their vision -> text connector.
+VISION_MODULES = ("vision_tower", "vision_model", "visual")
+CONNECTOR_MODULES = ("multi_modal_projector", "connector", "merger")
+
+
+def _base_model(model: torch.nn.Module) -> torch.nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _find(model: torch.nn.Module, names: Sequence[str]) -> list[str]:
+    """Qualified names of the submodules called one of `names` (outermost only)."""
+    found: list[str] = []
+    for name, _ in model.named_modules():
+        if name.rsplit(".", 1)[-1] in names and not any(name.startswith(f + ".") for f in found):
+            found.append(name)
+    return found
+
+
+def vision_module_names(model: torch.nn.Module) -> list[str]:
+    """Qualified names of the vision encoder(s) of a transformers VLM (Qwen2-VL's connector,
+    `visual.merger`, sits inside its encoder)."""
+    return _find(_base_model(model), VISION_MODULES)
+
+
+def language_module_name(model: torch.nn.Module) -> str:
+    """Qualified name of the language model (the decoder the image features are fed into)."""
+    base = _base_model(model)
+    decoder = base.get_decoder()
+    for name, module in base.named_modules():
+        if module is decoder:
+            return name
+    raise ThinklingError(f"{type(base).__name__}: cannot find its language model")
+
+
+def language_lora_targets(model: torch.nn.Module) -> list[str]:
+    """The linear layers LoRA wraps: the Llama-style projections of the language model if it
+    has them, else all its linear layers; never a vision or connector layer."""
+    prefix = language_module_name(model) + "."
+    linear = [n for n, m in _base_model(model).named_modules()
+              if n.startswith(prefix) and isinstance(m, torch.nn.Linear)]
+    projections = [n for n in linear if n.rsplit(".", 1)[-1] in LLAMA_PROJECTIONS]
+    return projections or linear
+
+
+def freeze_vision(model: torch.nn.Module) -> None:
+    """Stop gradients into the vision encoder(s), but not into a connector they hold (Qwen2-VL's
+    `visual.merger`): the connector is what adapts image features to the language model."""
+    base = _base_model(model)
+    for name in vision_module_names(base):
+        encoder = base.get_submodule(name)
+        encoder.requires_grad_(False)
+        for connector in _find(encoder, CONNECTOR_MODULES):
+            encoder.get_submodule(connector).requires_grad_(True)
+
+
+class HFVLMPolicy(HFPolicy):
+    """A transformers image-text-to-text model (optionally LoRA-wrapped) with its processor.
+
+    `train_vision=True` lets full fine-tuning train the vision encoder too; under LoRA only the
+    adapters (on the language model) train either way."""
+
+    def __init__(self, model: torch.nn.Module, processor: Any, *, chat_template: bool = True,
+                 system_prompt: str | None = None, source: dict | None = None, train_vision: bool = False):
+        tokenizer = getattr(processor, "tokenizer", None)
+        if tokenizer is None:
+            raise ThinklingError(f"{type(processor).__name__} has no tokenizer; a VLM needs its processor")
+        super().__init__(model, tokenizer, chat_template=chat_template, system_prompt=system_prompt, source=source)
+        self.processor = processor
+        self.use_engine = False  # the rollout engine runs text-only Llama layouts
+        self.train_vision = train_vision
+        if not train_vision and not hasattr(model, "peft_config"):  # under LoRA only the adapters train
+            freeze_vision(model)
+        config = _base_model(model).config
+        self.image_token_ids = {int(getattr(config, k)) for k in ("image_token_id", "image_token_index")
+                                if getattr(config, k, None) is not None}
+        self._images: list[list] | None = None  # rows' images bound by `using_images`
+
+    @property
+    def context_length(self) -> int | None:
+        config = _base_model(self.model).config
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        return getattr(text, "max_position_embeddings", None)
+
+    # ----------------------------------------------------------------- loading
+
+    @classmethod
+    def load(cls, name_or_path: str, *, dtype: str | None = None, lora: dict | None = None,
+             trust_remote_code: bool = False, chat_template: bool | None = None, system_prompt: str | None = None,
+             train_vision: bool | None = None, device: str | None = None, **_: Any) -> HFVLMPolicy:
+        """Load a local folder, a hub id, or a folder written by `save` (its settings are the
+        defaults of arguments left at None)."""
+        path = resolve_model(name_or_path)
+        meta_file = Path(path) / "policy.json"
+        meta = read_json(meta_file) if meta_file.is_file() else {}
+        if meta and meta.get("backend") != BACKEND:
+            raise ThinklingError(f"{meta_file}: backend is {meta.get('backend')!r}, not {BACKEND!r}")
+        if meta.get("trust_remote_code") and not trust_remote_code:
+            raise ThinklingError(f"{meta_file} asks to run the model's own code (trust_remote_code); if you trust "
+                                 "it, set model.trust_remote_code: true in the recipe")
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = resolve_dtype(dtype or meta.get("dtype", "float32"), torch.device(device))
+        adapters = meta.get("lora")
+        if adapters and lora:
+            raise ThinklingError(f"{path} already holds LoRA adapters; load it without lora=")
+        base = meta["base"] if adapters else name_or_path
+        model = _from_pretrained(transformers.AutoModelForImageTextToText, resolve_model(base) if adapters else path,
+                                 None, dtype=_check_dtype(dtype), trust_remote_code=trust_remote_code)
+        processor = _from_pretrained(transformers.AutoProcessor, path, None, trust_remote_code=trust_remote_code)
+        model.to(device)
+        if adapters:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, path, is_trainable=True)
+        policy = cls.create(model, processor, lora=None if adapters else lora,
+                            chat_template=meta.get("chat_template", True) if chat_template is None else chat_template,
+                            system_prompt=meta.get("system_prompt") if system_prompt is None else system_prompt,
+                            source={"base": base, "trust_remote_code": trust_remote_code},
+                            train_vision=meta.get("train_vision", False) if train_vision is None else train_vision)
+        if adapters:
+            policy.lora = adapters
+        return policy
+
+    @classmethod
+    def create(cls, model: torch.nn.Module, processor: Any, *, lora: dict | None = None, **kwargs: Any) -> HFVLMPolicy:
+        """A policy of an in-memory model, LoRA-wrapped (language model only) when `lora` is given."""
+        adapters = None
+        if lora is not None:
+            adapters = lora_config(lora, model)
+            model = _apply_lora(model, adapters)
+        model.eval()  # peft leaves its wrapper in train mode; trainers switch to train() themselves
+        policy = cls(model, processor, **kwargs)
+        policy.lora = adapters
+        return policy
+
+    def save(self, directory: str, *, merge: bool = False) -> None:
+        """Weights (or only the LoRA adapters), processor and policy.json (written last, atomically:
+        a folder with a policy.json is complete)."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        adapters = self.lora is not None and not merge
+        if adapters:
+            if not self.source.get("base"):
+                raise ThinklingError(f"cannot save LoRA adapters to {directory}: the base model has no path; "
+                                     "use save(..., merge=True)")
+            self.model.save_pretrained(out)
+        elif self.lora is not None:
+            copy.deepcopy(self.model).merge_and_unload().save_pretrained(out)
+        else:
+            self.model.save_pretrained(out)
+        self.processor.save_pretrained(out)
+        meta = {
+            "backend": BACKEND,
+            "dtype": _dtype_name(self.model),
+            "chat_template": self.chat_template,
+            "system_prompt": self.system_prompt,
+            "trust_remote_code": bool(self.source.get("trust_remote_code")),
+            "train_vision": self.train_vision,
+            "lora": self.lora if adapters else None,
+            "base": _portable(self.source.get("base")) if adapters else None,
+        }
+        atomic_write_text(out / "policy.json", json.dumps(meta, indent=2) + "\n")
+
+    def use_vllm(self, **engine_kwargs):
+        raise ThinklingError("model.generator: vllm is not supported for vision-language models (backend hf_vlm)")
+
+    # -------------------------------------------------------------- tokenizing
+
+    def prompt_text(self, prompt: str, n_images: int = 0) -> str:
+        """The prompt as the model expects it, with one image placeholder per image."""
+        template = getattr(self.processor, "chat_template", None)
+        if self.chat_template and template:
+            content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": prompt}]
+            messages = [{"role": "system", "content": [{"type": "text", "text": self.system_prompt}]}] \
+                if self.system_prompt else []
+            messages.append({"role": "user", "content": content})
+            return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        token = getattr(self.processor, "image_token", None)
+        if n_images and token is None:
+            raise ThinklingError(f"{type(self.processor).__name__} has neither a chat template nor an image token")
+        bos = self.tokenizer.bos_token or ""
+        return bos + (token or "") * n_images + prompt
+
+    def encode_prompt(self, prompt: str, images: Sequence = ()) -> list[int]:
+        """Prompt ids with each image's placeholder expanded into the model's image tokens."""
+        text = self.prompt_text(prompt, len(images))
+        out = self.processor(text=[text], images=[list(images)] if images else None, add_special_tokens=False)
+        ids = out["input_ids"][0]
+        return ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+
+    # ------------------------------------------------------------------- model
+
+    def vision_inputs(self, input_ids: torch.Tensor, images: Sequence[Sequence] | None) -> dict[str, torch.Tensor]:
+        """The model's vision inputs for the rows of `input_ids`, row b holding `images[b]` (in
+        placeholder order); {} when no row has an image. Models with multimodal rotary positions
+        (Qwen2-VL) also get each token's modality (`mm_token_type_ids`), which their processor
+        derives from the ids."""
+        rows = input_ids.shape[0]
+        if images is None or not any(len(r) for r in images):
+            return {}
+        if len(images) != rows:
+            raise ThinklingError(f"images: {len(images)} image lists for {rows} rows")
+        out = self.processor.image_processor(images=[list(r) for r in images], return_tensors="pt")
+        dtype = next(self.model.parameters()).dtype
+        inputs = {k: (v.to(self.device, dtype) if v.is_floating_point() else v.to(self.device))
+                  for k, v in out.items() if isinstance(v, torch.Tensor)}
+        if "mm_token_type_ids" in getattr(self.processor, "model_input_names", ()):
+            types = self.processor.create_mm_token_type_ids(input_ids.tolist())
+            inputs["mm_token_type_ids"] = torch.tensor(types, dtype=torch.long, device=self.device)
+        return inputs
+
+    def _check_images(self, input_ids: torch.Tensor, images: Sequence[Sequence] | None) -> None:
+        """One image list per row, and images exactly in the rows whose ids hold image tokens."""
+        if images is not None and len(images) != input_ids.shape[0]:
+            raise ThinklingError(f"images: {len(images)} image lists for {input_ids.shape[0]} rows")
+        if not self.image_token_ids:
+            return
+        has_tokens = torch.isin(input_ids, torch.tensor(sorted(self.image_token_ids), device=input_ids.device)).any(1)
+        for b, flag in enumerate(has_tokens.tolist()):
+            n = len(images[b]) if images is not None else 0
+            if flag != (n > 0):
+                raise ThinklingError(f"row {b}: {n} images but its ids {'hold' if flag else 'hold no'} image tokens "
+                                     "(encode the prompt with its images: policy.encode_prompt(prompt, images))")
+
+    @contextlib.contextmanager
+    def using_images(self, images: Sequence[Sequence] | None):
+        """Within the block, `logits` calls that pass no `images` use these (one list per row)."""
+        before, self._images = self._images, None if images is None else [list(r) for r in images]
+        try:
+            yield self
+        finally:
+            self._images = before
+
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep_from: int = 0,
+               images: Sequence[Sequence] | None = None) -> torch.Tensor:
+        """Logits of positions `keep_from..T-1` of a right-padded batch. Positions are left to the
+        model: right padding keeps the real tokens' positions, and Qwen2-VL computes its own
+        3-D (time, height, width) positions from the image grid."""
+        images = self._images if images is None else images
+        self._check_images(input_ids, images)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                         logits_to_keep=input_ids.shape[1] - keep_from if keep_from > 0 else 0,
+                         **self.vision_inputs(input_ids, images))
+        return out.logits
+
+    def output_head(self):
+        return None  # image features enter mid-sequence: no hidden-state-only shortcut
+
+    def prefix_sharing(self) -> bool:
+        return False
+
+    def completion_mask(self, prompt_lens: Sequence[int], input_ids: torch.Tensor,
+                        attention_mask: torch.Tensor) -> torch.Tensor:
+        """`[B, T-1]` next-token positions to train: the completion tokens (and eos) of each row,
+        never a prompt position, padding or an image token."""
+        positions = torch.arange(1, input_ids.shape[1], device=input_ids.device)
+        lens = torch.as_tensor(list(prompt_lens), device=input_ids.device)
+        mask = (positions[None] >= lens[:, None]) & (attention_mask[:, 1:] != 0)
+        if self.image_token_ids:
+            mask &= ~torch.isin(input_ids[:, 1:], torch.tensor(sorted(self.image_token_ids), device=input_ids.device))
+        return mask
+
+    def completion_logprobs(self, prompts: list[list[int]], completions: list[list[int]],
+                            images: Sequence[Sequence] | None = None) -> list[list[float]]:
+        """log p(token | prompt, images, previous tokens) of each completion token (with gradient
+        off: for scoring; trainers use `masked_token_logprobs` under `using_images`)."""
+        from thinkling.models.logprobs import masked_token_logprobs
+
+        ids, attention = pad_batch([p + c for p, c in zip(prompts, completions)], self.pad_id)
+        ids, attention = ids.to(self.device), attention.to(self.device)
+        mask = self.completion_mask([len(p) for p in prompts], ids, attention)
+        with torch.no_grad(), self.using_images(images):
+            logp, _ = masked_token_logprobs(self, ids, attention, mask)
+        return [logp[b, len(p) - 1 : len(p) - 1 + len(c)].tolist() for b, (p, c) in enumerate(zip(prompts, completions))]
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams,
+                 images: Sequence[Sequence] | None = None) -> list[list[int]]:
+        return [s.ids for s in self.sample(prompts, params, images)]
+
+    def sample(self, prompts: list[list[int]], params: SamplingParams, images: Sequence[Sequence] | None = None):
+        """transformers' `generate` (no per-token sampler log-probs; the trainers recompute them)."""
+        from thinkling.models.base import Sample
+
+        return [Sample(ids) for ids in self.generate_reference(prompts, params, images)]
+
+    @torch.no_grad()
+    def generate_reference(self, prompts: list[list[int]], params: SamplingParams,
+                           images: Sequence[Sequence] | None = None) -> list[list[int]]:
+        """Left-padded batch generation; the images enter at the prefill only. With a seed the
+        stream is torch's, seeded once per call: a sampled completion depends on the batch."""
+        params.validate()
+        if not prompts:
+            return []
+        images = self._images if images is None else images
+        input_ids, attention_mask = pad_batch(prompts, self.pad_id, left=True)
+        self._check_images(input_ids, images)
+        width = input_ids.shape[1]
+        kwargs: dict[str, Any] = {"do_sample": params.temperature > 0}
+        if params.temperature > 0:
+            kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
+        if params.logits_processor is not None:
+            kwargs["logits_processor"] = transformers.LogitsProcessorList(
+                [_CompletionOnlyProcessor(params.logits_processor, width, self.eos_id)])
+        was_training = self.model.training
+        self.model.eval()
+        device = self.device
+        try:
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                if params.seed is not None:
+                    torch.manual_seed(params.seed)
+                out = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                          max_new_tokens=params.max_new_tokens, eos_token_id=self.eos_id,
+                                          pad_token_id=self.pad_id, **self.vision_inputs(input_ids, images),
+                                          **kwargs)
+        finally:
+            self.model.train(was_training)
+        completions = []
+        for row in out[:, width:].tolist():
+            if self.eos_id in row:
+                row = row[: row.index(self.eos_id) + 1]
+            completions.append(row)
+        return completions
+
+
+def lora_config(lora: Mapping, model: torch.nn.Module) -> dict:
+    """LoRA settings with defaults; targets default to the language model's projections
+    (`language_lora_targets`). Targets given by the user are checked to be language layers."""
+    unknown = set(lora) - set(LORA_DEFAULTS)
+    if unknown:
+        raise ThinklingError(f"unknown lora key {sorted(unknown)[0]!r}; allowed: {', '.join(LORA_DEFAULTS)}")
+    cfg = {**LORA_DEFAULTS, **lora}
+    allowed = language_lora_targets(model)
+    if cfg["target_modules"] is None:
+        cfg["target_modules"] = allowed
+    else:  # short names (q_proj) mean those layers of the language model only
+        wanted = set(cfg["target_modules"])
+        cfg["target_modules"] = [n for n in allowed if n.rsplit(".", 1)[-1] in wanted or n in wanted]
+        if not cfg["target_modules"]:
+            raise ThinklingError(f"lora 'target_modules': none of {sorted(wanted)} is a linear layer of the "
+                                 "language model")
+    return cfg

@@ -1,0 +1,194 @@
+"""TinyAlign: a retrieval-augmented vision-language connector.
+
+A small language model gets little out of image features through a connector alone. TinyAlign
+adds context retrieved from the training data: a memory bank of (key, value) entries, one per
+training pair, where
+
+- the key is the fused embedding `normalise(concat(0.4 * normalise(img), 0.6 * normalise(txt)))`
+  of the pair's pooled image features and its input-text embedding (what is known at inference
+  time: image + prompt, never the answer);
+- the value is a compact multimodal latent of the pair (any `[N, V]` tensor the caller computes,
+  e.g. from image + answer; by default the key itself).
+
+Each forward pass fuses the current (image, text) the same way, retrieves the top-k entries by
+cosine similarity, and a second small connector maps their values to k extra tokens placed right
+after the image tokens. They are context: `splice_prefix` gives them (and the image tokens) the
+label `IGNORE_INDEX`, so no loss is ever taken on them. When the queries are the training pairs
+themselves, pass their ids as `exclude`: an entry never retrieves itself (it would hold the
+answer being trained on).
+
+Retrieval is an exact matmul in torch rather than a faiss index: the reference uses a flat
+inner-product index, which is the same computation; banks for small VLMs (thousands to a few
+hundred thousand pairs) take milliseconds on a CPU; the result is exact and deterministic
+(ties go to the lower index), runs on the model's device, and needs no extra dependency.
+
+`TinyAlign` wraps any connector `image_features [B, P, Di] -> tokens [B, Ni, D]`, so it sits
+on a from-scratch tiny VLM or a Hugging Face one alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from thinkling.errors import ThinklingError
+from thinkling.files import atomic_write_bytes
+
+IGNORE_INDEX = -100  # the label of a position no loss is taken on (torch's cross-entropy default)
+IMAGE_WEIGHT, TEXT_WEIGHT = 0.4, 0.6
+
+
+def pool(image_features: torch.Tensor) -> torch.Tensor:
+    """One vector per image: the mean over patches of `[B, P, D]` (a `[B, D]` input is kept)."""
+    return image_features.mean(dim=1) if image_features.dim() == 3 else image_features
+
+
+def fuse(image: torch.Tensor, text: torch.Tensor, image_weight: float = IMAGE_WEIGHT,
+         text_weight: float = TEXT_WEIGHT) -> torch.Tensor:
+    """Unit fused keys `[N, Di + Dt]`: each part normalised first, so the weights, not the encoders'
+    scales, set how much image and text count in the cosine similarity."""
+    if image.shape[0] != text.shape[0]:
+        raise ThinklingError(f"TinyAlign: {image.shape[0]} image rows but {text.shape[0]} text rows")
+    parts = [image_weight * F.normalize(pool(image).float(), dim=-1), text_weight * F.normalize(text.float(), dim=-1)]
+    return F.normalize(torch.cat(parts, dim=-1), dim=-1)
+
+
+@dataclass
+class MemoryBank:
+    """Retrieval memory: unit `keys [N, K]`, `values [N, V]`, and `sources [N]`, the training
+    example each entry came from (queries from that example leave it out)."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    sources: torch.Tensor
+    image_weight: float = IMAGE_WEIGHT
+    text_weight: float = TEXT_WEIGHT
+    meta: dict = field(default_factory=dict)  # free-form strings saved with the bank (what encoders built it)
+
+    @classmethod
+    def build(cls, image_features: torch.Tensor, text_embeddings: torch.Tensor, values: torch.Tensor | None = None,
+              sources: torch.Tensor | None = None, *, image_weight: float = IMAGE_WEIGHT,
+              text_weight: float = TEXT_WEIGHT, meta: dict | None = None) -> MemoryBank:
+        """A bank of the training pairs `(image_features[i], text_embeddings[i])` (sources default
+        to 0..N-1). Deterministic: the same inputs give the same bank, bit for bit."""
+        with torch.no_grad():
+            keys = fuse(image_features, text_embeddings, image_weight, text_weight)
+            values = keys.clone() if values is None else values.detach().float().clone()
+        n = keys.shape[0]
+        sources = torch.arange(n) if sources is None else torch.as_tensor(sources, dtype=torch.long).clone()
+        if values.shape[0] != n or sources.shape != (n,):
+            raise ThinklingError(f"TinyAlign memory bank: {n} keys, {values.shape[0]} values, "
+                                 f"{tuple(sources.shape)} sources; need one of each per pair")
+        return cls(keys.contiguous(), values.contiguous(), sources.to(keys.device), image_weight, text_weight,
+                   {str(k): str(v) for k, v in (meta or {}).items()})
+
+    def __len__(self) -> int:
+        return self.keys.shape[0]
+
+    def to(self, device) -> MemoryBank:
+        return MemoryBank(self.keys.to(device), self.values.to(device), self.sources.to(device),
+                          self.image_weight, self.text_weight, dict(self.meta))
+
+    def query_keys(self, image_features: torch.Tensor, text_embedding: torch.Tensor) -> torch.Tensor:
+        """Fused keys of the current inputs, weighted as the bank's."""
+        return fuse(image_features, text_embedding, self.image_weight, self.text_weight)
+
+    @torch.no_grad()
+    def search(self, queries: torch.Tensor, k: int, exclude: torch.Tensor | None = None):
+        """(cosine scores `[B, k]`, entry indices `[B, k]`) of the k nearest entries of each unit
+        query, best first; entries whose source equals `exclude[b]` are skipped for row b."""
+        if queries.shape[-1] != self.keys.shape[1]:
+            raise ThinklingError(f"TinyAlign: query keys have {queries.shape[-1]} dims, the bank's {self.keys.shape[1]}")
+        available = len(self) - (self._max_per_source() if exclude is not None else 0)
+        if not 0 < k <= available:
+            raise ThinklingError(f"TinyAlign: top_k {k} but the bank has {available} entries to retrieve from")
+        scores = queries.float().to(self.keys.device) @ self.keys.T
+        if exclude is not None:
+            own = self.sources[None, :] == torch.as_tensor(exclude, device=self.keys.device)[:, None]
+            scores = scores.masked_fill(own, float("-inf"))
+        order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+        return scores.gather(1, order), order
+
+    def _max_per_source(self) -> int:
+        return int(torch.unique(self.sources, return_counts=True)[1].max()) if len(self) else 0
+
+    def save(self, path: str | Path) -> None:
+        """One safetensors file, written atomically; `load` restores it exactly."""
+        from safetensors.torch import save
+
+        meta = {**self.meta, "image_weight": repr(self.image_weight), "text_weight": repr(self.text_weight)}
+        data = save({"keys": self.keys.cpu().contiguous(), "values": self.values.cpu().contiguous(),
+                     "sources": self.sources.cpu().contiguous()}, metadata=meta)
+        atomic_write_bytes(path, data)
+
+    @classmethod
+    def load(cls, path: str | Path) -> MemoryBank:
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = dict(f.metadata() or {})
+                tensors = {name: f.get_tensor(name) for name in ("keys", "values", "sources")}
+            weights = float(meta.pop("image_weight")), float(meta.pop("text_weight"))
+        except (OSError, SafetensorError, KeyError, ValueError) as e:
+            raise ThinklingError(f"{path}: not a TinyAlign memory bank ({e})") from None
+        return cls(tensors["keys"], tensors["values"], tensors["sources"], *weights, meta)
+
+
+class TinyAlign(nn.Module):
+    """A connector with retrieved context: `forward(image_features, text_embedding)` returns the
+    wrapped connector's image tokens followed by `top_k` retrieved-memory tokens `[B, Ni + k, D]`."""
+
+    def __init__(self, connector: nn.Module, bank: MemoryBank, lm_dim: int, *, top_k: int = 4,
+                 hidden: int | None = None):
+        super().__init__()
+        self.connector = connector
+        self.bank = bank
+        self.top_k = top_k
+        hidden = hidden or lm_dim
+        # the second connector: retrieved value -> one LM-space token
+        self.memory_connector = nn.Sequential(nn.Linear(bank.values.shape[1], hidden), nn.GELU(),
+                                              nn.Linear(hidden, lm_dim))
+
+    def retrieve(self, image_features: torch.Tensor, text_embedding: torch.Tensor,
+                 exclude: torch.Tensor | None = None):
+        """(scores `[B, k]`, indices `[B, k]`) of the entries retrieved for these inputs."""
+        return self.bank.search(self.bank.query_keys(image_features.detach(), text_embedding.detach()),
+                                self.top_k, exclude)
+
+    def memory_tokens(self, image_features: torch.Tensor, text_embedding: torch.Tensor,
+                      exclude: torch.Tensor | None = None) -> torch.Tensor:
+        """The extra tokens `[B, k, D]`: the retrieved values through the second connector (the bank
+        itself is fixed; gradients reach the second connector only)."""
+        _, index = self.retrieve(image_features, text_embedding, exclude)
+        values = self.bank.values.to(index.device)[index]
+        weight = self.memory_connector[0].weight
+        return self.memory_connector(values.to(weight.device, weight.dtype))
+
+    def forward(self, image_features: torch.Tensor, text_embedding: torch.Tensor,
+                exclude: torch.Tensor | None = None) -> torch.Tensor:
+        """`exclude[b]`: the source id of row b when it is a training pair (it never retrieves itself)."""
+        tokens = self.connector(image_features)
+        extra = self.memory_tokens(image_features, text_embedding, exclude)
+        return torch.cat([tokens, extra.to(tokens.dtype)], dim=1)
+
+
+def splice_prefix(prefix: torch.Tensor, text_embeds: torch.Tensor, labels: torch.Tensor | None = None,
+                  attention_mask: torch.Tensor | None = None):
+    """Inputs `[B, P + T, D]`, labels `[B, P + T]` and attention mask `[B, P + T]` of prefix tokens
+    (image tokens, then TinyAlign's memory tokens) followed by the text: every prefix position is
+    labelled `IGNORE_INDEX`, so image and memory tokens are context only. `labels` / `attention_mask`
+    are the text's (None: no labels / all attended)."""
+    b, p = prefix.shape[:2]
+    inputs = torch.cat([prefix.to(text_embeds.dtype), text_embeds], dim=1)
+    ones = torch.ones(b, p, dtype=torch.long, device=text_embeds.device)
+    text_mask = torch.ones(text_embeds.shape[:2], dtype=torch.long, device=text_embeds.device) \
+        if attention_mask is None else attention_mask.long()
+    mask = torch.cat([ones, text_mask], dim=1)
+    if labels is None:
+        return inputs, None, mask
+    return inputs, torch.cat([torch.full_like(ones, IGNORE_INDEX), labels], dim=1), mask

@@ -45,7 +45,7 @@ def test_shapes_problems_render_the_scene_and_verify():
         assert len(scene) == p.difficulty and p.images[0].mode == "RGB" and p.images[0].size == (36, 36)
         reasoning, label = mood_of(list(scene))
         assert p.answer == label and f"label={label}" in p.tags
-        assert p.steps == tuple(f"{c} {f} {w}" for c, f, w in scene) + tuple(reasoning)
+        assert p.steps == tuple(f"{w} {c} {f}" for c, f, w in scene) + tuple(reasoning)
         assert task.verify(p, task.target(p)).correct
         assert not task.verify(p, task.target(p).replace(f"A:{p.answer}", "A:joyful")).correct
         assert not task.format_ok("warm 1 cool 0")

@@ -13,7 +13,7 @@ form (circle, ring, square, triangle). Questions (option `question`):
 - `mixed`: either, half and half.
 
 The expert trace is the scene description then the reasoning: one line per shape in reading
-order (`red circle tl`; cells are t/m/b rows by l/c/r columns), then for `mood` the two counts
+order, its cell first (`tl red circle`; cells are t/m/b rows by l/c/r columns), then for `mood` the two counts
 and the pair (`warm 2 cool 1`, `round 1 sharp 2`, `warm sharp`), for `count` the matching cells
 (`red at tl br`), then `A:<answer>`. The answer is checked exactly.
 """
@@ -105,7 +105,9 @@ class ShapesTask(Task):
             cells = sorted(rng.sample(range(len(CELLS)), k))
             scene = [(rng.choice(list(COLOURS)), rng.choice(FORMS), CELLS[c]) for c in cells]
             question = self.question if self.question != "mixed" else rng.choice(("mood", "count"))
-            lines = [f"{c} {f} {w}" for c, f, w in scene]
+            # Cell first: a line names where to look, then what is there (colour-first traces taught the
+            # tiny VLM positions but not colours in 300 SFT steps, docs/vlm.md).
+            lines = [f"{w} {c} {f}" for c, f, w in scene]
             if question == "mood":
                 reasoning, answer = mood_of(scene)
                 prompt, label = "mood?", answer

@@ -339,6 +339,8 @@ def _tasks(args) -> None:
     for p in task.problems(args.n, args.seed, _parse_difficulty(args.difficulty)):
         console.rule(f"{p.id}  difficulty={p.difficulty}  tags={list(p.tags)}")
         console.print("[bold]prompt[/]", escape(p.prompt), sep="\n", highlight=False)
+        if p.images:
+            console.print("[bold]images[/]", ", ".join(f"{im.width}x{im.height} {im.mode}" for im in p.images))
         console.print("[bold]target[/]", escape(task.target(p)), sep="\n", highlight=False)
 
 

@@ -41,10 +41,10 @@ def _at_least(obj, where: str, low, *keys: str) -> None:
 
 @dataclass
 class ModelConfig:
-    backend: str = "tiny"  # tiny | hf
+    backend: str = "tiny"  # tiny | tiny_vlm (tiny + image encoder, docs/vlm.md) | hf
     init: str | None = None  # a saved policy folder to start from (e.g. an SFT checkpoint)
     name: str | None = None  # hf: alias (smollm2-135m), local path or hub id
-    tiny: dict = field(default_factory=dict)  # TinyConfig fields for a fresh tiny model
+    tiny: dict = field(default_factory=dict)  # TinyConfig fields for a fresh tiny model (tiny_vlm: + vision: {...})
     dtype: str = "float32"  # float32 | bfloat16 | auto (hf weights; auto = bf16 only where it is native); tiny trains fp32
     lora: dict | None = None  # hf: {r, alpha, dropout, target_modules}
     chat_template: bool = True
@@ -55,7 +55,7 @@ class ModelConfig:
     gradient_checkpointing: bool = False  # hf: keep only each layer's input for backward, recompute the rest (less memory, ~+30 % update time)
 
     def validate(self, where: str = "model") -> None:
-        _check(where, "backend", self.backend in ("tiny", "hf"), "tiny or hf", self.backend)
+        _check(where, "backend", self.backend in ("tiny", "tiny_vlm", "hf"), "tiny, tiny_vlm or hf", self.backend)
         _check(where, "dtype", self.dtype in DTYPES, " or ".join(DTYPES), self.dtype)
         _check(where, "rollout_dtype", self.rollout_dtype in (None, "float32", "bfloat16"), "float32 or bfloat16",
                self.rollout_dtype)

@@ -42,10 +42,10 @@ def configure_threads(threads: int | None, model_cfg) -> None:
 def _is_tiny(model_cfg) -> bool:
     """A fresh tiny model, or a saved tiny policy (a policy folder or a run folder's final/)."""
     if not model_cfg.init:
-        return model_cfg.backend == "tiny"
+        return model_cfg.backend in ("tiny", "tiny_vlm")
     path = Path(model_cfg.init)
     meta = next((m for m in (path / "policy.json", path / "final" / "policy.json") if m.exists()), None)
-    return meta is not None and read_json(meta).get("backend") == "tiny"
+    return meta is not None and read_json(meta).get("backend") in ("tiny", "tiny_vlm")
 
 
 def _open_run(cfg, resume: bool, make_run, prepare):

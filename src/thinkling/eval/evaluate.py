@@ -156,6 +156,13 @@ def summarize(problems: list[Problem], log: RowLog, modes: list[str]) -> dict:
                 entry[f"pass@{k}"] = _mean(pass_at_k(len(sampled), counts[p.id], k) for p, _ in groups[d])
         table[_key(d)] = entry
     summary["by_difficulty"] = table
+    labels = defaultdict(list)  # problems tagged `label=X` (a class label, e.g. `shapes`' mood): recall per class
+    for p, r in zip(problems, greedy):
+        for tag in p.tags:
+            if tag.startswith("label="):
+                labels[tag[len("label="):]].append(r["correct"])
+    if labels:
+        summary["recall_by_label"] = {k: {"n": len(v), "recall": _mean(v)} for k, v in sorted(labels.items())}
     return summary
 
 

@@ -146,6 +146,9 @@ def write_report(runs: dict[str, Path], out: Path, title: str | None = None) -> 
     by_difficulty = _by_difficulty(runs)
     if by_difficulty:
         md += ["## Final held-out accuracy by difficulty", "", by_difficulty, ""]
+    by_label = _by_label(runs)
+    if by_label:
+        md += ["## Final held-out recall by label", "", by_label, ""]
     for name, panels, heading in (("heldout", HELD_OUT, "Held-out evaluation"), ("training", TRAINING, "Training"),
                                   ("dynamics", DYNAMICS, "Update dynamics")):
         if plot_panels(metrics, panels, out / f"{name}.png") is not None:
@@ -164,6 +167,17 @@ def _by_difficulty(runs: dict[str, Path]) -> str:
         for d, e in json.loads(f.read_text())["by_difficulty"].items():
             rows.append([label, d, e["n"], e["accuracy"], e.get("pass@1", "-"), e["mean_tokens"]])
     return markdown_table(["run", "difficulty", "n", "accuracy", "pass@1", "mean tokens"], rows) if rows else ""
+
+
+def _by_label(runs: dict[str, Path]) -> str:
+    """Recall per class label of each run's final evaluation (tasks that tag problems `label=X`)."""
+    rows = []
+    for label, run in runs.items():
+        f = run / "eval.json"
+        if f.exists():
+            for name, e in json.loads(f.read_text()).get("recall_by_label", {}).items():
+                rows.append([label, name, e["n"], e["recall"]])
+    return markdown_table(["run", "label", "n", "recall"], rows) if rows else ""
 
 
 def eval_report(summary: dict, title: str) -> str:

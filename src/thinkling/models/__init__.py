@@ -10,6 +10,7 @@ from thinkling.files import read_json
 from thinkling.models import vllm_backend
 from thinkling.models.base import Policy, SamplingParams
 from thinkling.models.tiny import TinyPolicy
+from thinkling.models.tiny_vlm import TinyVLMPolicy
 
 __all__ = ["Policy", "SamplingParams", "build_policy", "load_policy", "open_policy"]
 
@@ -26,6 +27,8 @@ def load_policy(directory: str | Path, trust_remote_code: bool = False) -> Polic
     backend = read_json(meta_file).get("backend")
     if backend == "tiny":
         return TinyPolicy.load(str(path))
+    if backend == "tiny_vlm":
+        return TinyVLMPolicy.load(str(path))
     if backend == "hf":
         return _hf().load(str(path), trust_remote_code=trust_remote_code)
     if backend == "hf_vlm":
@@ -66,6 +69,8 @@ def _build(cfg, seed: int) -> Policy:
         return load_policy(cfg.init, cfg.trust_remote_code)
     if cfg.backend == "tiny":
         return TinyPolicy.create(dict(cfg.tiny), seed=seed)
+    if cfg.backend == "tiny_vlm":
+        return TinyVLMPolicy.create(dict(cfg.tiny), seed=seed)
     if cfg.backend == "hf":
         return _hf().load(
             cfg.name,  # aliases resolve inside; saved adapters keep the portable name
@@ -75,7 +80,7 @@ def _build(cfg, seed: int) -> Policy:
             chat_template=cfg.chat_template,
             system_prompt=cfg.system_prompt,
         )
-    raise ThinklingError(f"config key 'model.backend': unknown backend '{cfg.backend}' (tiny | hf)")
+    raise ThinklingError(f"config key 'model.backend': unknown backend '{cfg.backend}' (tiny | tiny_vlm | hf)")
 
 
 def open_policy(model: str, dtype: str | None = None, trust_remote_code: bool = False) -> Policy:

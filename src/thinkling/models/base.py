@@ -75,7 +75,9 @@ class Policy(Protocol):
     context_length: int | None  # the most tokens a sequence may hold (None: unknown)
 
     def encode_prompt(self, prompt: str) -> list[int]:
-        """Token ids that condition generation (BOS / chat template included)."""
+        """Token ids that condition generation (BOS / chat template included). A vision-language
+        policy sets `accepts_images = True` and takes `encode_prompt(prompt, images=(...))`,
+        writing each image into the ids as slot ids (`models.images`)."""
 
     def encode_text(self, text: str) -> list[int]:
         """Token ids of raw continuation text (no special tokens)."""

@@ -142,7 +142,8 @@ def masked_token_logprobs(policy: Policy, input_ids: torch.Tensor, attention_mas
         logits = policy.logits(input_ids, attention_mask, keep_from=start)[:, :-1]
         if temperature != 1.0:
             logits = logits / temperature
-        logp = F.pad(token_logprobs(logits, input_ids[:, start + 1 :]), (start, 0))
+        # Image slot ids (negative, `models.images`) are context, never targets: any index will do there.
+        logp = F.pad(token_logprobs(logits, input_ids[:, start + 1 :].clamp(min=0)), (start, 0))
         ent = torch.where(mask, F.pad(entropy_from_logits(logits), (start, 0)), 0.0) if entropy else None
         return torch.where(mask, logp, 0.0), ent
     weight, bias = head

@@ -372,9 +372,14 @@ class TinyPolicy:
             raise ThinklingError(f"{d}: {e}") from None
         with torch.random.fork_rng(devices=[]):  # weights are overwritten; leave the caller's RNG alone
             model = TinyTransformer(config)
-        try:
-            load_model(model, str(d / "model.safetensors"), strict=True)
-        except Exception as e:  # safetensors, shape and key errors all mean a bad file
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ThinklingError(f"{d / 'model.safetensors'}: cannot load weights ({reason})") from None
+        load_weights(model, d / "model.safetensors")
         return cls(model, tokenizer)
+
+
+def load_weights(model: nn.Module, file: Path) -> None:
+    """Fill `model` from a safetensors file; any failure is one error naming the file."""
+    try:
+        load_model(model, str(file), strict=True)
+    except Exception as e:  # safetensors, shape and key errors all mean a bad file
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ThinklingError(f"{file}: cannot load weights ({reason})") from None

@@ -44,7 +44,16 @@ def prompt_text(problem: Problem, level: str | None = None) -> str:
 
 
 def prompt_ids(policy, problem: Problem, level: str | None = None) -> list[int]:
-    return policy.encode_prompt(prompt_text(problem, level))
+    """The prompt's ids; a problem's images go to a vision-language policy's `encode_prompt`
+    (`models.images` says how they ride in the ids). A text-only problem calls every policy
+    exactly as before."""
+    if not problem.images:
+        return policy.encode_prompt(prompt_text(problem, level))
+    if not getattr(policy, "accepts_images", False):
+        raise ThinklingError(f"problem {problem.id} has {len(problem.images)} image(s), but the model "
+                             f"({type(policy).__name__}) takes text only; use a vision-language model "
+                             "(model.backend: tiny_vlm)")
+    return policy.encode_prompt(prompt_text(problem, level), images=problem.images)
 
 
 def anchor_text(problem: Problem, k: int) -> str:

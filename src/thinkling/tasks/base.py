@@ -13,6 +13,8 @@ class Problem:
 
     `steps` is the expert solution split into steps (empty when there is none);
     BREAD uses them as anchors and SFT renders them as the target completion.
+    `images` are PIL images (RGB) shown with the prompt; only a vision-language policy
+    takes them (`rollout.prompts.prompt_ids`, `models.images`).
     """
 
     id: str
@@ -21,6 +23,7 @@ class Problem:
     steps: tuple[str, ...] = ()
     difficulty: float = 0.0
     tags: tuple[str, ...] = ()
+    images: tuple = field(default=(), hash=False)  # PIL images are unhashable; equality compares pixels
     meta: dict = field(default_factory=dict, compare=False, hash=False)
 
 

@@ -8,16 +8,22 @@ its `####` line, is split into steps (paragraphs, else lines) for SFT and
 BREAD. As for the benchmarks, `n` problems are the first n in file order and
 the `skip` option drops the first ones. The benchmark loaders reuse
 `parse_record` for their records.
+
+`image` (a path) or `images` (a list of paths) attach pictures to a record, for
+vision-language policies: paths are relative to the JSONL file's folder and must
+stay inside it (`tasks.images.load_image`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
 
 from thinkling.errors import ThinklingError
 from thinkling.tasks.base import Problem, register_task
+from thinkling.tasks.images import load_image
 from thinkling.tasks.mathverify import MathTask, last_boxed, normalize
 
 _CALCULATOR = re.compile(r"<<[^<>]*>>")
@@ -81,6 +87,17 @@ def parse_record(record, where: str, id: str) -> Problem:
     )
 
 
+def record_images(record: dict, where: str) -> list:
+    """The image paths a record names: `image` (one path) or `images` (a list), not both."""
+    if "image" in record and "images" in record:
+        raise ThinklingError(f"{where}: give 'image' or 'images', not both")
+    if "images" in record:
+        if not isinstance(record["images"], list):
+            raise ThinklingError(f"{where}: 'images' must be a list of paths")
+        return record["images"]
+    return [record["image"]] if "image" in record else []
+
+
 def load_jsonl(path) -> list[Problem]:
     """Every record of a JSONL file; a bad line raises an error naming `file:line`."""
     path = Path(path)
@@ -101,7 +118,12 @@ def load_jsonl(path) -> list[Problem]:
                 raise ThinklingError(f"{path}:{number}: not valid JSON ({e.msg})") from None
             own_id = record.get("id", record.get("unique_id")) if isinstance(record, dict) else None
             problem_id = str(own_id) if own_id is not None else f"{path.stem}-{number}"
-            problems.append(parse_record(record, f"{path}:{number}", problem_id))
+            where = f"{path}:{number}"
+            problem = parse_record(record, where, problem_id)
+            names = record_images(record, where)
+            if names:
+                problem = dataclasses.replace(problem, images=tuple(load_image(n, path.parent, where) for n in names))
+            problems.append(problem)
     if not problems:
         raise ThinklingError(f"{path}: no problems in the file")
     return problems

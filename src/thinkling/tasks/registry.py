@@ -15,6 +15,7 @@ from thinkling.tasks import (  # noqa: F401  (importing a task module registers 
     jsonl,
     mnns,
     recall,
+    shapes,
 )
 from thinkling.tasks.base import _REGISTRY, Problem, Task
 

@@ -1,0 +1,275 @@
+"""A tiny vision-language model trained from scratch: ViT patch encoder -> MLP connector -> tiny LM.
+
+The laptop stand-in for a small VLM (LLaVA layout): the image is cut into patches, a small
+ViT encodes them, a two-layer MLP projects each patch feature into the language model's
+embedding space, and those vectors sit in the prompt as prefix tokens before its text. The
+language model is `tiny.TinyTransformer`, unchanged.
+
+The interface a vision-language policy follows (the HF one as well):
+- `accepts_images = True`, and `encode_prompt(prompt, images=(img, ...))` takes PIL images
+  (RGB) besides the text; a text-only problem calls `encode_prompt(prompt)` as for any policy;
+  `rollout.prompts.prompt_ids` is the one caller, passing `Problem.images`;
+- the images ride in the returned `list[int]` as slot ids (`models.images`: negative ids,
+  one per embedding the model feeds for an image, content-addressed handles). So
+  `generate` / `sample` / `logits` / `prefix_shared_logits` / `models.logprobs` and every
+  trainer take image prompts with the same signatures as text ones; prompt deduplication and
+  RL prefix sharing key on the ids and so never confuse two pictures;
+- slots are context: the SFT and RL loss masks cover completion tokens only, and
+  `models.logprobs` never scores a slot as a target.
+
+Sequence layout of a prompt: `[bos] + slots(image 1) + ... + slots(image k) + text`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_model
+from torch import nn
+
+from thinkling.errors import ThinklingError
+from thinkling.files import read_json
+from thinkling.models import images as image_store
+from thinkling.models.base import SamplingParams
+from thinkling.models.tiny import TinyConfig, TinyPolicy, TinyTransformer, load_weights
+from thinkling.models.tokenizer import CharTokenizer
+
+FILES = ("policy.json", "config.json", "tokenizer.json", "model.safetensors")
+
+
+@dataclass
+class VisionConfig:
+    """The image encoder: `image_size`² RGB inputs (resized to it), `patch_size`² patches, a ViT
+    of `n_layers` pre-norm blocks of width `d_model`, and the connector's hidden width."""
+
+    image_size: int = 36
+    patch_size: int = 6
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    connector_hidden: int = 128
+
+    def __post_init__(self):
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ThinklingError(f"model config 'vision.{f.name}': must be a positive integer (got {v!r})")
+        if self.image_size % self.patch_size:
+            raise ThinklingError(f"model config 'vision.patch_size': {self.patch_size} must divide "
+                                 f"image_size {self.image_size}")
+        if self.d_model % self.n_heads:
+            raise ThinklingError(f"model config 'vision.n_heads': must divide d_model {self.d_model}")
+
+    @property
+    def n_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+def vlm_config(d: dict, vocab_size: int) -> tuple[TinyConfig, VisionConfig]:
+    """`model.tiny` of a `tiny_vlm` recipe: the TinyConfig keys, plus `vision: {VisionConfig keys}`."""
+    if not isinstance(d, dict):
+        raise ThinklingError(f"model config: expected a mapping (got {type(d).__name__})")
+    d = dict(d)
+    vision = d.pop("vision", {}) or {}
+    if not isinstance(vision, dict):
+        raise ThinklingError("model config 'vision': must be a mapping")
+    known = {f.name for f in fields(VisionConfig)}
+    unknown = sorted(set(vision) - known)
+    if unknown:
+        raise ThinklingError(f"model config 'vision': unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
+    return TinyConfig.from_dict({"vocab_size": vocab_size, **d}), VisionConfig(**vision)
+
+
+class ViTBlock(nn.Module):
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, D = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        x = x + self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, D))
+        return x + self.mlp(self.norm2(x))
+
+
+class VisionEncoder(nn.Module):
+    """Patches -> linear embedding + learned positions -> ViT blocks -> LayerNorm, `[U, N, d]`."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.patch = nn.Linear(3 * cfg.patch_size**2, cfg.d_model)
+        self.pos = nn.Parameter(torch.randn(cfg.n_patches, cfg.d_model) * 0.02)
+        self.blocks = nn.ModuleList(ViTBlock(cfg.d_model, cfg.n_heads) for _ in range(cfg.n_layers))
+        self.norm = nn.LayerNorm(cfg.d_model)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """`pixels [U, 3, S, S]` in [0, 1]."""
+        p = self.cfg.patch_size
+        x = pixels * 2 - 1
+        U, C, H, W = x.shape
+        patches = x.unfold(2, p, p).unfold(3, p, p).permute(0, 2, 3, 1, 4, 5).reshape(U, -1, C * p * p)
+        x = self.patch(patches) + self.pos
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+
+class TinyVLM(nn.Module):
+    """Vision encoder + connector + `TinyTransformer`. It answers the calls `TinyPolicy` makes
+    of its model (`hidden`, `forward`, `new_cache`, `embed`, `lm_head`, `config`), replacing
+    image slot ids by the image's projected patch features, so the tiny policy's sampler, KV
+    cache and prefix sharing work unchanged."""
+
+    def __init__(self, lm_config: TinyConfig, vision: VisionConfig):
+        super().__init__()
+        self.vision_config = vision
+        self.lm = TinyTransformer(lm_config)
+        self.vision = VisionEncoder(vision)
+        self.connector = nn.Sequential(nn.Linear(vision.d_model, vision.connector_hidden), nn.GELU(),
+                                       nn.Linear(vision.connector_hidden, lm_config.d_model))
+        for m in (*self.vision.modules(), *self.connector.modules()):
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, mean=0.0, std=0.02)
+                nn.init.zeros_(m.bias)
+        self._pixel_cache: dict[int, torch.Tensor] = {}  # handle -> [3, S, S] at this model's size
+
+    @property
+    def config(self) -> TinyConfig:
+        return self.lm.config
+
+    @property
+    def embed(self) -> nn.Embedding:
+        return self.lm.embed
+
+    @property
+    def lm_head(self) -> nn.Linear:
+        return self.lm.lm_head
+
+    @property
+    def n_image_tokens(self) -> int:
+        return self.vision_config.n_patches
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def new_cache(self, batch: int, capacity: int):
+        return self.lm.new_cache(batch, capacity)
+
+    def pixels(self, handle: int) -> torch.Tensor:
+        """A stored image as `[3, S, S]` floats in [0, 1], resized (bilinear) to `image_size`."""
+        t = self._pixel_cache.get(handle)
+        if t is None:
+            from PIL import Image
+
+            array = image_store.pixels(handle)
+            s = self.vision_config.image_size
+            if array.shape[:2] != (s, s):
+                array = np.asarray(Image.fromarray(array).resize((s, s), Image.BILINEAR))
+            t = self._pixel_cache[handle] = torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 255
+        return t
+
+    def image_embeddings(self, handles: list[int]) -> torch.Tensor:
+        """The prefix tokens of images `[U, n_image_tokens, d_model]`: ViT features through the connector."""
+        w = self.lm.embed.weight
+        pixels = torch.stack([self.pixels(h) for h in handles]).to(device=w.device)
+        return self.connector(self.vision(pixels)).to(w.dtype)
+
+    def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings `[B, T, d]`, image slot ids replaced by their image's features."""
+        slots = ids < 0
+        x = self.lm.embed(ids.clamp(min=0))
+        if not bool(slots.any()):
+            return x
+        handle, j = image_store.split_slot(ids[slots])
+        if bool((j >= self.n_image_tokens).any()):
+            raise ThinklingError(f"model: an image slot index exceeds the model's {self.n_image_tokens} image tokens")
+        unique, inverse = torch.unique(handle, return_inverse=True)
+        features = self.image_embeddings(unique.tolist())
+        return x.index_put(slots.nonzero(as_tuple=True), features[inverse, j])
+
+    def hidden(self, input_ids: torch.Tensor | None = None, *, inputs_embeds: torch.Tensor | None = None, **kw):
+        """`TinyTransformer.hidden`, with image slots in `input_ids` embedded as images."""
+        if input_ids is not None and inputs_embeds is None and bool((input_ids < 0).any()):
+            input_ids, inputs_embeds = None, self.embed_ids(input_ids)
+        return self.lm.hidden(input_ids, inputs_embeds=inputs_embeds, **kw)
+
+    def forward(self, input_ids=None, *, inputs_embeds=None, attention_mask=None, position_ids=None, cache=None):
+        h = self.hidden(input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                        position_ids=position_ids, cache=cache)
+        return self.lm.lm_head(h)
+
+
+class TinyVLMPolicy(TinyPolicy):
+    """The `Policy` of a `TinyVLM`: `TinyPolicy`'s sampler and log-probs, plus image prompts."""
+
+    accepts_images = True
+
+    @classmethod
+    def create(cls, config: dict, seed: int = 0) -> TinyVLMPolicy:
+        """A freshly initialised model; the same config and seed give the same weights."""
+        tokenizer = CharTokenizer()
+        lm_config, vision = vlm_config(config, tokenizer.vocab_size)
+        if lm_config.vocab_size != tokenizer.vocab_size:
+            raise ThinklingError(f"model config 'vocab_size': must be {tokenizer.vocab_size} for the character "
+                                 f"tokenizer (got {lm_config.vocab_size})")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = TinyVLM(lm_config, vision)
+        return cls(model, tokenizer)
+
+    def encode_prompt(self, prompt: str, images=()) -> list[int]:
+        ids = [self.bos_id]
+        for image in images:
+            ids += image_store.slot_ids(image_store.register(image), self.model.n_image_tokens)
+        return ids + self.tokenizer.encode(prompt)
+
+    def _budgets(self, prompts: list[list[int]], params: SamplingParams) -> list[int]:
+        """`TinyPolicy._budgets`, with image slots checked apart from vocabulary ids."""
+        for i, p in enumerate(prompts):
+            handles, j = image_store.split_slot(np.array([t for t in p if t < 0], dtype=np.int64))
+            if len(j) and int(j.max()) >= self.model.n_image_tokens:
+                raise ThinklingError(f"generate: prompt {i} has an image slot beyond the model's "
+                                     f"{self.model.n_image_tokens} image tokens")
+            for h in set(handles.tolist()):
+                image_store.pixels(h)  # an unknown handle fails here, before any work
+        return super()._budgets([[max(t, 0) for t in p] for p in prompts], params)
+
+    def save(self, directory: str) -> None:
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        save_model(self.model, str(d / "model.safetensors"))
+        config = {**self.model.config.to_dict(), "vision": asdict(self.model.vision_config)}
+        (d / "config.json").write_text(json.dumps(config, indent=2))
+        (d / "tokenizer.json").write_text(json.dumps(self.tokenizer.to_dict(), indent=2))
+        (d / "policy.json").write_text(json.dumps({"backend": "tiny_vlm"}, indent=2))
+
+    @classmethod
+    def load(cls, directory: str) -> TinyVLMPolicy:
+        d = Path(directory)
+        for name in FILES:
+            if not (d / name).is_file():
+                raise ThinklingError(f"{d / name}: missing (not a saved tiny_vlm policy)")
+        if read_json(d / "policy.json").get("backend") != "tiny_vlm":
+            raise ThinklingError(f"{d / 'policy.json'}: backend is not 'tiny_vlm'")
+        try:
+            saved = read_json(d / "config.json")
+            tokenizer = CharTokenizer.from_dict(read_json(d / "tokenizer.json"))
+            if not isinstance(saved, dict):
+                raise ThinklingError("config.json is not a mapping")
+            lm_config, vision = vlm_config({k: v for k, v in saved.items() if k != "vocab_size"},
+                                           saved.get("vocab_size", tokenizer.vocab_size))
+        except ThinklingError as e:
+            raise ThinklingError(f"{d}: {e}") from None
+        with torch.random.fork_rng(devices=[]):
+            model = TinyVLM(lm_config, vision)
+        load_weights(model, d / "model.safetensors")
+        return cls(model, tokenizer)

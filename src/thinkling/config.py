@@ -52,6 +52,7 @@ class ModelConfig:
     trust_remote_code: bool = False
     generator: str = "engine"  # hf rollouts: engine (thinkling's, falls back to HF generate) | vllm (CUDA GPU)
     rollout_dtype: str | None = None  # hf engine weights: float32 | bfloat16 (~2x faster on AVX-512-bf16 CPUs, approximate); default dtype
+    fsdp: bool = False  # shard weights, gradients and AdamW states over the launched processes (FSDP2; docs/scale.md)
     gradient_checkpointing: bool = False  # hf: keep only each layer's input for backward, recompute the rest (less memory, ~+30 % update time)
 
     def validate(self, where: str = "model") -> None:
@@ -60,6 +61,10 @@ class ModelConfig:
         _check(where, "rollout_dtype", self.rollout_dtype in (None, "float32", "bfloat16"), "float32 or bfloat16",
                self.rollout_dtype)
         _check(where, "generator", self.generator in ("engine", "vllm"), "engine or vllm", self.generator)
+        _check(where, "fsdp", isinstance(self.fsdp, bool), "true or false", self.fsdp)
+        _check(where, "fsdp", not (self.fsdp and self.generator == "vllm"),
+               "false with model.generator: vllm (an in-process engine needs the whole model; use "
+               "rl.rollout_backend: vllm-server)", self.fsdp)
         _check(where, "name", bool(self.name) or bool(self.init) or self.backend != "hf",
                "an alias, a local path or a hub id for backend hf", self.name)
 

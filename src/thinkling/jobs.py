@@ -27,6 +27,7 @@ from thinkling.train.common import load_optimizer_state, make_optimizer, seed_ev
 from thinkling.train.distributed import DataParallel
 from thinkling.train.rl import train_rl, validate_rl
 from thinkling.train.sft import check_examples_fit, sft_examples, train_sft
+from thinkling.train.sharding import full_state, gathered, shard_policy
 
 
 def configure_threads(threads: int | None, model_cfg) -> None:
@@ -116,18 +117,21 @@ def run_sft(cfg, resume: bool = False) -> dict:
 
     run, policy, examples, ckpt, start = _open_run(cfg, resume, lambda: dp.run_dir(cfg.output_dir, cfg, resume=resume),
                                                    prepare)
+    if cfg.model.fsdp:
+        shard_policy(policy, dp)
     optimizer = make_optimizer(policy.model, cfg.sft.lr, cfg.sft.weight_decay)
     if ckpt is not None:
-        load_optimizer_state(optimizer, ckpt / "optimizer.pt")
+        load_optimizer_state(optimizer, ckpt / "optimizer.pt", policy.model)
     n_params = sum(p.numel() for p in policy.model.parameters())
     console.print(f"SFT: {n_params / 1e6:.2f} M parameters, {len(examples)} examples, {cfg.sft.steps} steps -> {run.path}")
     with bar("sft", cfg.sft.steps - start) as advance:
         train_sft(policy, examples, cfg.sft, seed=cfg.seed, run=run, start_step=start, optimizer=optimizer,
                   evaluate=_evaluator(policy, eval_task, eval_problems, cfg), eval_every=cfg.eval.every,
                   data_parallel=dp, sampler=sampler, progress=lambda step, loss: advance(1, info=f"loss {loss:.3f}"))
-    if not dp.is_main:
-        return {"rank": dp.rank}
-    return finish(run, policy, eval_task, eval_problems, cfg, step=cfg.sft.steps)
+    with full_state(policy), gathered(policy):  # a sharded policy: saved and evaluated whole, by process 0
+        if not dp.is_main:
+            return {"rank": dp.rank}
+        return finish(run, policy, eval_task, eval_problems, cfg, step=cfg.sft.steps)
 
 
 # ---------------------------------------------------------------------- RL
@@ -150,9 +154,11 @@ def run_rl(cfg, resume: bool = False) -> dict:
         check_fits(policy, eval_problems, cfg.eval.max_new_tokens, "eval")
 
     run, policy, _, ckpt, start = _open_run(cfg, resume, lambda: dp.run_dir(cfg.output_dir, cfg, resume=resume), prepare)
+    if cfg.model.fsdp:
+        shard_policy(policy, dp)
     optimizer = make_optimizer(policy.model, cfg.rl.lr, cfg.rl.weight_decay)
     if ckpt is not None:
-        load_optimizer_state(optimizer, ckpt / "optimizer.pt")
+        load_optimizer_state(optimizer, ckpt / "optimizer.pt", policy.model)
     bread = " + BREAD" if cfg.rl.bread.enabled else ""
     console.print(f"RL ({cfg.rl.algorithm}{bread}): {cfg.rl.steps} steps × {cfg.rl.prompts_per_step} prompts "
                   f"× G={cfg.rl.group_size} -> {run.path}")
@@ -166,10 +172,11 @@ def run_rl(cfg, resume: bool = False) -> dict:
             state=run.load_state(ckpt) if ckpt is not None else None,
             evaluate=_evaluator(policy, eval_task, eval_problems, cfg), eval_every=cfg.eval.every, data_parallel=dp,
             progress=lambda step, m: advance(1, info=f"reward {m.get('reward_mean', 0):.2f} acc {m.get('accuracy', 0):.2f}"))
-    if not dp.is_main:
-        return {"rank": dp.rank}
-    return finish(run, policy, eval_task, eval_problems, cfg, step=cfg.rl.steps,
-                  extra={"total/generated_tokens": trainer.totals["generated_tokens"]})
+    with full_state(policy), gathered(policy):  # a sharded policy: saved and evaluated whole, by process 0
+        if not dp.is_main:
+            return {"rank": dp.rank}
+        return finish(run, policy, eval_task, eval_problems, cfg, step=cfg.rl.steps,
+                      extra={"total/generated_tokens": trainer.totals["generated_tokens"]})
 
 
 def finish(run: RunDir, policy, eval_task, eval_problems, cfg, step: int, extra: dict | None = None) -> dict:

@@ -38,15 +38,18 @@ from thinkling.rollout.groups import Group, sample_groups
 from thinkling.rollout.prompts import anchor_text, sample_levels
 from thinkling.train.common import (
     adam_step_norm,
+    clip_gradients,
     lr_at,
     make_optimizer,
     peak_rss_gb,
     set_lr,
     step_generator,
     stop_if_not_finite,
+    weight_norm,
     weights_changed,
 )
 from thinkling.train.distributed import DataParallel
+from thinkling.train.sharding import full_state, gathered, idle_pass, matched_passes
 
 
 def resolve_knobs(rl_cfg) -> Knobs:
@@ -153,6 +156,10 @@ class RLTrainer:
         the kept groups are counted over processes: the refill decision, and the order of groups
         in the batch (round, then request), are those of one process.
         """
+        with gathered(self.policy):  # a sharded policy generates with its full weights
+            return self._collect(step)
+
+    def _collect(self, step: int) -> tuple[list[Group], dict]:
         c, dp = self.cfg, self.dp
         g = step_generator(self.seed, step)
         stats = dict.fromkeys(("groups_sampled", "groups_dropped_equal", "bread/anchored", "bread/failed_groups",
@@ -268,7 +275,7 @@ class RLTrainer:
         reuse_old = c.ppo_epochs == 1 and c.minibatches == 1  # π_old == π_θ exactly: ratio is 1
         old_logp = ref_logp = None
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=c.bf16)
-        with torch.no_grad(), autocast:
+        with torch.no_grad(), autocast, gathered(self.policy):
             if not reuse_old and batch is not None:
                 old_logp = self._logp(self.policy, batch, slice(None), device)
             if self.ref is not None and batch is not None:
@@ -286,7 +293,7 @@ class RLTrainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 loss, stats = self._accumulate(batch, rows, old_logp, ref_logp, autocast)
                 dp.sum_gradients(model)
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
+                grad_norm = clip_gradients(model, c.grad_clip)
                 stop_if_not_finite(step + 1, loss=loss, grad_norm=grad_norm)
                 self.optimizer.step()
                 updates += 1
@@ -296,11 +303,11 @@ class RLTrainer:
         model.eval()
         weights_changed(self.policy)
         out = {key: v / max(1, updates) for key, v in stats_acc.items()}
-        weight_norm = sum(float(p.detach().pow(2).sum()) for p in model.parameters() if p.requires_grad) ** 0.5
+        norm = weight_norm(model)
         tokens = max(counts["tokens"], 1.0)
         out.update(signal, lr=lr, advantage_abs_mean=counts["adv_abs"] / max(1.0, counts["rows"]),
                    **{"tokens/adv_pos_frac": counts["tokens_pos"] / tokens, "tokens/adv_neg_frac": counts["tokens_neg"] / tokens},
-                   update_norm_rel=step_norm / max(weight_norm, 1e-12), weight_norm=weight_norm)
+                   update_norm_rel=step_norm / max(norm, 1e-12), weight_norm=norm)
         return out
 
     def _accumulate(self, batch: Batch | None, rows: torch.Tensor, old_logp, ref_logp,
@@ -323,7 +330,10 @@ class RLTrainer:
         elif size < len(rows):  # shortest first: similar lengths share a micro-batch
             rows = rows[torch.argsort(batch.attention_mask[rows].sum(dim=1), stable=True)]
         total, sums, maxes, tokens = torch.zeros(()), {}, {}, 0.0
-        for start in range(0, len(rows), size):
+        starts = range(0, len(rows), size)
+        for _ in range(matched_passes(self.dp, self.policy.model, len(starts))):
+            idle_pass(self.policy)  # sharded: as many passes as the process with the most micro-batches
+        for start in starts:
             part = rows[start : start + size]
             with autocast:
                 loss, stats, _ = minibatch_loss(self.policy, batch, part, k, max_len=c.max_new_tokens,
@@ -433,11 +443,12 @@ def train_rl(policy, task, problems, cfg, knobs: Knobs, *, seed: int, run=None, 
     if state:
         trainer.load_state(state)
     policy.model.eval()
-    if not dp.is_main:
-        evaluate = None
 
     def evaluate_now(step: int) -> None:
-        metrics = evaluate(step)
+        with gathered(policy):  # every process gathers a sharded policy's weights; process 0 evaluates
+            if not dp.is_main:
+                return
+            metrics = evaluate(step)
         if run is not None:
             run.log(step, {**metrics, "total/generated_tokens": trainer.totals["generated_tokens"]})
 
@@ -455,7 +466,8 @@ def train_rl(policy, task, problems, cfg, knobs: Knobs, *, seed: int, run=None, 
         if evaluate is not None and eval_every and done % eval_every == 0 and done != cfg.steps:
             evaluate_now(done)
         if run is not None and (done % cfg.save_every == 0 or done == cfg.steps):
-            run.save_checkpoint(done, policy, optimizer, trainer.state())
+            with full_state(policy, optimizer):  # every process: a sharded policy's state is gathered
+                run.save_checkpoint(done, policy, optimizer, trainer.state())
         if progress is not None:
             progress(done, metrics)
     return trainer

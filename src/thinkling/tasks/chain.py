@@ -11,14 +11,9 @@ from __future__ import annotations
 import re
 
 from thinkling.errors import ThinklingError
-from thinkling.tasks.base import (
-    Problem,
-    Task,
-    Verdict,
-    register_task,
-    render_completion,
-)
+from thinkling.tasks.base import Problem, Task, Verdict, register_task, render_completion
 from thinkling.tasks.synthetic import check_count, difficulty_levels, rng_for
+
 
 _STEP = re.compile(r"(\d+)((?:[+-]\d+)+)=(\d+)")
 

@@ -19,6 +19,7 @@ from thinkling.eval.report import eval_report, write_report
 from thinkling.eval.sweep import stop_sweep
 from thinkling.files import atomic_write_text, read_json
 from thinkling.models import build_policy, configure_policy, load_policy, open_policy
+from thinkling.models.vllm_server import ServerClient
 from thinkling.progress import bar, console
 from thinkling.rollout.prompts import check_fits
 from thinkling.runs import RunDir
@@ -153,6 +154,10 @@ def run_rl(cfg, resume: bool = False) -> dict:
         check_fits(policy, problems, cfg.rl.max_new_tokens, "train")
         check_fits(policy, eval_problems, cfg.eval.max_new_tokens, "eval")
 
+    client = None
+    if cfg.rl.rollout_backend == "vllm-server":
+        client = ServerClient(cfg.rl.vllm_url)
+        client.health()  # before the run folder: a wrong URL writes nothing
     run, policy, _, ckpt, start = _open_run(cfg, resume, lambda: dp.run_dir(cfg.output_dir, cfg, resume=resume), prepare)
     if cfg.model.fsdp:
         shard_policy(policy, dp)
@@ -168,7 +173,7 @@ def run_rl(cfg, resume: bool = False) -> dict:
     with bar("rl", cfg.rl.steps - start) as advance:
         trainer = train_rl(
             policy, task, problems, cfg.rl, knobs, seed=cfg.seed, run=run, start_step=start, optimizer=optimizer,
-            reference=reference, sampler=sampler,
+            reference=reference, sampler=sampler, rollout_client=client,
             state=run.load_state(ckpt) if ckpt is not None else None,
             evaluate=_evaluator(policy, eval_task, eval_problems, cfg), eval_every=cfg.eval.every, data_parallel=dp,
             progress=lambda step, m: advance(1, info=f"reward {m.get('reward_mean', 0):.2f} acc {m.get('accuracy', 0):.2f}"))

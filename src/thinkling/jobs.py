@@ -50,6 +50,14 @@ def _is_tiny(model_cfg) -> bool:
     return meta is not None and read_json(meta).get("backend") == "tiny"
 
 
+def check_world(dp: DataParallel, batch: int, key: str, unit: str) -> None:
+    """Every process needs a share of each step's batch. Checked before the run folder opens, so a
+    launch (or a resume) with more processes than that is one error line and writes nothing."""
+    if dp.world_size > batch:
+        raise ThinklingError(f"config key '{key}': {batch} {unit}s per step cannot be shared by the "
+                             f"{dp.world_size} processes launched (WORLD_SIZE); launch at most {batch}")
+
+
 def _open_run(cfg, resume: bool, make_run, prepare):
     """The run folder, the policy, the checkpoint, the step to continue from and `prepare(policy)`.
 
@@ -111,6 +119,7 @@ def run_sft(cfg, resume: bool = False) -> dict:
     dp = DataParallel.from_env()
     if not dp.is_main:
         console.quiet = True  # one voice: process 0 reports for the run
+    check_world(dp, cfg.sft.batch_size, "sft.batch_size", "example")
 
     def prepare(policy):
         check_fits(policy, eval_problems, cfg.eval.max_new_tokens, "eval")
@@ -147,6 +156,7 @@ def run_rl(cfg, resume: bool = False) -> dict:
     dp = DataParallel.from_env()
     if not dp.is_main:
         console.quiet = True  # one voice: process 0 reports for the run
+    check_world(dp, cfg.rl.prompts_per_step, "rl.prompts_per_step", "prompt")
     knobs = validate_rl(cfg, problems, warn=dp.is_main)
     sampler = make_sampler(cfg.curriculum, problems, cfg.rl.steps)
 

@@ -98,6 +98,9 @@ def shard_policy(policy, data_parallel) -> bool:
             # PREMUL_SUM, which gloo rejects: "Cannot use ReduceOp.PREMUL_SUM with Gloo").
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)
+    # FSDP initialises its units on the root's first forward and refuses a block's forward before
+    # it; a policy may generate through its blocks (the tiny model's decoder, under `gathered`) first.
+    model._get_fsdp_state()._lazy_init()
     policy.sharded = True
     return True
 
@@ -167,7 +170,9 @@ def _full(value, cache: dict):
         return value
     key = id(value)
     if key not in cache:
-        cache[key] = value.full_tensor().cpu()
+        # A copy of its own: the gathered tensor may be a view into a padded all-gather buffer, which
+        # savers that check storage (safetensors, for tied weights) refuse.
+        cache[key] = value.full_tensor().cpu().clone()
     return cache[key]
 
 

@@ -45,7 +45,7 @@ def _weights(policy) -> dict:
     from thinkling.train.sharding import full_state
 
     with full_state(policy):
-        return {k: v.detach().clone() for k, v in policy.model.state_dict().items()}
+        return {k: v.detach().clone() for k, v in policy.model.state_dict().items() if v is not None}  # None: rank 1
 
 
 def _train(case: str, base: str, dp=None, run=None, resume_from=None, metrics=None):

@@ -114,7 +114,11 @@ def serve_model(model: str, host: str, port: int, **engine_kwargs) -> None:
     from thinkling.models.registry import resolve_model
     from thinkling.models.vllm_backend import VLLMGenerator, _require_vllm
 
-    _require_vllm()  # one line on a host without vLLM or a GPU, before resolving (pulling) the model
+    try:  # one line on a host without vLLM or a GPU, before resolving (pulling) the model
+        _require_vllm()
+    except ThinklingError as e:
+        raise ThinklingError(f"vllm-serve needs vLLM and a CUDA GPU ({str(e).split(';')[0].split(': ', 1)[-1]}); "
+                             "without them, train with rl.rollout_backend: local") from None
     model = resolve_model(model)
     engine = VLLMGenerator(model, logprobs_mode="processed_logprobs", **engine_kwargs)
     server = make_server(engine, host, port, model)

@@ -164,10 +164,14 @@ def to_float(value) -> float:
     return float(value)
 
 
-def _full(value, cache: dict):
-    """`value` as a plain tensor, gathered if it is a shard (one all-gather; shared tensors once)."""
+def _full(value, cache: dict, keep: bool):
+    """`value` as a plain tensor, gathered if it is a shard (one all-gather; shared tensors once).
+    Without `keep` (processes other than 0) the gathered copy is dropped at once: None."""
     if not isinstance(value, _dtensor()):
         return value
+    if not keep:
+        value.full_tensor()  # every process takes part in the all-gather
+        return None
     key = id(value)
     if key not in cache:
         # A copy of its own: the gathered tensor may be a view into a padded all-gather buffer, which
@@ -179,19 +183,22 @@ def _full(value, cache: dict):
 @contextmanager
 def full_state(policy, optimizer=None):
     """While the block runs, `policy.model.state_dict()` and `optimizer.state_dict()` return the
-    full (unsharded) state, gathered on every process on entry (so call it on every process);
-    the savers (`policy.save`, `RunDir.save_checkpoint`) then write the usual unsharded files.
-    A no-op when not sharded."""
+    full (unsharded) state on process 0, gathered tensor by tensor on entry (call it on every
+    process: the others take part and keep nothing, their dicts hold None); the savers
+    (`policy.save`, `RunDir.save_checkpoint`, the vLLM server sync) then write the usual
+    unsharded files. Process 0 holds the full state in CPU memory meanwhile. A no-op when not sharded."""
     model = policy.model
     if not is_sharded(model):
         yield
         return
     cache: dict = {}
-    model_state = {k: _full(v, cache) for k, v in model.state_dict().items()}
+    keep = torch.distributed.get_rank() == 0
+    model_state = {k: _full(v, cache, keep) for k, v in model.state_dict().items()}
     optim_state = None
     if optimizer is not None:
         optim_state = optimizer.state_dict()  # states keyed by parameter index, as unsharded
-        optim_state["state"] = {i: {k: _full(v, cache) for k, v in s.items()} for i, s in optim_state["state"].items()}
+        optim_state["state"] = {i: {k: _full(v, cache, keep) for k, v in s.items()}
+                                for i, s in optim_state["state"].items()}
     model.state_dict = lambda *args, **kwargs: dict(model_state)
     if optimizer is not None:
         optimizer.state_dict = lambda: optim_state

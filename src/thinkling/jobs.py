@@ -19,6 +19,7 @@ from thinkling.eval.report import eval_report, write_report
 from thinkling.eval.sweep import stop_sweep
 from thinkling.files import atomic_write_text, read_json
 from thinkling.models import build_policy, configure_policy, load_policy, open_policy
+from thinkling.models.vllm_server import ServerClient
 from thinkling.progress import bar, console
 from thinkling.rollout.prompts import check_fits
 from thinkling.runs import RunDir
@@ -27,6 +28,7 @@ from thinkling.train.common import load_optimizer_state, make_optimizer, seed_ev
 from thinkling.train.distributed import DataParallel
 from thinkling.train.rl import train_rl, validate_rl
 from thinkling.train.sft import check_examples_fit, sft_examples, train_sft
+from thinkling.train.sharding import full_state, gathered, shard_policy
 
 
 def configure_threads(threads: int | None, model_cfg) -> None:
@@ -46,6 +48,14 @@ def _is_tiny(model_cfg) -> bool:
     path = Path(model_cfg.init)
     meta = next((m for m in (path / "policy.json", path / "final" / "policy.json") if m.exists()), None)
     return meta is not None and read_json(meta).get("backend") in ("tiny", "tiny_vlm")
+
+
+def check_world(dp: DataParallel, batch: int, key: str, unit: str) -> None:
+    """Every process needs a share of each step's batch. Checked before the run folder opens, so a
+    launch (or a resume) with more processes than that is one error line and writes nothing."""
+    if dp.world_size > batch:
+        raise ThinklingError(f"config key '{key}': {batch} {unit}s per step cannot be shared by the "
+                             f"{dp.world_size} processes launched (WORLD_SIZE); launch at most {batch}")
 
 
 def _open_run(cfg, resume: bool, make_run, prepare):
@@ -109,6 +119,7 @@ def run_sft(cfg, resume: bool = False) -> dict:
     dp = DataParallel.from_env()
     if not dp.is_main:
         console.quiet = True  # one voice: process 0 reports for the run
+    check_world(dp, cfg.sft.batch_size, "sft.batch_size", "example")
 
     def prepare(policy):
         check_fits(policy, eval_problems, cfg.eval.max_new_tokens, "eval")
@@ -116,18 +127,21 @@ def run_sft(cfg, resume: bool = False) -> dict:
 
     run, policy, examples, ckpt, start = _open_run(cfg, resume, lambda: dp.run_dir(cfg.output_dir, cfg, resume=resume),
                                                    prepare)
+    if cfg.model.fsdp:
+        shard_policy(policy, dp)
     optimizer = make_optimizer(policy.model, cfg.sft.lr, cfg.sft.weight_decay)
     if ckpt is not None:
-        load_optimizer_state(optimizer, ckpt / "optimizer.pt")
+        load_optimizer_state(optimizer, ckpt / "optimizer.pt", policy.model)
     n_params = sum(p.numel() for p in policy.model.parameters())
     console.print(f"SFT: {n_params / 1e6:.2f} M parameters, {len(examples)} examples, {cfg.sft.steps} steps -> {run.path}")
     with bar("sft", cfg.sft.steps - start) as advance:
         train_sft(policy, examples, cfg.sft, seed=cfg.seed, run=run, start_step=start, optimizer=optimizer,
                   evaluate=_evaluator(policy, eval_task, eval_problems, cfg), eval_every=cfg.eval.every,
                   data_parallel=dp, sampler=sampler, progress=lambda step, loss: advance(1, info=f"loss {loss:.3f}"))
-    if not dp.is_main:
-        return {"rank": dp.rank}
-    return finish(run, policy, eval_task, eval_problems, cfg, step=cfg.sft.steps)
+    with full_state(policy), gathered(policy):  # a sharded policy: saved and evaluated whole, by process 0
+        if not dp.is_main:
+            return {"rank": dp.rank}
+        return finish(run, policy, eval_task, eval_problems, cfg, step=cfg.sft.steps)
 
 
 # ---------------------------------------------------------------------- RL
@@ -142,6 +156,7 @@ def run_rl(cfg, resume: bool = False) -> dict:
     dp = DataParallel.from_env()
     if not dp.is_main:
         console.quiet = True  # one voice: process 0 reports for the run
+    check_world(dp, cfg.rl.prompts_per_step, "rl.prompts_per_step", "prompt")
     knobs = validate_rl(cfg, problems, warn=dp.is_main)
     sampler = make_sampler(cfg.curriculum, problems, cfg.rl.steps)
 
@@ -149,10 +164,16 @@ def run_rl(cfg, resume: bool = False) -> dict:
         check_fits(policy, problems, cfg.rl.max_new_tokens, "train")
         check_fits(policy, eval_problems, cfg.eval.max_new_tokens, "eval")
 
+    client = None
+    if cfg.rl.rollout_backend == "vllm-server":
+        client = ServerClient(cfg.rl.vllm_url)
+        client.health()  # before the run folder: a wrong URL writes nothing
     run, policy, _, ckpt, start = _open_run(cfg, resume, lambda: dp.run_dir(cfg.output_dir, cfg, resume=resume), prepare)
+    if cfg.model.fsdp:
+        shard_policy(policy, dp)
     optimizer = make_optimizer(policy.model, cfg.rl.lr, cfg.rl.weight_decay)
     if ckpt is not None:
-        load_optimizer_state(optimizer, ckpt / "optimizer.pt")
+        load_optimizer_state(optimizer, ckpt / "optimizer.pt", policy.model)
     bread = " + BREAD" if cfg.rl.bread.enabled else ""
     console.print(f"RL ({cfg.rl.algorithm}{bread}): {cfg.rl.steps} steps × {cfg.rl.prompts_per_step} prompts "
                   f"× G={cfg.rl.group_size} -> {run.path}")
@@ -162,14 +183,15 @@ def run_rl(cfg, resume: bool = False) -> dict:
     with bar("rl", cfg.rl.steps - start) as advance:
         trainer = train_rl(
             policy, task, problems, cfg.rl, knobs, seed=cfg.seed, run=run, start_step=start, optimizer=optimizer,
-            reference=reference, sampler=sampler,
+            reference=reference, sampler=sampler, rollout_client=client,
             state=run.load_state(ckpt) if ckpt is not None else None,
             evaluate=_evaluator(policy, eval_task, eval_problems, cfg), eval_every=cfg.eval.every, data_parallel=dp,
             progress=lambda step, m: advance(1, info=f"reward {m.get('reward_mean', 0):.2f} acc {m.get('accuracy', 0):.2f}"))
-    if not dp.is_main:
-        return {"rank": dp.rank}
-    return finish(run, policy, eval_task, eval_problems, cfg, step=cfg.rl.steps,
-                  extra={"total/generated_tokens": trainer.totals["generated_tokens"]})
+    with full_state(policy), gathered(policy):  # a sharded policy: saved and evaluated whole, by process 0
+        if not dp.is_main:
+            return {"rank": dp.rank}
+        return finish(run, policy, eval_task, eval_problems, cfg, step=cfg.rl.steps,
+                      extra={"total/generated_tokens": trainer.totals["generated_tokens"]})
 
 
 def finish(run: RunDir, policy, eval_task, eval_problems, cfg, step: int, extra: dict | None = None) -> dict:

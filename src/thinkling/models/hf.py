@@ -173,6 +173,7 @@ class HFPolicy:
         self.use_engine = True
         self.rollout_dtype = _dtype_name(model)  # "bfloat16" trades exactness for ~2x faster rollouts on CPU
         self._engine = self._engine_skip = None
+        self.sharded = False  # FSDP shards (train.sharding): no fast paths that read weights outside forward
         self.vllm = None  # a VLLMGenerator after `use_vllm()`: GPU rollouts
         self._vllm_stale = False  # the trained weights moved since vLLM last got them
         if tokenizer.eos_token_id is None:
@@ -381,6 +382,8 @@ class HFPolicy:
         (Llama-family layouts, no logit scaling or soft-capping), else None. The trainers then
         score tokens from the hidden states a chunk at a time (`models.logprobs.head_logprobs`)
         instead of materialising `[B, T, V]` logits."""
+        if self.sharded:  # the head's weight is a shard outside the model's forward (train.sharding)
+            return None
         base = _base_model(self.model)
         head = getattr(base, "lm_head", None)
         config = base.config

@@ -234,6 +234,7 @@ class TinyPolicy:
 
     def __init__(self, model: TinyTransformer, tokenizer: CharTokenizer):
         self.model, self.tokenizer = model, tokenizer
+        self.sharded = False  # FSDP shards (train.sharding): no prefix pass outside the model's forward
         self.eos_id, self.pad_id, self.bos_id = tokenizer.eos_id, tokenizer.pad_id, tokenizer.bos_id
 
     @classmethod
@@ -282,8 +283,9 @@ class TinyPolicy:
         return self.model(input_ids.to(self.device))[:, keep_from:]
 
     def prefix_sharing(self) -> bool:
-        """Whether `prefix_shared_logits` can run (always: the KV cache works with gradients)."""
-        return True
+        """Whether `prefix_shared_logits` can run: always (the KV cache works with gradients), except
+        on a sharded model, whose prefix pass would run outside its forward (train.sharding)."""
+        return not self.sharded
 
     def prefix_shared_logits(self, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, owner: torch.Tensor,
                              input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

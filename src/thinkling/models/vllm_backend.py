@@ -96,11 +96,11 @@ class VLLMGenerator:
                 temperature=params.temperature,  # 0 is greedy in vLLM too
                 top_p=params.top_p if params.temperature > 0 else 1.0,
                 max_tokens=params.max_new_tokens,
-                seed=None if params.seed is None else params.seed + i,
+                seed=None if params.seed is None else params.seed + key,  # the prompt's stream, as locally
                 logprobs=0,
                 detokenize=False,
             )
-            for i in range(len(prompts))
+            for key in params.row_keys(len(prompts))
         ]
         outputs = self.llm.generate(
             [TokensPrompt(prompt_token_ids=list(p)) for p in prompts], sampling_params=sampling, use_tqdm=False

@@ -10,6 +10,7 @@ import sys
 import torch
 
 from thinkling.errors import ThinklingError
+from thinkling.train.sharding import is_sharded, load_sharded_optimizer, to_float
 
 
 def lr_at(step: int, *, base_lr: float, warmup: int, total: int, min_ratio: float = 0.1) -> float:
@@ -64,8 +65,19 @@ def adam_step_norm(optimizer: torch.optim.Optimizer) -> float:
             t = float(state["step"])
             m_hat = state["exp_avg"] / (1 - beta1**t)
             v_hat = state["exp_avg_sq"] / (1 - beta2**t)
-            total += float((group["lr"] * m_hat / (v_hat.sqrt() + group["eps"])).pow(2).sum())
+            total += to_float((group["lr"] * m_hat / (v_hat.sqrt() + group["eps"])).pow(2).sum())
     return total**0.5
+
+
+def clip_gradients(model: torch.nn.Module, max_norm: float) -> float:
+    """Clip the gradient norm; returns the norm before clipping. For a sharded model the norm
+    is over all shards (DTensor gradients: clip_grad_norm_ all-reduces the squared sums)."""
+    return to_float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+
+
+def weight_norm(model: torch.nn.Module) -> float:
+    """‖θ‖ over the trainable weights (all shards of a sharded model)."""
+    return sum(to_float(p.detach().pow(2).sum()) for p in model.parameters() if p.requires_grad) ** 0.5
 
 
 def peak_rss_gb() -> float:
@@ -93,8 +105,13 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
-def load_optimizer_state(optimizer: torch.optim.Optimizer, path) -> None:
+def load_optimizer_state(optimizer: torch.optim.Optimizer, path, model: torch.nn.Module | None = None) -> None:
+    """A checkpoint's optimizer state (always unsharded); cut into shards for a sharded `model`."""
     try:
-        optimizer.load_state_dict(torch.load(path, weights_only=True))
+        state = torch.load(path, weights_only=True)
+        if model is not None and is_sharded(model):
+            load_sharded_optimizer(optimizer, state)
+        else:
+            optimizer.load_state_dict(state)
     except (FileNotFoundError, RuntimeError, ValueError) as e:
         raise ThinklingError(f"{path}: cannot restore optimizer state ({e})") from None

@@ -43,6 +43,7 @@ import torch
 
 from thinkling.errors import ThinklingError
 from thinkling.runs import RunDir
+from thinkling.train.sharding import is_sharded
 
 # Elements per gradient all-reduce (64 MiB of fp32), as DDP's buckets: the flat copy stays small.
 GRAD_BUCKET = 2**24
@@ -166,7 +167,7 @@ class DataParallel:
         """Make every replica start from process 0's trainable weights (DDP does the same when it
         wraps a model), so a differently seeded initialisation (LoRA, a fresh tiny model) cannot
         make them drift apart. Frozen weights come from the same files everywhere."""
-        if self.enabled:
+        if self.enabled and not is_sharded(model):  # sharded: `shard_policy` broadcast before cutting
             for p in model.parameters():
                 if p.requires_grad:
                     torch.distributed.broadcast(p.data, src=0)
@@ -179,8 +180,9 @@ class DataParallel:
         A parameter has a gradient after the sum iff it had one on some process: one without
         rows this step (RL after dynamic sampling) gets zeros where the others have gradients,
         and a parameter no process touched stays without one, as in a single process.
+        A sharded model's gradients are already summed (FSDP's reduce-scatter, train.sharding).
         """
-        if not self.enabled:
+        if not self.enabled or is_sharded(model):
             return
         params = [p for p in model.parameters() if p.requires_grad]
         has = self.max(torch.tensor([float(p.grad is not None) for p in params], device=self._device())).cpu()

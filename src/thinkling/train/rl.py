@@ -31,6 +31,7 @@ from thinkling.data.curriculum import Uniform
 from thinkling.errors import ThinklingError
 from thinkling.models.base import SamplingParams, pad, pad_batch
 from thinkling.models.logprobs import masked_token_logprobs, shared_prefix_logprobs
+from thinkling.models.vllm_server import ServedRollouts
 from thinkling.progress import console
 from thinkling.rewards import RewardSpec, compute_rewards
 from thinkling.rollout.bread import anchor_failed_groups
@@ -38,15 +39,24 @@ from thinkling.rollout.groups import Group, sample_groups
 from thinkling.rollout.prompts import anchor_text, sample_levels
 from thinkling.train.common import (
     adam_step_norm,
+    clip_gradients,
     lr_at,
     make_optimizer,
     peak_rss_gb,
     set_lr,
     step_generator,
     stop_if_not_finite,
+    weight_norm,
     weights_changed,
 )
 from thinkling.train.distributed import DataParallel
+from thinkling.train.sharding import (
+    full_state,
+    gathered,
+    idle_pass,
+    matched_passes,
+    maybe_gathered,
+)
 
 
 def resolve_knobs(rl_cfg) -> Knobs:
@@ -59,6 +69,9 @@ def validate_rl(cfg, train_problems, warn: bool = True) -> Knobs:
     whether BREAD has expert traces to anchor on. Returns the knobs; `warn` prints a warning
     for settings that are valid but probably not meant (see `warn_inert_clip`)."""
     rl = cfg.rl
+    if rl.rollout_backend == "vllm-server" and cfg.model.fsdp and cfg.model.lora:
+        raise ThinklingError("config key 'rl.rollout_backend': vllm-server with model.fsdp and model.lora is not "
+                             "supported (merging sharded adapters for the server is not implemented)")
     if rl.bread.enabled and not any(p.steps for p in train_problems):
         raise ThinklingError(f"config key 'rl.bread.enabled': task '{cfg.train.name}' has no expert traces to anchor on")
     knobs = resolve_knobs(rl)
@@ -122,12 +135,16 @@ class RLTrainer:
     """
 
     def __init__(self, policy, task, problems, cfg, knobs: Knobs, optimizer, *, seed: int, reference=None,
-                 data_parallel: DataParallel | None = None, sampler=None):
+                 data_parallel: DataParallel | None = None, sampler=None, rollout_client=None):
         self.policy, self.task, self.problems, self.cfg, self.knobs = policy, task, problems, cfg, knobs
         self.sampler = sampler or Uniform(len(problems))  # which problems a step draws (data.curriculum)
         self.optimizer = optimizer
         self.seed = seed
         self.dp = data_parallel or DataParallel()
+        # rl.rollout_backend vllm-server: a generation server samples, the policy here only trains.
+        self.client = rollout_client
+        self.rollouts = policy if rollout_client is None else ServedRollouts(policy, rollout_client)
+        self.weight_syncs = 0
         self.reward_spec = RewardSpec.from_dict(cfg.rewards)
         if knobs.beta > 0 and reference is None:
             raise ThinklingError("rl.beta > 0 needs the reference policy (the run's starting policy)")
@@ -153,6 +170,10 @@ class RLTrainer:
         the kept groups are counted over processes: the refill decision, and the order of groups
         in the batch (round, then request), are those of one process.
         """
+        with maybe_gathered(self.policy, self.client is None):  # a sharded policy generates with its full weights
+            return self._collect(step)
+
+    def _collect(self, step: int) -> tuple[list[Group], dict]:
         c, dp = self.cfg, self.dp
         g = step_generator(self.seed, step)
         stats = dict.fromkeys(("groups_sampled", "groups_dropped_equal", "bread/anchored", "bread/failed_groups",
@@ -170,7 +191,7 @@ class RLTrainer:
                       if self.reward_spec.length is not None else [None] * need)
             keys = list(range(dp.rank, need, dp.world_size))  # this process's requests
             requests = [(self.problems[idx[i]], levels[i], 0) for i in keys]
-            groups = (sample_groups(self.policy, self.task, requests, c.group_size, self._params(step, 100 * round_),
+            groups = (sample_groups(self.rollouts, self.task, requests, c.group_size, self._params(step, 100 * round_),
                                     keys=keys) if requests else [])
             self._observe(idx, groups)
             stats["groups_sampled"] += len(groups)
@@ -178,7 +199,7 @@ class RLTrainer:
             if c.bread.enabled:
                 failed = [grp for grp in groups if not grp.has_success]
                 branched, bstats = anchor_failed_groups(
-                    self.policy, self.task, failed, c.group_size,
+                    self.rollouts, self.task, failed, c.group_size,
                     lambda r, rr=round_: self._params(step, 100 * rr + 1 + r), c.bread.max_probes,
                     self.anchor_memory if c.bread.remember_anchors else None)
                 if c.bread.remember_anchors:
@@ -268,7 +289,7 @@ class RLTrainer:
         reuse_old = c.ppo_epochs == 1 and c.minibatches == 1  # π_old == π_θ exactly: ratio is 1
         old_logp = ref_logp = None
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=c.bf16)
-        with torch.no_grad(), autocast:
+        with torch.no_grad(), autocast, gathered(self.policy):
             if not reuse_old and batch is not None:
                 old_logp = self._logp(self.policy, batch, slice(None), device)
             if self.ref is not None and batch is not None:
@@ -286,7 +307,7 @@ class RLTrainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 loss, stats = self._accumulate(batch, rows, old_logp, ref_logp, autocast)
                 dp.sum_gradients(model)
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
+                grad_norm = clip_gradients(model, c.grad_clip)
                 stop_if_not_finite(step + 1, loss=loss, grad_norm=grad_norm)
                 self.optimizer.step()
                 updates += 1
@@ -296,11 +317,15 @@ class RLTrainer:
         model.eval()
         weights_changed(self.policy)
         out = {key: v / max(1, updates) for key, v in stats_acc.items()}
-        weight_norm = sum(float(p.detach().pow(2).sum()) for p in model.parameters() if p.requires_grad) ** 0.5
+        if self.client is not None:
+            t_sync = time.time()
+            self.sync_server()
+            out["time/weight_sync_s"] = time.time() - t_sync
+        norm = weight_norm(model)
         tokens = max(counts["tokens"], 1.0)
         out.update(signal, lr=lr, advantage_abs_mean=counts["adv_abs"] / max(1.0, counts["rows"]),
                    **{"tokens/adv_pos_frac": counts["tokens_pos"] / tokens, "tokens/adv_neg_frac": counts["tokens_neg"] / tokens},
-                   update_norm_rel=step_norm / max(weight_norm, 1e-12), weight_norm=weight_norm)
+                   update_norm_rel=step_norm / max(norm, 1e-12), weight_norm=norm)
         return out
 
     def _accumulate(self, batch: Batch | None, rows: torch.Tensor, old_logp, ref_logp,
@@ -323,7 +348,10 @@ class RLTrainer:
         elif size < len(rows):  # shortest first: similar lengths share a micro-batch
             rows = rows[torch.argsort(batch.attention_mask[rows].sum(dim=1), stable=True)]
         total, sums, maxes, tokens = torch.zeros(()), {}, {}, 0.0
-        for start in range(0, len(rows), size):
+        starts = range(0, len(rows), size)
+        for _ in range(matched_passes(self.dp, self.policy.model, len(starts))):
+            idle_pass(self.policy)  # sharded: as many passes as the process with the most micro-batches
+        for start in starts:
             part = rows[start : start + size]
             with autocast:
                 loss, stats, _ = minibatch_loss(self.policy, batch, part, k, max_len=c.max_new_tokens,
@@ -353,6 +381,18 @@ class RLTrainer:
             return shared_prefix_logprobs(policy, ids, attn, mask, batch.prefix_len[rows],
                                           temperature=self.cfg.temperature)[0]
         return masked_token_logprobs(policy, ids, attn, mask, temperature=self.cfg.temperature)[0]
+
+    def sync_server(self) -> None:
+        """Send the policy's weights (LoRA merged; a sharded policy's gathered) to the generation
+        server, from process 0; every process waits until it has them."""
+        if self.client is None:
+            return
+        with full_state(self.policy):
+            if self.dp.is_main:
+                plain = getattr(self.policy, "plain_state_dict", None)
+                self.client.sync_weights(plain() if plain is not None else self.policy.model.state_dict())
+        self.dp.barrier()
+        self.weight_syncs += 1
 
     # --------------------------------------------------------------------- step
     def step(self, step: int, total_steps: int) -> tuple[dict, list[Group]]:
@@ -411,7 +451,8 @@ class RLTrainer:
 
 def train_rl(policy, task, problems, cfg, knobs: Knobs, *, seed: int, run=None, start_step: int = 0,
              optimizer=None, state: dict | None = None, evaluate=None, eval_every: int = 0,
-             progress=None, reference=None, data_parallel: DataParallel | None = None, sampler=None) -> RLTrainer:
+             progress=None, reference=None, data_parallel: DataParallel | None = None, sampler=None,
+             rollout_client=None) -> RLTrainer:
     """Train for `cfg.steps` RL steps (continuing from `start_step`), mirroring `train_sft`.
 
     Every step logs its metrics to `run`; every `cfg.samples_every` steps a few groups go to
@@ -423,21 +464,25 @@ def train_rl(policy, task, problems, cfg, knobs: Knobs, *, seed: int, run=None, 
     `sampler` (data.curriculum, default uniform) chooses each step's problems, its state checkpointed.
     With a `data_parallel` world of several processes, every process runs this loop on its share
     of each step and only process 0 evaluates (its `run` is the only one that writes).
+    `rollout_client` (`models.vllm_server.ServerClient`): a generation server samples the rollouts
+    and gets the weights before the first step and after every update.
     Returns the trainer (its `totals` count generated tokens).
     """
     dp = data_parallel or DataParallel()
     dp.broadcast_parameters(policy.model)
     optimizer = optimizer or make_optimizer(policy.model, cfg.lr, cfg.weight_decay)
     trainer = RLTrainer(policy, task, problems, cfg, knobs, optimizer, seed=seed, reference=reference,
-                        data_parallel=dp, sampler=sampler)
+                        data_parallel=dp, sampler=sampler, rollout_client=rollout_client)
     if state:
         trainer.load_state(state)
+    trainer.sync_server()  # the server may hold other weights (a resumed run's checkpoint, LoRA init)
     policy.model.eval()
-    if not dp.is_main:
-        evaluate = None
 
     def evaluate_now(step: int) -> None:
-        metrics = evaluate(step)
+        with gathered(policy):  # every process gathers a sharded policy's weights; process 0 evaluates
+            if not dp.is_main:
+                return
+            metrics = evaluate(step)
         if run is not None:
             run.log(step, {**metrics, "total/generated_tokens": trainer.totals["generated_tokens"]})
 
@@ -455,7 +500,8 @@ def train_rl(policy, task, problems, cfg, knobs: Knobs, *, seed: int, run=None, 
         if evaluate is not None and eval_every and done % eval_every == 0 and done != cfg.steps:
             evaluate_now(done)
         if run is not None and (done % cfg.save_every == 0 or done == cfg.steps):
-            run.save_checkpoint(done, policy, optimizer, trainer.state())
+            with full_state(policy, optimizer):  # every process: a sharded policy's state is gathered
+                run.save_checkpoint(done, policy, optimizer, trainer.state())
         if progress is not None:
             progress(done, metrics)
     return trainer

@@ -14,6 +14,7 @@ from thinkling.models.base import pad, pad_batch
 from thinkling.models.logprobs import masked_token_logprobs
 from thinkling.rollout.prompts import prompt_ids
 from thinkling.train.common import (
+    clip_gradients,
     lr_at,
     make_optimizer,
     peak_rss_gb,
@@ -22,6 +23,7 @@ from thinkling.train.common import (
     stop_if_not_finite,
     weights_changed,
 )
+from thinkling.train.sharding import full_state, gathered, idle_pass, matched_passes
 
 
 @dataclass
@@ -134,7 +136,10 @@ def train_sft(policy, examples: list[Example], cfg, *, seed: int, run=None, star
         size = cfg.micro_batch_size or len(batch)
         if size < len(batch):  # similar lengths share a micro-batch: less padding
             batch = sorted(batch, key=lambda e: len(e.ids))
-        for start in range(0, len(batch), size):
+        starts = range(0, len(batch), size)
+        for _ in range(matched_passes(dp, model, len(starts)) if dp is not None else 0):
+            idle_pass(policy)  # sharded: as many passes as the process with the most micro-batches
+        for start in starts:
             ids, mask, weights = (t.to(device) for t in collate(batch[start : start + size], policy.pad_id))
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                 micro = sft_loss(policy, ids, mask, weights, denominator=denominator.to(device))
@@ -143,7 +148,7 @@ def train_sft(policy, examples: list[Example], cfg, *, seed: int, run=None, star
         loss = part_loss if dp is None else dp.sum(part_loss.to(device)).cpu()  # the full-batch mean
         if dp is not None:
             dp.sum_gradients(model)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        grad_norm = clip_gradients(model, cfg.grad_clip)
         stop_if_not_finite(step + 1, loss=loss, grad_norm=grad_norm)
         optimizer.step()
         weights_changed(policy)
@@ -155,14 +160,15 @@ def train_sft(policy, examples: list[Example], cfg, *, seed: int, run=None, star
             last = {"loss": loss.item(), "lr": lr, "grad_norm": float(grad_norm),
                     "tokens_per_s": tokens / max(1e-9, time.time() - t0), "mem/peak_rss_gb": peak_rss_gb()}
             run.log(done, last)
-        if evaluate is not None and eval_every and (done % eval_every == 0) and done != cfg.steps and (
-                dp is None or dp.is_main):
+        if evaluate is not None and eval_every and (done % eval_every == 0) and done != cfg.steps:
             model.eval()
-            metrics = evaluate(done)
+            with gathered(policy):  # every process gathers a sharded model's weights; process 0 evaluates
+                metrics = evaluate(done) if dp is None or dp.is_main else {}
             if run is not None:
                 run.log(done, metrics)
             model.train()
         if run is not None and (done % cfg.save_every == 0 or done == cfg.steps):
-            run.save_checkpoint(done, policy, optimizer, {})
+            with full_state(policy, optimizer):  # every process: a sharded model's state is gathered
+                run.save_checkpoint(done, policy, optimizer, {})
     model.eval()
     return last

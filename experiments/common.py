@@ -140,13 +140,14 @@ def minimal_tokens(problem: Problem) -> int:
 
 def sft_tagged(output: Path, task_name: str, task_options: dict, difficulty, *, steps: int, size: int = 20000,
                tag_prob: float = 0.75, seed: int = 0, model: dict | None = None, lr: float = 3e-3,
-               styles: dict[str, dict] | None = None) -> Path:
+               styles: dict[str, dict] | None = None, styles_follow_tag: bool = True) -> Path:
     """SFT a fresh tiny model where a fraction `tag_prob` of prompts carry a random length tag
     ([short]/[medium]/[long]), so a later TLDR run does not start from a model that has never seen
     a tag. Without `styles` the tags are uninformative. `styles` maps each level to task options
     of its own (e.g. `{"short": {"merge": 1.0}, ...}`): a tagged prompt's target is then a trace in
     its level's style (the model learns to obey the tag); untagged prompts keep `task_options`.
-    Saves `output/final` and `output/sft.json`."""
+    With `styles_follow_tag=False` every example (tagged or not) gets one of the styles at random,
+    independent of its tag: the model writes every style but the tags say nothing. Saves `output/final` and `output/sft.json`."""
     import torch
 
     from thinkling.config import SFTConfig
@@ -168,11 +169,12 @@ def sft_tagged(output: Path, task_name: str, task_options: dict, difficulty, *, 
             fail(f"sft_tagged: styles needs exactly the levels {', '.join(LENGTH_LEVELS)}, got {', '.join(styles)}")
         for i, level in enumerate(LENGTH_LEVELS):  # one problem set per style (other seeds: other problems)
             pools[level] = get_task(task_name, **{**task_options, **styles[level]}).problems(size, seed + 1 + i, difficulty)
-    rng = random.Random(seed + 99)
+    rng, style_rng = random.Random(seed + 99), random.Random(seed + 98)
     examples = []
     for i in range(size):
         level = rng.choice(LENGTH_LEVELS) if rng.random() < tag_prob else None
-        p = pools[level if styles is not None else None][i]
+        style = None if styles is None else level if styles_follow_tag else style_rng.choice(LENGTH_LEVELS)
+        p = pools[style][i]
         examples.append(make_example(policy, prompt_ids(policy, p, level), task.target(p)))
     cfg = SFTConfig(steps=steps, batch_size=64, lr=lr, warmup_steps=50)
     losses = []
@@ -181,6 +183,7 @@ def sft_tagged(output: Path, task_name: str, task_options: dict, difficulty, *, 
     (Path(output) / "sft.json").write_text(json.dumps({"task": task_name, "options": task_options,
                                                         "difficulty": difficulty, "steps": steps, "size": size,
                                                         "tag_prob": tag_prob, "styles": styles,
+                                                        "styles_follow_tag": styles_follow_tag,
                                                         "final_loss": sum(losses[-25:]) / max(1, len(losses[-25:]))}))
     return final
 

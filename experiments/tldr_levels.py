@@ -13,7 +13,7 @@ rises with the level on the hard problems.
 (The first version of this experiment used uninformative SFT tags and `merge: 0.5` traces on 4-6
 steps: the SFT model was right on 6 % of the problems and RL shortened every level alike.)
 
-`.venv/bin/python experiments/tldr_levels.py [--quick] [--seeds 2] [--steps 60] [--budgets 20 22 40]`
+`.venv/bin/python experiments/tldr_levels.py [--quick] [--seeds 2] [--steps 60] [--budgets 20 22 40] [--untaught]`
 """
 
 from __future__ import annotations
@@ -44,6 +44,8 @@ def add_args(p):
     p.add_argument("--size", type=int, default=None, help="held-out problems (default 300, quick 60)")
     p.add_argument("--budgets", type=int, nargs=3, default=None, metavar=("SHORT", "MEDIUM", "LONG"),
                    help="TLDR token budgets per level (default: the recipe's)")
+    p.add_argument("--untaught", action="store_true",
+                   help="SFT writes every style at random whatever the tag (tags uninformative): can TLDR alone split them?")
 
 
 def main():
@@ -55,12 +57,14 @@ def main():
     size = args.size or (60 if args.quick else 300)
     sft_steps = args.sft_steps or (150 if args.quick else 1500)
     t0 = time.time()
-    sft = sft_tagged(out / "sft", "chain", OPTIONS, SFT_K, steps=sft_steps, styles=STYLES)
+    sft_name = "sft-untaught" if args.untaught else "sft"
+    sft = sft_tagged(out / sft_name, "chain", OPTIONS, SFT_K, steps=sft_steps, styles=STYLES,
+                     styles_follow_tag=not args.untaught)
     t_sft = time.time() - t0
-    tag, extra = "", ["eval.size=40"] if args.quick else []
+    tag, extra = "-untaught" if args.untaught else "", ["eval.size=40"] if args.quick else []
     if args.budgets:
         short, medium, long = args.budgets
-        tag = f"-b{short}-{medium}-{long}"
+        tag += f"-b{short}-{medium}-{long}"
         extra.append(f"rl.rewards.length.budgets={{short: {short}, medium: {medium}, long: {long}}}")
     jobs = [{"seed": s, "folder": str(out / f"rl{tag}-s{s}"), "recipe": RECIPE,
              "overrides": [f"output_dir={out / f'rl{tag}-s{s}'}", f"model.init={sft}", f"seed={s}", f"rl.steps={steps}",
@@ -84,15 +88,15 @@ def main():
         for lv in evals["SFT"]:
             of_level = [r for r in tldr if r[1] == lv]
             rows.append([f"TLDR mean of {len(done)}", lv, *[sum(c) / len(c) for c in list(zip(*of_level))[2:]]])
-    results = {"sft": str(sft), "styles": STYLES, "recipe": RECIPE, "budgets": args.budgets, "steps": steps, "sft_steps": sft_steps, "size": size,
+    results = {"sft": str(sft), "styles": STYLES, "untaught": args.untaught, "recipe": RECIPE, "budgets": args.budgets, "steps": steps, "sft_steps": sft_steps, "size": size,
                "samples": samples, "evals": evals, "sft_seconds": t_sft,
                "runs": [{"seed": j["seed"], "folder": j["folder"], "seconds": j["seconds"]} for j in done],
                "wall_s": time.time() - t0}
     ks = [f"k={k}" for k in EVAL_K]
     header = ["model", "level", "tokens greedy", *[f"acc greedy {k}" for k in ks], "acc greedy all",
               "tokens sampled", *[f"pass@1 {k}" for k in ks]]
-    print(write_results(out, f"TLDR levels on strict chain, one trace style per SFT tag, k={EVAL_K} "
-                             f"({size} problems; {sft_steps} SFT steps; {steps} RL steps{'; budgets ' + tag[2:] if tag else ''})",
+    print(write_results(out, f"TLDR levels on strict chain, {'random style per' if args.untaught else 'one trace style per'} SFT tag, k={EVAL_K} "
+                             f"({size} problems; {sft_steps} SFT steps; {steps} RL steps{'; ' + tag[1:] if tag else ''})",
                         header, rows, results, name=f"results{tag}"))
     print(f"wall time {time.time() - t0:.0f} s (SFT {t_sft:.0f} s)")
 

@@ -139,10 +139,15 @@ def minimal_tokens(problem: Problem) -> int:
 
 
 def sft_tagged(output: Path, task_name: str, task_options: dict, difficulty, *, steps: int, size: int = 20000,
-               tag_prob: float = 0.75, seed: int = 0, model: dict | None = None, lr: float = 3e-3) -> Path:
+               tag_prob: float = 0.75, seed: int = 0, model: dict | None = None, lr: float = 3e-3,
+               styles: dict[str, dict] | None = None, styles_follow_tag: bool = True) -> Path:
     """SFT a fresh tiny model where a fraction `tag_prob` of prompts carry a random length tag
-    ([short]/[medium]/[long], uninformative at SFT time), so a later TLDR run does not start from
-    a model that has never seen a tag. Saves `output/final` and `output/sft.json`."""
+    ([short]/[medium]/[long]), so a later TLDR run does not start from a model that has never seen
+    a tag. Without `styles` the tags are uninformative. `styles` maps each level to task options
+    of its own (e.g. `{"short": {"merge": 1.0}, ...}`): a tagged prompt's target is then a trace in
+    its level's style (the model learns to obey the tag); untagged prompts keep `task_options`.
+    With `styles_follow_tag=False` every example (tagged or not) gets one of the styles at random,
+    independent of its tag: the model writes every style but the tags say nothing. Saves `output/final` and `output/sft.json`."""
     import torch
 
     from thinkling.config import SFTConfig
@@ -158,10 +163,18 @@ def sft_tagged(output: Path, task_name: str, task_options: dict, difficulty, *, 
     task = get_task(task_name, **task_options)
     problems = task.problems(size, seed, difficulty)
     policy = TinyPolicy.create(model or {"d_model": 96, "n_layers": 3, "n_heads": 4, "max_seq_len": 192}, seed=seed)
-    rng = random.Random(seed + 99)
+    pools = {None: problems}
+    if styles is not None:
+        if set(styles) != set(LENGTH_LEVELS):
+            fail(f"sft_tagged: styles needs exactly the levels {', '.join(LENGTH_LEVELS)}, got {', '.join(styles)}")
+        for i, level in enumerate(LENGTH_LEVELS):  # one problem set per style (other seeds: other problems)
+            pools[level] = get_task(task_name, **{**task_options, **styles[level]}).problems(size, seed + 1 + i, difficulty)
+    rng, style_rng = random.Random(seed + 99), random.Random(seed + 98)
     examples = []
-    for p in problems:
+    for i in range(size):
         level = rng.choice(LENGTH_LEVELS) if rng.random() < tag_prob else None
+        style = None if styles is None else level if styles_follow_tag else style_rng.choice(LENGTH_LEVELS)
+        p = pools[style][i]
         examples.append(make_example(policy, prompt_ids(policy, p, level), task.target(p)))
     cfg = SFTConfig(steps=steps, batch_size=64, lr=lr, warmup_steps=50)
     losses = []
@@ -169,7 +182,8 @@ def sft_tagged(output: Path, task_name: str, task_options: dict, difficulty, *, 
     policy.save(str(final))
     (Path(output) / "sft.json").write_text(json.dumps({"task": task_name, "options": task_options,
                                                         "difficulty": difficulty, "steps": steps, "size": size,
-                                                        "tag_prob": tag_prob,
+                                                        "tag_prob": tag_prob, "styles": styles,
+                                                        "styles_follow_tag": styles_follow_tag,
                                                         "final_loss": sum(losses[-25:]) / max(1, len(losses[-25:]))}))
     return final
 

@@ -386,3 +386,46 @@ def test_adam_step_norm_is_the_size_of_the_step(tiny_policy):
         optimizer.step()
         delta = sum(float((p.detach() - b).pow(2).sum()) for p, b in zip(model.parameters(), before)) ** 0.5
         assert abs(adam_step_norm(optimizer) - delta) < 1e-4 * delta
+
+
+def test_tldr_rollouts_show_the_level_to_the_policy_and_reward_its_budget(tiny_policy):
+    """TLDR levels can only separate if the policy sees its level: every RL prompt carries the
+    group's `[level]` tag (what is sampled AND what the update conditions on), and the reward
+    applies that level's budget."""
+    from thinkling.config import RLConfig
+    from thinkling.rewards.length import tldr_length_factor
+    from thinkling.train.common import make_optimizer
+    from thinkling.train.rl import RLTrainer
+
+    task = get_task("chain")
+    problems = task.problems(20, 0, 2)
+    answers = {p.prompt: p.answer for p in problems}
+
+    class RightAnswerPolicy:  # right answers of several lengths, so the length factor shows
+        def __init__(self, base):
+            for name in ("encode_prompt", "encode_text", "decode", "eos_id", "pad_id", "model"):
+                setattr(self, name, getattr(base, name))
+
+        def sample(self, prompts, params):
+            from thinkling.models.base import Sample
+
+            prompts_text = [self.decode(ids).split("] ", 1)[-1].strip() for ids in prompts]
+            return [Sample(self.encode_text("x\n" * (i % 5) + "A:" + answers[t]) + [self.eos_id])
+                    for i, t in enumerate(prompts_text)]
+
+    budgets = {"short": 3, "medium": 6, "long": 40}
+    cfg = RLConfig(prompts_per_step=12, group_size=2, max_new_tokens=8,
+                   rewards={"accuracy": 1.0, "format": 0.0, "length": {"lam": 0.5, "budgets": budgets}})
+    trainer = RLTrainer(RightAnswerPolicy(tiny_policy), task, problems, cfg, resolve_knobs(cfg),
+                        make_optimizer(tiny_policy.model, 1e-3, 0.0), seed=0)
+    groups, _ = trainer.collect(0)
+    assert {g.level for g in groups} == set(budgets)
+    assert all(c.correct for g in groups for c in g.completions)
+    assert len({r for g in groups for r in g.rewards}) > 2  # the budgets made a difference
+    for g in groups:
+        assert tiny_policy.decode(g.prefix) == prompt_text(g.problem, g.level) == f"[{g.level}] {g.problem.prompt}\n"
+        expected = [float(c.correct) * tldr_length_factor(c.tokens, budgets[g.level], 0.5) for c in g.completions]
+        assert g.rewards == pytest.approx(expected)
+    batch = build_batch(groups, torch.zeros(len(groups), 2), tiny_policy.pad_id)
+    for row, g in zip(batch.ids[::2], groups):  # the update scores completions after the tagged prompt
+        assert row[: len(g.prefix)].tolist() == g.prefix

@@ -41,12 +41,13 @@ def _at_least(obj, where: str, low, *keys: str) -> None:
 
 @dataclass
 class ModelConfig:
-    backend: str = "tiny"  # tiny | tiny_vlm (tiny + image encoder, docs/vlm.md) | hf
+    backend: str = "tiny"  # tiny | tiny_vlm (tiny + image encoder, docs/vlm.md) | hf | hf_vlm (docs/vlm-hf.md)
     init: str | None = None  # a saved policy folder to start from (e.g. an SFT checkpoint)
-    name: str | None = None  # hf: alias (smollm2-135m), local path or hub id
+    name: str | None = None  # hf, hf_vlm: alias (smollm2-135m), local path or hub id
     tiny: dict = field(default_factory=dict)  # TinyConfig fields for a fresh tiny model (tiny_vlm: + vision: {...})
     dtype: str = "float32"  # float32 | bfloat16 | auto (hf weights; auto = bf16 only where it is native); tiny trains fp32
-    lora: dict | None = None  # hf: {r, alpha, dropout, target_modules}
+    lora: dict | None = None  # hf, hf_vlm (language model only): {r, alpha, dropout, target_modules}
+    train_vision: bool = False  # hf_vlm full fine-tuning: train the vision encoder too (frozen by default)
     chat_template: bool = True
     system_prompt: str | None = None
     trust_remote_code: bool = False
@@ -56,7 +57,11 @@ class ModelConfig:
     gradient_checkpointing: bool = False  # hf: keep only each layer's input for backward, recompute the rest (less memory, ~+30 % update time)
 
     def validate(self, where: str = "model") -> None:
-        _check(where, "backend", self.backend in ("tiny", "tiny_vlm", "hf"), "tiny, tiny_vlm or hf", self.backend)
+        _check(where, "backend", self.backend in ("tiny", "tiny_vlm", "hf", "hf_vlm"), "tiny, tiny_vlm, hf or hf_vlm",
+               self.backend)
+        _check(where, "train_vision", isinstance(self.train_vision, bool), "true or false", self.train_vision)
+        _check(where, "train_vision", not self.train_vision or self.backend == "hf_vlm",
+               "false unless model.backend is hf_vlm", self.train_vision)
         _check(where, "dtype", self.dtype in DTYPES, " or ".join(DTYPES), self.dtype)
         _check(where, "rollout_dtype", self.rollout_dtype in (None, "float32", "bfloat16"), "float32 or bfloat16",
                self.rollout_dtype)
@@ -65,8 +70,8 @@ class ModelConfig:
         _check(where, "fsdp", not (self.fsdp and self.generator == "vllm"),
                "false with model.generator: vllm (an in-process engine needs the whole model; use "
                "rl.rollout_backend: vllm-server)", self.fsdp)
-        _check(where, "name", bool(self.name) or bool(self.init) or self.backend != "hf",
-               "an alias, a local path or a hub id for backend hf", self.name)
+        _check(where, "name", bool(self.name) or bool(self.init) or self.backend not in ("hf", "hf_vlm"),
+               f"an alias, a local path or a hub id for backend {self.backend}", self.name)
 
 
 DTYPES = ("float32", "bfloat16", "auto")  # auto: bfloat16 where the CPU / GPU runs it natively, else float32

@@ -80,7 +80,13 @@ def _build(cfg, seed: int) -> Policy:
             chat_template=cfg.chat_template,
             system_prompt=cfg.system_prompt,
         )
-    raise ThinklingError(f"config key 'model.backend': unknown backend '{cfg.backend}' (tiny | tiny_vlm | hf)")
+    if cfg.backend == "hf_vlm":
+        from thinkling.models.hf_vlm import HFVLMPolicy
+
+        return HFVLMPolicy.load(cfg.name, dtype=cfg.dtype, lora=cfg.lora, trust_remote_code=cfg.trust_remote_code,
+                                chat_template=cfg.chat_template, system_prompt=cfg.system_prompt,
+                                train_vision=cfg.train_vision)
+    raise ThinklingError(f"config key 'model.backend': unknown backend '{cfg.backend}' (tiny | tiny_vlm | hf | hf_vlm)")
 
 
 def open_policy(model: str, dtype: str | None = None, trust_remote_code: bool = False) -> Policy:

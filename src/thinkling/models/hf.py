@@ -441,7 +441,7 @@ class HFPolicy:
             return []
         input_ids, attention_mask = pad_batch(prompts, self.pad_id, left=True)
         width = input_ids.shape[1]
-        kwargs: dict[str, Any] = {"do_sample": params.temperature > 0}
+        kwargs: dict[str, Any] = {"do_sample": params.temperature > 0, **self.generation_options()}
         if params.temperature > 0:
             # top_k=0: transformers otherwise applies its global default top_k=50.
             kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
@@ -457,7 +457,7 @@ class HFPolicy:
                 if params.seed is not None:
                     torch.manual_seed(params.seed)
                 out = self.model.generate(
-                    input_ids=input_ids.to(device),
+                    **self.model_inputs(input_ids),
                     attention_mask=attention_mask.to(device),
                     max_new_tokens=params.max_new_tokens,
                     eos_token_id=self.eos_id,
@@ -472,6 +472,14 @@ class HFPolicy:
                 row = row[: row.index(self.eos_id) + 1]
             completions.append(row)
         return completions
+
+    def model_inputs(self, input_ids: torch.Tensor) -> dict[str, Any]:
+        """The model's inputs for prompt ids, on its device (a VLM adds its images here)."""
+        return {"input_ids": input_ids.to(self.device)}
+
+    def generation_options(self) -> dict[str, Any]:
+        """Extra `model.generate` settings (a VLM bans its image tokens from completions)."""
+        return {}
 
     # ------------------------------------------------------------------ saving
 

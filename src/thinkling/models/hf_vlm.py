@@ -1,28 +1,28 @@
 """A Hugging Face vision-language model behind the `Policy` protocol.
 
 Any `AutoModelForImageTextToText` with its processor works: LLaVA, Idefics3 / SmolVLM,
-Qwen2-VL / Qwen2.5-VL. It is an `HFPolicy` whose prompts may carry images:
+Qwen2-VL / Qwen2.5-VL. It is an `HFPolicy` whose prompts may carry images, following the
+library's convention (`models.images`): images ride inside the prompt ids, so the shared
+SFT / RL / BREAD code takes image prompts unchanged (`model.backend: hf_vlm` in a recipe).
 
 - `encode_prompt(prompt, images)` renders the processor's chat template with one image
   placeholder per image (before the text) and lets the processor expand each placeholder
-  into the model's image tokens, so the ids hold exactly the image tokens the vision features
-  fill in. A prompt with no images is a plain text prompt.
-- `logits`, `sample` and `generate` take `images`: one list of PIL images per row (per prompt),
-  in the order their placeholders appear. The pixel inputs are recomputed from the images by
-  the processor's image processor, which resizes and splits them the way `encode_prompt` did.
-- The shared trainers call `policy.logits(ids, mask, keep_from)` with no images
-  (`models.logprobs.masked_token_logprobs`); `with policy.using_images(rows):` makes those
-  calls see the rows' images, so SFT and RL losses run unchanged.
+  into the model's image tokens; then image k's j-th image token is written as slot id
+  `slot_id(handle_k, j)` (negative, never a vocabulary id). The processor's other tokens
+  around images (Idefics3's row / column markers, Qwen2-VL's vision start / end) stay as they are.
+- `logits` and `generate_reference` (behind `sample` / `generate`) turn the slots back into
+  the image token id and recompute the pixel inputs from the stored images (an image starts
+  at its slot 0), with the processor's image processor resizing and splitting them exactly
+  as `encode_prompt` did. A prompt with no images is a plain text prompt.
 
-Only completion tokens are trained: a sequence is prompt ids (image tokens included) +
-completion + eos, and `completion_mask` zeroes every prompt position and, defensively, every
-image token. The vision tower is frozen by default (its features were aligned in pre-training;
-training it with a small RL batch mostly adds memory); LoRA goes on the language model only.
+Only completion tokens are trained: the trainers' loss masks cover completion tokens only, and
+`models.logprobs` never scores a slot as a target. The vision tower is frozen by default (its
+features were aligned in pre-training; training it with a small RL batch mostly adds memory);
+LoRA goes on the language model only.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 from collections.abc import Mapping, Sequence
@@ -34,14 +34,13 @@ import transformers
 
 from thinkling.errors import ThinklingError
 from thinkling.files import atomic_write_text, read_json
-from thinkling.models.base import SamplingParams, pad_batch
+from thinkling.models import images as image_store
 from thinkling.models.hf import (
     LLAMA_PROJECTIONS,
     LORA_DEFAULTS,
     HFPolicy,
     _apply_lora,
     _check_dtype,
-    _CompletionOnlyProcessor,
     _dtype_name,
     _from_pretrained,
     _portable,
@@ -111,6 +110,8 @@ class HFVLMPolicy(HFPolicy):
     `train_vision=True` lets full fine-tuning train the vision encoder too; under LoRA only the
     adapters (on the language model) train either way."""
 
+    accepts_images = True
+
     def __init__(self, model: torch.nn.Module, processor: Any, *, chat_template: bool = True,
                  system_prompt: str | None = None, source: dict | None = None, train_vision: bool = False):
         tokenizer = getattr(processor, "tokenizer", None)
@@ -123,9 +124,14 @@ class HFVLMPolicy(HFPolicy):
         if not train_vision and not hasattr(model, "peft_config"):  # under LoRA only the adapters train
             freeze_vision(model)
         config = _base_model(model).config
-        self.image_token_ids = {int(getattr(config, k)) for k in ("image_token_id", "image_token_index")
-                                if getattr(config, k, None) is not None}
-        self._images: list[list] | None = None  # rows' images bound by `using_images`
+        ids = {int(getattr(config, k)) for k in ("image_token_id", "image_token_index")
+               if getattr(config, k, None) is not None}
+        self.image_token_id = ids.pop() if len(ids) == 1 else None  # the token each slot stands for
+        self._n_tokens: dict[int, int] = {}  # image handle -> image tokens the processor gives it
+        # tokens that stand for pixels: a completion holding one would have no pixels to fill it
+        self.media_token_ids = sorted({int(getattr(config, k)) for k in (
+            "image_token_id", "image_token_index", "video_token_id", "video_token_index")
+            if getattr(config, k, None) is not None})
 
     @property
     def context_length(self) -> int | None:
@@ -233,144 +239,86 @@ class HFVLMPolicy(HFPolicy):
         return bos + (token or "") * n_images + prompt
 
     def encode_prompt(self, prompt: str, images: Sequence = ()) -> list[int]:
-        """Prompt ids with each image's placeholder expanded into the model's image tokens."""
-        text = self.prompt_text(prompt, len(images))
-        out = self.processor(text=[text], images=[list(images)] if images else None, add_special_tokens=False)
+        """Prompt ids with each image's placeholder expanded into the model's image tokens, which
+        are then written as that image's slot ids (`models.images`)."""
+        handles = [image_store.register(image) for image in images]
+        if handles and self.image_token_id is None:
+            raise ThinklingError(f"{type(_base_model(self.model)).__name__}: its config names no single image "
+                                 "token id (image_token_id / image_token_index)")
+        out = self.processor(text=[self.prompt_text(prompt, len(handles))],
+                             images=[self._pictures(handles)] if handles else None, add_special_tokens=False)
         ids = out["input_ids"][0]
-        return ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        if not handles:
+            return ids
+        # which image each image token belongs to: the processor expands them in order
+        owners = [h for h in handles for _ in range(self._image_tokens(h))]
+        positions = [i for i, t in enumerate(ids) if t == self.image_token_id]
+        if len(positions) != len(owners):
+            raise ThinklingError(f"{type(self.processor).__name__}: {len(positions)} image tokens in the prompt, "
+                                 f"expected {len(owners)} for its {len(handles)} image(s)")
+        j = 0
+        for k, (i, h) in enumerate(zip(positions, owners)):
+            j = j + 1 if k and owners[k - 1] == h and j + 1 < self._n_tokens[h] else 0
+            ids[i] = image_store.slot_id(h, j)
+        return ids
+
+    def _pictures(self, handles: Sequence[int]) -> list:
+        """The stored images as PIL RGB images (what the processor sees, at encoding and at forward)."""
+        from PIL import Image
+
+        return [Image.fromarray(image_store.pixels(h)) for h in handles]
+
+    def _image_tokens(self, handle: int) -> int:
+        """How many image tokens the processor expands one image into (depends on its size)."""
+        n = self._n_tokens.get(handle)
+        if n is None:
+            out = self.processor(text=[self.prompt_text("", 1)], images=[self._pictures([handle])],
+                                 add_special_tokens=False)
+            ids = out["input_ids"][0]
+            n = self._n_tokens[handle] = int((torch.as_tensor(ids) == self.image_token_id).sum())
+        return n
 
     # ------------------------------------------------------------------- model
 
-    def vision_inputs(self, input_ids: torch.Tensor, images: Sequence[Sequence] | None) -> dict[str, torch.Tensor]:
-        """The model's vision inputs for the rows of `input_ids`, row b holding `images[b]` (in
-        placeholder order); {} when no row has an image. Models with multimodal rotary positions
-        (Qwen2-VL) also get each token's modality (`mm_token_type_ids`), which their processor
-        derives from the ids."""
-        rows = input_ids.shape[0]
-        if images is None or not any(len(r) for r in images):
-            return {}
-        if len(images) != rows:
-            raise ThinklingError(f"images: {len(images)} image lists for {rows} rows")
-        out = self.processor.image_processor(images=[list(r) for r in images], return_tensors="pt")
+    def model_inputs(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The model's inputs for ids that may hold image slots: the slots become the image token
+        id, and the rows' images (each starts at its slot 0) become the processor's pixel inputs.
+        Models with multimodal rotary positions (Qwen2-VL) also get each token's modality
+        (`mm_token_type_ids`), which their processor derives from the ids."""
+        slots = input_ids < 0
+        if not bool(slots.any()):
+            return {"input_ids": input_ids.to(self.device)}
+        handle, j = image_store.split_slot(input_ids)
+        starts = slots & (j == 0)
+        rows = [handle[b][starts[b]].tolist() for b in range(input_ids.shape[0])]
+        ids = torch.where(slots, torch.full_like(input_ids, self.image_token_id), input_ids)
+        out = self.processor.image_processor(images=[self._pictures(r) for r in rows], return_tensors="pt")
         dtype = next(self.model.parameters()).dtype
         inputs = {k: (v.to(self.device, dtype) if v.is_floating_point() else v.to(self.device))
                   for k, v in out.items() if isinstance(v, torch.Tensor)}
         if "mm_token_type_ids" in getattr(self.processor, "model_input_names", ()):
-            types = self.processor.create_mm_token_type_ids(input_ids.tolist())
+            types = self.processor.create_mm_token_type_ids(ids.tolist())
             inputs["mm_token_type_ids"] = torch.tensor(types, dtype=torch.long, device=self.device)
-        return inputs
+        return {"input_ids": ids.to(self.device), **inputs}
 
-    def _check_images(self, input_ids: torch.Tensor, images: Sequence[Sequence] | None) -> None:
-        """One image list per row, and images exactly in the rows whose ids hold image tokens."""
-        if images is not None and len(images) != input_ids.shape[0]:
-            raise ThinklingError(f"images: {len(images)} image lists for {input_ids.shape[0]} rows")
-        if not self.image_token_ids:
-            return
-        has_tokens = torch.isin(input_ids, torch.tensor(sorted(self.image_token_ids), device=input_ids.device)).any(1)
-        for b, flag in enumerate(has_tokens.tolist()):
-            n = len(images[b]) if images is not None else 0
-            if flag != (n > 0):
-                raise ThinklingError(f"row {b}: {n} images but its ids {'hold' if flag else 'hold no'} image tokens "
-                                     "(encode the prompt with its images: policy.encode_prompt(prompt, images))")
-
-    @contextlib.contextmanager
-    def using_images(self, images: Sequence[Sequence] | None):
-        """Within the block, `logits` calls that pass no `images` use these (one list per row)."""
-        before, self._images = self._images, None if images is None else [list(r) for r in images]
-        try:
-            yield self
-        finally:
-            self._images = before
-
-    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep_from: int = 0,
-               images: Sequence[Sequence] | None = None) -> torch.Tensor:
-        """Logits of positions `keep_from..T-1` of a right-padded batch. Positions are left to the
-        model: right padding keeps the real tokens' positions, and Qwen2-VL computes its own
-        3-D (time, height, width) positions from the image grid."""
-        images = self._images if images is None else images
-        self._check_images(input_ids, images)
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep_from: int = 0) -> torch.Tensor:
+        """Logits of positions `keep_from..T-1` of a right-padded batch whose ids may hold image
+        slots. Positions are left to the model: right padding keeps the real tokens' positions,
+        and Qwen2-VL computes its own 3-D (time, height, width) positions from the image grid."""
+        out = self.model(attention_mask=attention_mask, use_cache=False,
                          logits_to_keep=input_ids.shape[1] - keep_from if keep_from > 0 else 0,
-                         **self.vision_inputs(input_ids, images))
+                         **self.model_inputs(input_ids))
         return out.logits
+
+    def generation_options(self) -> dict[str, Any]:
+        return {"suppress_tokens": self.media_token_ids} if self.media_token_ids else {}
 
     def output_head(self):
         return None  # image features enter mid-sequence: no hidden-state-only shortcut
 
     def prefix_sharing(self) -> bool:
         return False
-
-    def completion_mask(self, prompt_lens: Sequence[int], input_ids: torch.Tensor,
-                        attention_mask: torch.Tensor) -> torch.Tensor:
-        """`[B, T-1]` next-token positions to train: the completion tokens (and eos) of each row,
-        never a prompt position, padding or an image token."""
-        positions = torch.arange(1, input_ids.shape[1], device=input_ids.device)
-        lens = torch.as_tensor(list(prompt_lens), device=input_ids.device)
-        mask = (positions[None] >= lens[:, None]) & (attention_mask[:, 1:] != 0)
-        if self.image_token_ids:
-            mask &= ~torch.isin(input_ids[:, 1:], torch.tensor(sorted(self.image_token_ids), device=input_ids.device))
-        return mask
-
-    def completion_logprobs(self, prompts: list[list[int]], completions: list[list[int]],
-                            images: Sequence[Sequence] | None = None) -> list[list[float]]:
-        """log p(token | prompt, images, previous tokens) of each completion token (with gradient
-        off: for scoring; trainers use `masked_token_logprobs` under `using_images`)."""
-        from thinkling.models.logprobs import masked_token_logprobs
-
-        ids, attention = pad_batch([p + c for p, c in zip(prompts, completions)], self.pad_id)
-        ids, attention = ids.to(self.device), attention.to(self.device)
-        mask = self.completion_mask([len(p) for p in prompts], ids, attention)
-        with torch.no_grad(), self.using_images(images):
-            logp, _ = masked_token_logprobs(self, ids, attention, mask)
-        return [logp[b, len(p) - 1 : len(p) - 1 + len(c)].tolist() for b, (p, c) in enumerate(zip(prompts, completions))]
-
-    def generate(self, prompts: list[list[int]], params: SamplingParams,
-                 images: Sequence[Sequence] | None = None) -> list[list[int]]:
-        return [s.ids for s in self.sample(prompts, params, images)]
-
-    def sample(self, prompts: list[list[int]], params: SamplingParams, images: Sequence[Sequence] | None = None):
-        """transformers' `generate` (no per-token sampler log-probs; the trainers recompute them)."""
-        from thinkling.models.base import Sample
-
-        return [Sample(ids) for ids in self.generate_reference(prompts, params, images)]
-
-    @torch.no_grad()
-    def generate_reference(self, prompts: list[list[int]], params: SamplingParams,
-                           images: Sequence[Sequence] | None = None) -> list[list[int]]:
-        """Left-padded batch generation; the images enter at the prefill only. With a seed the
-        stream is torch's, seeded once per call: a sampled completion depends on the batch."""
-        params.validate()
-        if not prompts:
-            return []
-        images = self._images if images is None else images
-        input_ids, attention_mask = pad_batch(prompts, self.pad_id, left=True)
-        self._check_images(input_ids, images)
-        width = input_ids.shape[1]
-        kwargs: dict[str, Any] = {"do_sample": params.temperature > 0}
-        if params.temperature > 0:
-            kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
-        if params.logits_processor is not None:
-            kwargs["logits_processor"] = transformers.LogitsProcessorList(
-                [_CompletionOnlyProcessor(params.logits_processor, width, self.eos_id)])
-        was_training = self.model.training
-        self.model.eval()
-        device = self.device
-        try:
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                if params.seed is not None:
-                    torch.manual_seed(params.seed)
-                out = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                          max_new_tokens=params.max_new_tokens, eos_token_id=self.eos_id,
-                                          pad_token_id=self.pad_id, **self.vision_inputs(input_ids, images),
-                                          **kwargs)
-        finally:
-            self.model.train(was_training)
-        completions = []
-        for row in out[:, width:].tolist():
-            if self.eos_id in row:
-                row = row[: row.index(self.eos_id) + 1]
-            completions.append(row)
-        return completions
 
 
 def lora_config(lora: Mapping, model: torch.nn.Module) -> dict:

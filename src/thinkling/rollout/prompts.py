@@ -52,7 +52,7 @@ def prompt_ids(policy, problem: Problem, level: str | None = None) -> list[int]:
     if not getattr(policy, "accepts_images", False):
         raise ThinklingError(f"problem {problem.id} has {len(problem.images)} image(s), but the model "
                              f"({type(policy).__name__}) takes text only; use a vision-language model "
-                             "(model.backend: tiny_vlm)")
+                             "(model.backend: tiny_vlm or hf_vlm)")
     return policy.encode_prompt(prompt_text(problem, level), images=problem.images)
 
 

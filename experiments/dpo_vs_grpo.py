@@ -16,7 +16,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from common import experiment_args, output_dir, read_metrics, run_parallel, run_rl_job, write_results
+from common import (
+    experiment_args,
+    output_dir,
+    read_metrics,
+    run_parallel,
+    run_rl_job,
+    write_results,
+)
 from quickstart_seeds import quickstart_sft, spread
 
 # 4-step problems; held-out evaluation at step 0 and at the end only (the recipes' every-25-step

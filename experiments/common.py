@@ -100,7 +100,7 @@ def run_parallel(fn, jobs: list, workers: int) -> list:
 
 
 def run_recipe(kind: str, recipe: str | None, overrides: list[str], data: dict | None = None) -> dict:
-    """`thinkling sft|rl RECIPE key=value...` in this process; skips a run whose eval.json exists."""
+    """`thinkling sft|rl|dpo RECIPE key=value...` in this process; skips a run whose eval.json exists."""
     import torch
 
     from thinkling import jobs
@@ -117,13 +117,13 @@ def run_recipe(kind: str, recipe: str | None, overrides: list[str], data: dict |
     if (out / "eval.json").exists() and (out / "final" / "policy.json").exists():
         return json.loads((out / "eval.json").read_text())
     resume = out.exists() and any(out.iterdir())
-    return (jobs.run_sft if kind == "sft" else jobs.run_rl)(cfg, resume=resume)
+    return {"sft": jobs.run_sft, "rl": jobs.run_rl, "dpo": jobs.run_dpo}[kind](cfg, resume=resume)
 
 
 def run_rl_job(job: dict) -> dict:
-    """`run_recipe("rl", job["recipe"], job["overrides"])` for `run_parallel`; adds its wall time."""
+    """`run_recipe(job.get("kind", "rl"), job["recipe"], job["overrides"])` for `run_parallel`; adds its wall time."""
     t0 = time.time()
-    run_recipe("rl", job["recipe"], job["overrides"])
+    run_recipe(job.get("kind", "rl"), job["recipe"], job["overrides"])
     return {**job, "seconds": time.time() - t0}
 
 

@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", required=True)
     _recipe_parser(sub, "sft", "supervised fine-tuning on chain-of-thought data")
     _recipe_parser(sub, "rl", "GRPO-family RL (GRPO, Dr.GRPO, DAPO, CLGRPO, BREAD, TLDR)")
+    _recipe_parser(sub, "dpo", "rollout DPO: DPO on (correct, incorrect) pairs of the policy's own samples")
     _recipe_parser(sub, "pipeline", "a staged pipeline (e.g. CLGRPO: SFT -> GRPO format -> GRPO -> clip-low)")
 
     demo = sub.add_parser("demo", help="quick-start: SFT -> GRPO vs BREAD on hard chain problems -> report")
@@ -210,6 +211,8 @@ def _dispatch(args) -> int:
         jobs.run_sft(load_recipe(args.recipe, args.overrides), resume=args.resume)
     elif args.verb == "rl":
         jobs.run_rl(load_recipe(args.recipe, args.overrides), resume=args.resume)
+    elif args.verb == "dpo":
+        jobs.run_dpo(load_recipe(args.recipe, args.overrides), resume=args.resume)
     elif args.verb == "pipeline":
         pipeline.run_pipeline(args.recipe, args.overrides, resume=args.resume)
     elif args.verb == "demo":

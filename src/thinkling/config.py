@@ -212,6 +212,47 @@ class RLConfig:
             "an http(s):// URL for rl.rollout_backend: vllm-server", self.vllm_url)
 
 
+@dataclass
+class DPOConfig:
+    """Rollout DPO (`train.dpo`): pairs of the policy's own right and wrong completions."""
+
+    steps: int = 100
+    prompts_per_round: int = 16  # prompts sampled per rollout round
+    group_size: int = 8  # completions per prompt, split into right and wrong by the verifier
+    pairs_per_prompt: int = 4  # most (correct, incorrect) pairs one prompt gives
+    refresh_every: int = 1  # steps per rollout round (1 = online: fresh pairs every step)
+    batch_size: int | None = None  # pairs per update; None = every pair of the round
+    micro_batch_size: int | None = None  # pairs per forward/backward pass, gradients accumulated; None = all
+    beta: float = 0.1
+    loss: str = "sigmoid"  # sigmoid (DPO) | ipo
+    label_smoothing: float = 0.0  # conservative DPO's ε (sigmoid only)
+    lr: float = 1e-4
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    bf16: bool = False
+    log_every: int = 1
+    save_every: int = 25
+    samples_every: int = 10  # write a few of the round's pairs every n steps
+
+    def validate(self, where: str = "dpo") -> None:
+        _at_least(self, where, 1, "steps", "prompts_per_round", "pairs_per_prompt", "refresh_every", "batch_size",
+                  "micro_batch_size", "max_new_tokens", "log_every", "save_every")
+        _at_least(self, where, 0, "warmup_steps", "weight_decay", "samples_every")
+        _check(where, "group_size", self.group_size >= 2, ">= 2 (a pair needs two completions)", self.group_size)
+        _check(where, "beta", self.beta > 0, "> 0", self.beta)
+        _check(where, "label_smoothing", 0 <= self.label_smoothing < 0.5, "in [0, 0.5)", self.label_smoothing)
+        _check(where, "label_smoothing", self.label_smoothing == 0 or self.loss == "sigmoid",
+               "0 with loss ipo", self.label_smoothing)
+        _check(where, "lr", self.lr > 0, "> 0", self.lr)
+        _check(where, "grad_clip", self.grad_clip > 0, "> 0", self.grad_clip)
+        _check(where, "temperature", self.temperature > 0, "> 0 (pairs need sampled completions)", self.temperature)
+        _check(where, "top_p", 0 < self.top_p <= 1, "in (0, 1]", self.top_p)
+
+
 CURRICULA = ("uniform", "ordered", "filter", "bandit", "lfr")
 
 
@@ -244,6 +285,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     rl: RLConfig = field(default_factory=RLConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
 
     def validate(self, where: str = "") -> None:

@@ -26,6 +26,8 @@ from thinkling.runs import RunDir
 from thinkling.tasks import problem_set
 from thinkling.train.common import load_optimizer_state, make_optimizer, seed_everything
 from thinkling.train.distributed import DataParallel
+from thinkling.train.dpo import rounds as dpo_rounds
+from thinkling.train.dpo import train_dpo, validate_dpo
 from thinkling.train.rl import train_rl, validate_rl
 from thinkling.train.sft import check_examples_fit, sft_examples, train_sft
 from thinkling.train.sharding import full_state, gathered, shard_policy
@@ -100,7 +102,10 @@ def check_recipe(cfg, kind: str, init_from_earlier_stage: bool = False) -> None:
     problem_set(cfg.eval, "eval")
     if kind == "rl":
         validate_rl(cfg, train_problems, warn=False)
-    make_sampler(cfg.curriculum, train_problems, cfg.rl.steps if kind == "rl" else cfg.sft.steps, kind)
+    if kind == "dpo":
+        validate_dpo(cfg.dpo)
+    steps = {"rl": cfg.rl.steps, "sft": cfg.sft.steps, "dpo": dpo_rounds(cfg.dpo)}[kind]
+    make_sampler(cfg.curriculum, train_problems, steps, kind)
     init = cfg.model.init
     if init and not init_from_earlier_stage and not any((Path(init) / f).exists() for f in ("policy.json", "final")):
         raise ThinklingError(f"config key 'model.init': {init} is not a saved policy or run folder")
@@ -177,9 +182,7 @@ def run_rl(cfg, resume: bool = False) -> dict:
     bread = " + BREAD" if cfg.rl.bread.enabled else ""
     console.print(f"RL ({cfg.rl.algorithm}{bread}): {cfg.rl.steps} steps × {cfg.rl.prompts_per_step} prompts "
                   f"× G={cfg.rl.group_size} -> {run.path}")
-    # The starting policy, rebuilt from the recipe (a resumed run's policy is a checkpoint, not the start).
-    start_model = dataclasses.replace(cfg.model, generator="engine", rollout_dtype=None, gradient_checkpointing=False)  # scored, never sampled
-    reference = build_policy(start_model, cfg.seed) if knobs.beta > 0 or cfg.rl.kl_to_start else None
+    reference = starting_policy(cfg) if knobs.beta > 0 or cfg.rl.kl_to_start else None
     with bar("rl", cfg.rl.steps - start) as advance:
         trainer = train_rl(
             policy, task, problems, cfg.rl, knobs, seed=cfg.seed, run=run, start_step=start, optimizer=optimizer,
@@ -192,6 +195,46 @@ def run_rl(cfg, resume: bool = False) -> dict:
             return {"rank": dp.rank}
         return finish(run, policy, eval_task, eval_problems, cfg, step=cfg.rl.steps,
                       extra={"total/generated_tokens": trainer.totals["generated_tokens"]})
+
+
+def starting_policy(cfg):
+    """The run's starting policy, rebuilt from the recipe (a resumed run's policy is a checkpoint, not
+    the start): RL's KL anchor and DPO's reference. It only scores, never samples."""
+    start_model = dataclasses.replace(cfg.model, generator="engine", rollout_dtype=None, gradient_checkpointing=False)
+    return build_policy(start_model, cfg.seed)
+
+
+# --------------------------------------------------------------------- DPO
+def run_dpo(cfg, resume: bool = False) -> dict:
+    """Rollout DPO (`train.dpo`) in one process, with the run folder, evaluation and report of an RL run."""
+    configure_threads(cfg.threads, cfg.model)
+    seed_everything(cfg.seed)
+    if DataParallel.from_env().enabled:
+        raise ThinklingError("thinkling dpo runs in one process; launch it without torchrun / accelerate")
+    task, problems = problem_set(cfg.train, "train")
+    eval_task, eval_problems = problem_set(cfg.eval, "eval")
+    validate_dpo(cfg.dpo)
+    sampler = make_sampler(cfg.curriculum, problems, dpo_rounds(cfg.dpo), "dpo")
+
+    def prepare(policy):
+        check_fits(policy, problems, cfg.dpo.max_new_tokens, "train")
+        check_fits(policy, eval_problems, cfg.eval.max_new_tokens, "eval")
+
+    run, policy, _, ckpt, start = _open_run(cfg, resume, lambda: RunDir(cfg.output_dir, cfg, resume=resume), prepare)
+    optimizer = make_optimizer(policy.model, cfg.dpo.lr, cfg.dpo.weight_decay)
+    if ckpt is not None:
+        load_optimizer_state(optimizer, ckpt / "optimizer.pt")
+    d = cfg.dpo
+    console.print(f"DPO ({d.loss}, beta={d.beta}): {d.steps} steps, a round of {d.prompts_per_round} prompts "
+                  f"× G={d.group_size} every {d.refresh_every} -> {run.path}")
+    with bar("dpo", d.steps - start) as advance:
+        trainer = train_dpo(
+            policy, starting_policy(cfg), task, problems, d, seed=cfg.seed, run=run, start_step=start,
+            optimizer=optimizer, sampler=sampler, state=run.load_state(ckpt) if ckpt is not None else None,
+            evaluate=_evaluator(policy, eval_task, eval_problems, cfg), eval_every=cfg.eval.every,
+            progress=lambda step, m: advance(1, info=f"pairs {m.get('pairs', 0)} margin {m.get('rewards/margins', 0):.2f}"))
+    return finish(run, policy, eval_task, eval_problems, cfg, step=d.steps,
+                  extra={"total/generated_tokens": trainer.totals["generated_tokens"]})
 
 
 def finish(run: RunDir, policy, eval_task, eval_problems, cfg, step: int, extra: dict | None = None) -> dict:

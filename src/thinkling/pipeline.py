@@ -1,7 +1,7 @@
 """Staged pipelines (CLGRPO's incremental training, docs/methods.md#clgrpo-pipeline): one recipe, many stages.
 
 A pipeline recipe holds the shared run keys plus `stages:`, a list of
-`{name, kind: sft|rl, <section overrides>}`. Stage i runs in
+`{name, kind: sft|rl|dpo, <section overrides>}`. Stage i runs in
 `<output_dir>/<i>-<name>` and starts from stage i-1's final policy. A stage with a
 final policy is done; rerunning with --resume continues the first unfinished one.
 """
@@ -22,7 +22,7 @@ from thinkling.eval.report import write_report
 from thinkling.files import atomic_write_text
 from thinkling.progress import console
 
-KINDS = ("sft", "rl")
+KINDS = ("sft", "rl", "dpo")
 
 
 def deep_merge(base: dict, over: dict) -> dict:
@@ -86,7 +86,7 @@ def run_pipeline(recipe: str, overrides: list[str] = (), resume: bool = False) -
         else:
             console.rule(f"stage {i + 1}/{len(stages)}: {name} ({kind})")
             stage_resume = folder.exists() and any(folder.iterdir())
-            summary = (jobs.run_sft if kind == "sft" else jobs.run_rl)(cfg, resume=stage_resume)
+            summary = {"sft": jobs.run_sft, "rl": jobs.run_rl, "dpo": jobs.run_dpo}[kind](cfg, resume=stage_resume)
         results.append({"stage": name, "kind": kind, "accuracy": summary["accuracy"],
                         "format_rate": summary["format_rate"], "mean_tokens": summary["mean_tokens"]})
         atomic_write_text(root / "summary.json", json.dumps(results, indent=2))

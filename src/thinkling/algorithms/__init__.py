@@ -1,4 +1,4 @@
-"""The maths of GRPO-family RL: advantage estimators, the clipped policy loss, presets."""
+"""The maths of GRPO-family RL (advantage estimators, the clipped policy loss, presets) and DPO's loss."""
 
 from thinkling.algorithms.advantages import (
     ADVANTAGE_ESTIMATORS,
@@ -10,9 +10,11 @@ from thinkling.algorithms.losses import (
     AGGREGATIONS,
     KL_ESTIMATORS,
     POLICY_LOSSES,
+    PREFERENCE_LOSSES,
     agg_count,
     agg_denominator,
     agg_loss,
+    dpo_loss,
     kl_penalty,
     policy_loss,
     register_policy_loss,
@@ -26,12 +28,14 @@ __all__ = [
     "KL_ESTIMATORS",
     "Knobs",
     "POLICY_LOSSES",
+    "PREFERENCE_LOSSES",
     "PRESETS",
     "RL_KNOBS",
     "agg_count",
     "agg_denominator",
     "agg_loss",
     "compute_advantages",
+    "dpo_loss",
     "entropy_from_logits",
     "group_has_signal",
     "kl_penalty",

@@ -188,3 +188,53 @@ def policy_loss(
         if entropy_coef != 0:
             loss_mat = loss_mat - entropy_coef * entropy
     return agg_loss(loss_mat, mask, aggregation, max_len, denominator), stats
+
+
+PREFERENCE_LOSSES = ("sigmoid", "ipo")
+
+
+def dpo_loss(
+    chosen_logp: torch.Tensor,
+    rejected_logp: torch.Tensor,
+    ref_chosen_logp: torch.Tensor,
+    ref_rejected_logp: torch.Tensor,
+    *,
+    beta: float,
+    loss: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    denominator: float | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """DPO's loss over `[P]` preference pairs, from each completion's log-prob (a sum over its
+    tokens, or a mean for IPO) under the policy and the frozen reference.
+
+    With the margin h = (log π(y_w) − log π_ref(y_w)) − (log π(y_l) − log π_ref(y_l)):
+    - `sigmoid` (DPO): −(1−ε)·log σ(β·h) − ε·log σ(−β·h), ε = `label_smoothing` (conservative DPO,
+      for pairs whose label may be wrong; 0 = plain DPO);
+    - `ipo`: (h − 1/(2β))², which stops pushing once the margin reaches 1/(2β) instead of driving
+      it to infinity on pairs it already separates.
+    The loss is the sum over pairs divided by `denominator` (default: the number of pairs, so
+    micro-batches of a batch pass the whole batch's count and add up to its mean). Reference
+    log-probs are constants. Stats, means over pairs (TRL's names): `rewards/chosen` and
+    `rewards/rejected` (the implicit rewards β·(log π − log π_ref)), `rewards/margins`,
+    `rewards/accuracies` (share of pairs whose chosen reward is higher).
+    """
+    if loss not in PREFERENCE_LOSSES:
+        raise ThinklingError(f"unknown preference loss '{loss}'; known: {', '.join(PREFERENCE_LOSSES)}")
+    if beta <= 0:
+        raise ThinklingError(f"DPO's beta must be > 0, got {beta}")
+    chosen_ratio = chosen_logp - ref_chosen_logp.detach()
+    rejected_ratio = rejected_logp - ref_rejected_logp.detach()
+    margin = chosen_ratio - rejected_ratio
+    if loss == "sigmoid":
+        per_pair = (-(1 - label_smoothing) * torch.nn.functional.logsigmoid(beta * margin)
+                    - label_smoothing * torch.nn.functional.logsigmoid(-beta * margin))
+    else:
+        per_pair = (margin - 1 / (2 * beta)) ** 2
+    n = per_pair.numel()
+    total = per_pair.sum() / (max(n, 1) if denominator is None else denominator)
+    chosen_reward, rejected_reward = beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+    mean = (lambda x: float(x.float().mean())) if n else (lambda x: 0.0)
+    stats = {"rewards/chosen": mean(chosen_reward), "rewards/rejected": mean(rejected_reward),
+             "rewards/margins": mean(chosen_reward - rejected_reward),
+             "rewards/accuracies": mean((chosen_reward > rejected_reward).float())}
+    return total, stats

@@ -28,7 +28,9 @@ DYNAMICS = [("kl_mean", "KL(π ‖ π_start) on the samples"), ("update_norm_rel
             ("entropy_estimate", "entropy (mean −log π of samples)"), ("clip_frac", "clipped tokens"),
             ("tokens/adv_neg_frac", "tokens pushed down (A < 0)"), ("groups_with_signal", "groups with signal"),
             ("advantage_abs_mean", "mean |advantage|"), ("grad_norm", "gradient norm"),
-            ("offpolicy/kl", "sampler vs trainer KL"), ("bread/expert_token_fraction", "BREAD expert-token fraction")]
+            ("offpolicy/kl", "sampler vs trainer KL"), ("bread/expert_token_fraction", "BREAD expert-token fraction"),
+            ("rewards/margins", "DPO implicit-reward margin (chosen − rejected)"),
+            ("rewards/accuracies", "DPO pairs ranked right"), ("pairs", "DPO pairs per update")]
 
 
 def read_metrics(run: str | Path) -> list[dict]:
@@ -116,7 +118,7 @@ def run_summary(run: Path) -> dict:
         out["steps"] = max(r["step"] for r in train)
     updates = [r for r in rows if "groups_sampled" in r]
     if updates:
-        out["steps with an update"] = sum(1 for r in updates if "loss" in r)
+        out["steps with an update"] = sum(1 for r in rows if "loss" in r)
         out["mean rollout success"] = sum(r.get("accuracy", 0) for r in updates) / len(updates)
     for key in ("total/generated_tokens", "mem/peak_rss_gb"):
         xs, ys = series(rows, key)

@@ -8,7 +8,7 @@ also evaluated greedy on 1,000 other 4-step problems (seed 5), and the problems 
 flipped are counted both ways, with the SFT model's log-prob margin at its weakest token
 (log p(right token) - max log p(other token)) before and after RL.
 
-`.venv/bin/python experiments/greedy_drift.py [--seeds 3] [--jobs 2] [--quick]`
+`.venv/bin/python experiments/greedy_drift.py [--seeds 3] [--jobs 2] [--quick] [--arms recipe]`
 """
 
 from __future__ import annotations
@@ -59,14 +59,16 @@ def greedy_rows(policy, task, problems, max_new_tokens: int) -> dict[str, dict]:
 
 
 def main():
-    args = experiment_args(__doc__.splitlines()[0])
+    args = experiment_args(__doc__.splitlines()[0], lambda p: p.add_argument(
+        "--arms", default="all", choices=["all", "recipe"], help="recipe: only the recipe's runs (no extra training)"))
+    arms = ARMS if args.arms == "all" else {k: v for k, v in ARMS.items() if not v}
     base = output_dir("quickstart-seeds", None, args.quick)  # the SFT and lr 1e-4 runs live there
     out = output_dir("greedy-drift", args.out, args.quick)
     seeds = args.seeds or (1 if args.quick else 3)
     sft, small = quickstart_sft(base, args.quick)
     jobs = []
     for s in range(seeds):
-        for arm, extra in ARMS.items():
+        for arm, extra in arms.items():
             folder = base / f"grpo-4-step-s{s}" if not extra else out / f"{arm.replace(' ', '-')}-s{s}"
             jobs.append({"arm": arm, "seed": s, "folder": folder, "recipe": RECIPE,
                          "overrides": [f"output_dir={folder}", f"model.init={sft / 'final'}", f"seed={s}", *FOUR_STEP,
@@ -81,7 +83,7 @@ def main():
     start_rows = greedy_rows(start, task, problems, 80)
     start_acc = statistics.mean(r["correct"] for r in start_rows.values())
     results, table = {"start_greedy_1000": start_acc}, []
-    for arm in ARMS:
+    for arm in arms:
         runs = []
         for job in (j for j in jobs if j["arm"] == arm):
             policy = load_policy(Path(job["folder"]) / "final")

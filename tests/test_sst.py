@@ -225,3 +225,35 @@ def test_bad_sst_input_is_one_line_and_writes_nothing(capsys, tmp_path, override
 def test_unknown_template_name_from_the_library():
     with pytest.raises(ThinklingError, match="unknown solution template 'algebra'.*chain"):
         get_task("countdown", template="algebra")
+
+
+class _PairTokens:
+    """A tokenizer of two-character pieces: tokens straddle span edges, as BPE tokens do."""
+
+    eos_id = 0
+
+    def __init__(self):
+        self.vocab: list[str] = ["<eos>"]
+
+    def encode_text(self, text):
+        ids = []
+        for i in range(0, len(text), 2):
+            piece = text[i:i + 2]
+            if piece not in self.vocab:
+                self.vocab.append(piece)
+            ids.append(self.vocab.index(piece))
+        return ids
+
+    def decode(self, ids):
+        return "".join(self.vocab[i] for i in ids if i)
+
+
+def test_tokens_that_straddle_spans_take_the_strictest_weight():
+    from thinkling.tasks.templates import Span
+
+    spans = (Span("<p>\n", "plan"), Span("12+3="), Span("9", "error"), Span("\n", "boundary"), Span("A:15"))
+    text, weights, template = span_weights(_PairTokens(), spans)
+    pieces = [text[i:i + 2] for i in range(0, len(text), 2)]
+    assert pieces == ["<p", ">\n", "12", "+3", "=9", "\nA", ":1", "5"]
+    assert template == [1, 1, 0, 0, 0, 1, 0, 0]  # "\nA" holds a boundary newline
+    assert weights == [1, 1, 1, 1, 0, 1, 1, 1]  # "=9" holds a wrong digit: never a target

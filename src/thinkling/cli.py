@@ -110,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--n", type=int, default=3)
     show.add_argument("--difficulty", default=None)
     show.add_argument("--seed", type=int, default=0)
+    show.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                      help="task option (repeatable), e.g. template=true self_correct=1")
     return parser
 
 
@@ -338,7 +340,7 @@ def _tasks(args) -> None:
             table.add_row(name, getattr(factory, "description", ""))
         console.print(table)
         return
-    task = get_task(args.name)
+    task = get_task(args.name, **_parse_options(args.option))
     for p in task.problems(args.n, args.seed, _parse_difficulty(args.difficulty)):
         console.rule(f"{p.id}  difficulty={p.difficulty}  tags={list(p.tags)}")
         console.print("[bold]prompt[/]", escape(p.prompt), sep="\n", highlight=False)

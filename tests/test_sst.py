@@ -222,6 +222,10 @@ def test_bad_sst_input_is_one_line_and_writes_nothing(capsys, tmp_path, override
     assert not (tmp_path / "r").exists()
 
 
+def test_bad_inject_flag_of_eval_is_one_line(capsys):
+    _one_line(capsys, ["eval", "--model", "smollm2-135m", "--inject-template", "nearest"], "--inject-template")
+
+
 def test_unknown_template_name_from_the_library():
     with pytest.raises(ThinklingError, match="unknown solution template 'algebra'.*chain"):
         get_task("countdown", template="algebra")

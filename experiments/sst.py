@@ -6,6 +6,7 @@ Three SFT runs per seed, identical model, data draw, steps, batch and learning r
                 (recipes/sst/sft-sst.yaml);
 - `sst-inject`: `sst` whose train and eval prompts start with the retrieved template
                 (recipes/sst/sft-sst-inject.yaml);
+- `template-only`: `sst` with weight 1 everywhere (the plan without the weighted loss);
 - `sst-check`:  `sst` where 30 % of the traces slip once and fix it in a `<check>` line (the S2R
                 pipeline's SFT stage, recipes/sst/s2r-pipeline.yaml).
 Training uses 1-4-step problems; every model is tested on held-out 2, 4, 6 and 8-step problems
@@ -30,6 +31,7 @@ from common import experiment_args, output_dir, run_recipe, write_results
 
 CONDITIONS = {"plain": ("recipes/sst/sft-plain.yaml", []), "sst": ("recipes/sst/sft-sst.yaml", []),
               "sst-inject": ("recipes/sst/sft-sst-inject.yaml", []),
+              "template-only": ("recipes/sst/sft-sst.yaml", ["sft.template_weight=1.0"]),
               "sst-check": ("recipes/sst/sft-sst.yaml", ["train.options={template: true, self_correct: 0.3}"])}
 TEST_K = [2, 4, 6, 8]
 
@@ -153,7 +155,7 @@ def main():
                          *[spread([r["by_difficulty"][str(k)] for r in runs]) for k in TEST_K],
                          spread([r["accuracy"] for r in runs]),
                          f"{statistics.mean(r['mean_tokens'] for r in runs):.1f}",
-                         _mean_or_dash([r["mean_tokens_correct"] for r in runs]),
+                         _mean_or_dash([r["mean_tokens_correct"] if r["accuracy"] > 0 else None for r in runs]),
                          f"{statistics.mean(r['check_rate'] for r in runs):.2f}"])
     title = (f"chain, trained on k=1-4, {steps} SFT steps x 64: held-out greedy strict accuracy, "
              f"mean (min-max) over seeds, {size} problems per evaluation")

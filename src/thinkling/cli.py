@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "thinking it writes --wait-text instead and goes on (s1's 'Wait')")
     ev.add_argument("--wait-text", default="Wait", help="the text that replaces an early stop (default: Wait)")
     ev.add_argument("--level", default=None, help="TLDR length level tag for the prompt (short|medium|long)")
+    ev.add_argument("--inject-template", default="none", help="put the solution template of the most similar "
+                    "family in each prompt: none | tag (by task tag) | bow (bag-of-words similarity)")
     ev.add_argument("--out", default=None, help="write the summary JSON here (and every completion to .jsonl)")
 
     sw = sub.add_parser("sweep-stop", help="accuracy vs tokens: temperature-scaled stopping (α) vs budget forcing (B)")
@@ -118,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--n", type=int, default=3)
     show.add_argument("--difficulty", default=None)
     show.add_argument("--seed", type=int, default=0)
+    show.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                      help="task option (repeatable), e.g. template=true self_correct=1")
     return parser
 
 
@@ -151,7 +155,8 @@ def _eval_config(args) -> EvalConfig:
                      difficulty=_parse_difficulty(args.difficulty), seed=args.seed, max_new_tokens=args.max_new_tokens,
                      samples=args.samples, temperature=args.temperature, batch_size=args.batch_size,
                      ts_alpha=getattr(args, "ts_alpha", 1.0), budget=getattr(args, "budget", None),
-                     wait=getattr(args, "wait", 0), wait_text=getattr(args, "wait_text", "Wait"))
+                     wait=getattr(args, "wait", 0), wait_text=getattr(args, "wait_text", "Wait"),
+                     inject_template=getattr(args, "inject_template", "none"))
     cfg.validate("--")
     return cfg
 
@@ -353,7 +358,7 @@ def _tasks(args) -> None:
             table.add_row(name, getattr(factory, "description", ""))
         console.print(table)
         return
-    task = get_task(args.name)
+    task = get_task(args.name, **_parse_options(args.option))
     for p in task.problems(args.n, args.seed, _parse_difficulty(args.difficulty)):
         console.rule(f"{p.id}  difficulty={p.difficulty}  tags={list(p.tags)}")
         console.print("[bold]prompt[/]", escape(p.prompt), sep="\n", highlight=False)

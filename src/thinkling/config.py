@@ -77,6 +77,9 @@ class ModelConfig:
 DTYPES = ("float32", "bfloat16", "auto")  # auto: bfloat16 where the CPU / GPU runs it natively, else float32
 
 
+INJECT_MODES = ("none", "tag", "bow")  # prompt-time solution templates (tasks.templates.inject_templates)
+
+
 @dataclass
 class TaskConfig:
     """Which problems: a task by name, its options, how many, how hard, and the generator seed."""
@@ -86,9 +89,12 @@ class TaskConfig:
     size: int | None = 1000  # None = the whole benchmark
     difficulty: Any = None  # int, list of ints, or None
     seed: int = 0  # generator seed (train and eval sets use different seeds)
+    inject_template: str = "none"  # put a solution template in each prompt: none | tag | bow (tasks.templates)
 
     def validate(self, where: str = "train") -> None:
         _at_least(self, where, 1, "size")
+        _check(where, "inject_template", self.inject_template in INJECT_MODES, " or ".join(INJECT_MODES),
+               self.inject_template)
         d = self.difficulty
         levels = d if isinstance(d, list) else [d]
         _check(where, "difficulty", d is None or (bool(levels) and all(_is_number(x) for x in levels)),
@@ -124,6 +130,9 @@ class EvalConfig(TaskConfig):
         _check(where, "ts_alpha", self.ts_alpha > 0, "> 0", self.ts_alpha)
 
 
+ANNEALS = ("none", "linear", "cosine")
+
+
 @dataclass
 class SFTConfig:
     steps: int = 1000
@@ -137,8 +146,13 @@ class SFTConfig:
     save_every: int = 500
     bf16: bool = False  # autocast the forward in bfloat16
     micro_batch_size: int | None = None  # rows per forward/backward pass, gradients accumulated (less memory, same step); None = the whole batch
+    template_weight: float = 1.0  # SST: loss weight of plan and step-boundary tokens (the task's `template` option)
+    template_weight_anneal: str = "none"  # none | linear | cosine: the weight goes to 1.0 by the last step
 
     def validate(self, where: str = "sft") -> None:
+        _check(where, "template_weight", self.template_weight > 0, "> 0", self.template_weight)
+        _check(where, "template_weight_anneal", self.template_weight_anneal in ANNEALS, " or ".join(ANNEALS),
+               self.template_weight_anneal)
         _at_least(self, where, 1, "steps", "batch_size", "log_every", "save_every", "micro_batch_size")
         _at_least(self, where, 0, "warmup_steps", "weight_decay")
         _check(where, "lr", self.lr > 0, "> 0", self.lr)

@@ -34,13 +34,15 @@ def sample_levels(n: int, seed: int, levels: tuple[str, ...] = LENGTH_LEVELS) ->
 
 
 def prompt_text(problem: Problem, level: str | None = None) -> str:
-    """The prompt string; a TLDR length level is prefixed as a control tag.
+    """The prompt string; a TLDR length level is prefixed as a control tag, and an injected
+    solution template (`meta["hint"]`, `tasks.templates.inject_templates`) goes on a line before it.
 
     The trailing newline separates the question from the first step for
     character-level models; chat templates ignore it.
     """
     text = problem.prompt if level is None else tag_prompt(problem.prompt, level)
-    return text + "\n"
+    hint = problem.meta.get("hint")
+    return (f"{hint}\n" if hint else "") + text + "\n"
 
 
 def prompt_ids(policy, problem: Problem, level: str | None = None) -> list[int]:

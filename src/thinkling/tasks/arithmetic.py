@@ -68,5 +68,5 @@ class ArithmeticTask(Task):
     def format_ok(self, completion: str) -> bool:
         return last_boxed(completion) is not None or "the answer is" in completion.lower()
 
-    def target(self, problem: Problem) -> str:
-        return "".join(f"{s}\n" for s in problem.steps) + f"The answer is \\boxed{{{problem.answer}}}."
+    def answer_line(self, problem: Problem) -> str:
+        return f"The answer is \\boxed{{{problem.answer}}}."

@@ -6,6 +6,17 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable
 
+from thinkling.errors import ThinklingError
+from thinkling.tasks.templates import (
+    Span,
+    near_miss,
+    render_spans,
+    self_correct_option,
+    slip_for,
+    spans_text,
+    template_option,
+)
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -66,6 +77,11 @@ class Task:
     # budget forcing then writes it only at a line start, since a mid-line `A:` fails the format.
     # Set False for a marker that may follow any token (`</think>`, EOS).
     line_based: bool = True
+    # Structured solution templates (tasks.templates): the template the expert trace opens its plan
+    # with (None: no plan), the share of traces with a corrected slip, and the template `true` names.
+    template = None
+    self_correct: float = 0.0
+    default_template: str | None = None
 
     def problems(self, n: int | None, seed: int, difficulty=None) -> list[Problem]:
         """`n` problems (all of a fixed benchmark when None), deterministic in `seed`.
@@ -82,9 +98,30 @@ class Task:
     def format_ok(self, completion: str) -> bool:
         return extract_final_answer(completion) is not None
 
+    def set_scaffold(self, template=False, self_correct=0.0) -> None:
+        """The `template` and `self_correct` options (tasks.templates), checked once."""
+        if template is True and self.default_template is None:
+            raise ThinklingError(f"task '{self.name}': has no template of its own; name one (template: <name>)")
+        self.template = template_option(self.name, template, self.default_template)
+        self.self_correct = self_correct_option(self.name, self_correct)
+
+    def answer_line(self, problem: Problem) -> str:
+        """The last line of the SFT completion, the one the verifier reads."""
+        return f"{ANSWER_PREFIX}{problem.answer}"
+
+    def wrong_value(self, right: str, rng) -> str | None:
+        """A wrong intermediate result for a self-correct trace (None: this step cannot slip)."""
+        return near_miss(right, rng)
+
+    def target_spans(self, problem: Problem) -> tuple[Span, ...]:
+        """The SFT completion as typed spans: plan, steps, step boundaries, corrected slip, answer
+        (`tasks.templates`); SFT weights the template's spans (`sft.template_weight`)."""
+        slip = slip_for(problem.id, problem.steps, self.self_correct, self.wrong_value)
+        return render_spans(problem.steps, self.answer_line(problem), self.template, slip)
+
     def target(self, problem: Problem) -> str:
         """The SFT completion for a problem."""
-        return render_completion(problem.steps, problem.answer)
+        return spans_text(self.target_spans(problem))
 
 
 _REGISTRY: dict[str, Callable[..., Task]] = {}

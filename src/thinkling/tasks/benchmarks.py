@@ -82,7 +82,9 @@ def hub_records(name: str, config: str | None = None) -> list[dict]:
 class BenchmarkTask(MathTask):
     """A fixed test set read from one of three sources (see the module docstring)."""
 
-    def __init__(self, source: str = "olmo", path: str | None = None, skip: int = 0):
+    def __init__(self, source: str = "olmo", path: str | None = None, skip: int = 0, template=False):
+        """`template`: open each expert trace with a `<plan>` (tasks.templates; true = the gsm8k rule set)."""
+        self.set_scaffold(template)
         if source not in ("olmo", "hub"):
             raise ThinklingError(f"task '{self.name}': source must be 'olmo' or 'hub', got {source!r}")
         self.source, self.path = source, path
@@ -121,8 +123,8 @@ class MATHTask(BenchmarkTask):
 
     description = "MATH test set, 5,000 problems; difficulty = level 1-5 (options: subjects, source, path, skip)"
 
-    def __init__(self, source: str = "olmo", path: str | None = None, subjects=None, skip: int = 0):
-        super().__init__(source, path, skip)
+    def __init__(self, source: str = "olmo", path: str | None = None, subjects=None, skip: int = 0, template=False):
+        super().__init__(source, path, skip, template)
         unknown = set(subjects or ()) - set(MATH_SUBJECTS)
         if isinstance(subjects, str) or unknown:
             raise ThinklingError(f"task 'math': subjects must be a list drawn from {', '.join(MATH_SUBJECTS)}")

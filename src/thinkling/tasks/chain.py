@@ -11,19 +11,20 @@ from __future__ import annotations
 import re
 
 from thinkling.errors import ThinklingError
-from thinkling.tasks.base import Problem, Task, Verdict, register_task, render_completion
+from thinkling.tasks.base import Problem, Task, Verdict, register_task
 from thinkling.tasks.synthetic import check_count, difficulty_levels, rng_for
-
+from thinkling.tasks.templates import render_spans, solution_lines
 
 _STEP = re.compile(r"(\d+)((?:[+-]\d+)+)=(\d+)")
 
 
 def steps_are_right(problem: Problem, completion: str) -> bool:
     """Every line before the answer applies the prompt's next operation(s), in order, to the value
-    before it and states the right result; together they use every operation once."""
+    before it and states the right result; together they use every operation once. A plan line is
+    skipped and a `<check>` line stands for the step before it (`templates.solution_lines`)."""
     start, *ops = problem.prompt.split()
     value, used = int(start), 0
-    for line in completion.strip().split("\n")[:-1]:
+    for line in solution_lines(completion):
         m = _STEP.fullmatch(line.strip())
         if m is None or int(m.group(1)) != value:
             return False
@@ -41,9 +42,10 @@ class ChainTask(Task):
     """Start value and k single-digit +/- operations; one step per operation (difficulty = k)."""
 
     description = "Start value and k single-digit +/- operations; one step per operation (difficulty = k)"
+    default_template = "chain"
 
     def __init__(self, digits: int = 1, trace: str = "equation", slips: float = 0.0, merge: float = 0.0,
-                 strict: bool = False):
+                 strict: bool = False, template=False, self_correct: float = 0.0):
         """`digits` = operand digits; values stay in 0 .. 10**(digits+1) - 1 (0..99 by default).
 
         `trace` picks the expert step format:
@@ -65,6 +67,10 @@ class ChainTask(Task):
         before with this probability (`37+5-8=34` does two at once). A merged line is harder
         for a small model, so a shorter trace is a riskier one — a task where a longer
         thinking budget buys accuracy (what TLDR's length levels trade).
+
+        `template` (true or a template name) opens the trace with a `<plan>` of its steps;
+        `self_correct` = p gives a share p of traces a slip caught by a `<check>` line
+        (`tasks.templates`).
         """
         if isinstance(digits, bool) or not isinstance(digits, int) or not 1 <= digits <= 6:
             raise ThinklingError(f"task 'chain': digits must be an int in 1..6, got {digits!r}")
@@ -80,6 +86,9 @@ class ChainTask(Task):
             raise ThinklingError(f"task 'chain': strict must be true or false, got {strict!r}")
         if strict and trace == "rewrite":
             raise ThinklingError("task 'chain': strict checks the equation trace, not trace: rewrite")
+        if (template or self_correct) and trace == "rewrite":
+            raise ThinklingError("task 'chain': template and self_correct apply to the equation trace, not trace: rewrite")
+        self.set_scaffold(template, self_correct)
         self.digits = digits
         self.trace = trace
         self.slips = float(slips)
@@ -178,5 +187,5 @@ class VerboseChainTask(Task):
                                     meta={"checks": tuple(checks)}))
         return problems
 
-    def target(self, problem: Problem) -> str:
-        return render_completion(tuple(problem.steps) + tuple(problem.meta.get("checks", ())), problem.answer)
+    def target_spans(self, problem: Problem):
+        return render_spans(tuple(problem.steps) + tuple(problem.meta.get("checks", ())), self.answer_line(problem))

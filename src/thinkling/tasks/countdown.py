@@ -21,6 +21,7 @@ from thinkling.tasks.base import (
     register_task,
 )
 from thinkling.tasks.synthetic import check_count, difficulty_levels, rng_for
+from thinkling.tasks.templates import solution_lines
 
 _STEP = re.compile(r"(\d+)([-+*/])(\d+)=(\d+)")
 
@@ -58,13 +59,16 @@ class CountdownTask(Task):
     """Reach a target from given numbers with + - * / (difficulty = count of numbers)."""
 
     description = "Reach a target from given numbers with + - * / (difficulty = count of numbers)"
+    default_template = "countdown"
 
-    def __init__(self, max_number: int = 10, max_value: int = 100):
-        """Numbers are drawn from 1..max_number; every intermediate result stays <= max_value."""
+    def __init__(self, max_number: int = 10, max_value: int = 100, template=False, self_correct: float = 0.0):
+        """Numbers are drawn from 1..max_number; every intermediate result stays <= max_value.
+        `template` / `self_correct`: a `<plan>` and corrected slips in the trace (`tasks.templates`)."""
         for key, v in (("max_number", max_number), ("max_value", max_value)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 2:
                 raise ThinklingError(f"task 'countdown': {key} must be an int >= 2, got {v!r}")
         self.max_number, self.max_value = max_number, max_value
+        self.set_scaffold(template, self_correct)
 
     def problems(self, n, seed, difficulty=None):
         levels = difficulty_levels("countdown", difficulty, default=3, minimum=2)
@@ -112,7 +116,7 @@ class CountdownTask(Task):
 
     def verify(self, problem: Problem, completion: str) -> Verdict:
         got = extract_final_answer(completion)
-        lines = [line for line in completion.rstrip().split("\n")[:-1] if line.strip()]
+        lines = [line for line in solution_lines(completion) if line.strip()]
         numbers = [int(x) for x in problem.prompt.split("->")[0].split()]
         ok = got == problem.answer and steps_reach(numbers, int(problem.answer), lines)
         return Verdict(correct=ok, extracted=got)

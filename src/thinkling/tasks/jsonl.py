@@ -135,7 +135,8 @@ class JsonlTask(MathTask):
 
     description = "GSM8K/MATH-style problems from a local JSONL file, first n in file order (options: path, skip)"
 
-    def __init__(self, path: str, skip: int = 0):
+    def __init__(self, path: str, skip: int = 0, template=False):
+        self.set_scaffold(template)
         self.path = path
         self.set_skip(skip)
 

@@ -160,6 +160,7 @@ class MathTask(Task):
     timeout = 5.0
     skip = 0
     numeric_answers = False  # answers are numbers (GSM8K): an expression is not accepted as one
+    default_template = "gsm8k"  # `template: true`: the word-problem rule set (tasks.templates)
 
     def set_skip(self, skip) -> None:
         if isinstance(skip, bool) or not isinstance(skip, int) or skip < 0:
@@ -200,5 +201,5 @@ class MathTask(Task):
     def format_ok(self, completion: str) -> bool:
         return last_boxed(completion) is not None or "the answer is" in completion.lower()
 
-    def target(self, problem: Problem) -> str:
-        return "".join(f"{s}\n" for s in problem.steps) + f"The answer is \\boxed{{{problem.answer}}}."
+    def answer_line(self, problem: Problem) -> str:
+        return f"The answer is \\boxed{{{problem.answer}}}."

@@ -45,11 +45,14 @@ class MNNSTask(Task):
     """Minimum non-negative sum of m signed digits; steps are partial sums (difficulty = m)."""
 
     description = "Minimum non-negative sum of m signed digits; steps are partial sums (difficulty = m)"
+    default_template = "mnns"
 
-    def __init__(self, max_digit: int = 9):
+    def __init__(self, max_digit: int = 9, template=False, self_correct: float = 0.0):
+        """`template` / `self_correct`: a `<plan>` and corrected slips in the trace (`tasks.templates`)."""
         if isinstance(max_digit, bool) or not isinstance(max_digit, int) or not 1 <= max_digit <= 9:
             raise ThinklingError(f"task 'mnns': max_digit must be an int in 1..9, got {max_digit!r}")
         self.max_digit = max_digit
+        self.set_scaffold(template, self_correct)
 
     def problems(self, n, seed, difficulty=None):
         levels = difficulty_levels("mnns", difficulty, default=4, minimum=1)

@@ -18,6 +18,7 @@ from thinkling.tasks import (  # noqa: F401  (importing a task module registers 
     shapes,
 )
 from thinkling.tasks.base import _REGISTRY, Problem, Task
+from thinkling.tasks.templates import inject_templates
 
 
 def get_task(name: str, **options) -> Task:
@@ -34,9 +35,10 @@ def list_tasks() -> dict[str, Callable[..., Task]]:
 
 
 def problem_set(task_cfg, what: str) -> tuple[Task, list[Problem]]:
-    """The task a recipe section names and the problems it asks for (`what` names the section in errors)."""
+    """The task a recipe section names and the problems it asks for (`what` names the section in errors),
+    with the retrieved solution template in their prompts when the section asks (`inject_template`)."""
     task = get_task(task_cfg.name, **task_cfg.options)
     problems = task.problems(task_cfg.size, task_cfg.seed, task_cfg.difficulty)
     if not problems:
         raise ThinklingError(f"config section '{what}': task '{task_cfg.name}' produced no problems")
-    return task, problems
+    return task, inject_templates(problems, getattr(task_cfg, "inject_template", "none"), what)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -13,6 +14,7 @@ from thinkling.errors import ThinklingError
 from thinkling.models.base import pad, pad_batch
 from thinkling.models.logprobs import masked_token_logprobs
 from thinkling.rollout.prompts import prompt_ids
+from thinkling.tasks.templates import WEIGHTED_KINDS, spans_text
 from thinkling.train.common import (
     clip_gradients,
     lr_at,
@@ -28,25 +30,83 @@ from thinkling.train.sharding import full_state, gathered, idle_pass, matched_pa
 
 @dataclass
 class Example:
-    """One training sequence; `weights[t]` > 0 marks token t as a target (0 = context)."""
+    """One training sequence; `weights[t]` > 0 marks token t as a target (0 = context).
+
+    `template[t]` = 1 marks a solution-template token (a plan or step-boundary token, SST): its
+    weight is multiplied by the template weight of the step (`weights_at`), which may anneal."""
 
     ids: list[int]
     weights: list[float]
+    template: list[float] | None = None
+
+    def weights_at(self, template_weight: float = 1.0) -> list[float]:
+        if self.template is None or template_weight == 1.0:
+            return self.weights
+        return [w * (template_weight if m else 1.0) for w, m in zip(self.weights, self.template)]
 
 
-def make_example(policy, prompt: list[int], completion: str, token_weights: list[float] | None = None) -> Example:
-    """prompt ids + completion ids + eos; targets are the completion and the eos."""
+def make_example(policy, prompt: list[int], completion: str, token_weights: list[float] | None = None,
+                 template: list[float] | None = None) -> Example:
+    """prompt ids + completion ids + eos; targets are the completion and the eos, each weighted by
+    `token_weights` (default 1); `template` marks the completion tokens a template weight scales."""
     comp = policy.encode_text(completion) + [policy.eos_id]
     w = list(token_weights) + [1.0] if token_weights is not None else [1.0] * len(comp)
-    if len(w) != len(comp):
-        raise ValueError("token_weights must have one weight per completion token")
-    return Example(prompt + comp, [0.0] * len(prompt) + w)
+    if len(w) != len(comp) or (template is not None and len(template) + 1 != len(comp)):
+        raise ValueError("token_weights / template must have one value per completion token")
+    mask = [0.0] * len(prompt) + list(template) + [0.0] if template is not None else None
+    return Example(prompt + comp, [0.0] * len(prompt) + w, mask)
 
 
-def collate(examples: list[Example], pad_id: int):
+def token_char_ends(policy, text: str, ids: list[int]) -> list[int]:
+    """Where in `text` each of its tokens `ids` ends: the tokenizer's offsets when it has them
+    (Hugging Face fast tokenizers), else by decoding token by token (exact for the character
+    tokenizer), else by decoding growing prefixes."""
+    tok = getattr(policy, "tokenizer", None)
+    if getattr(tok, "is_fast", False):
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        if list(enc["input_ids"]) == list(ids):
+            return [end for _, end in enc["offset_mapping"]]
+    pieces = [policy.decode([i]) for i in ids]
+    if "".join(pieces) == text:
+        ends, pos = [], 0
+        for piece in pieces:
+            pos += len(piece)
+            ends.append(pos)
+        return ends
+    return [len(policy.decode(ids[: i + 1])) for i in range(len(ids))]
+
+
+def span_weights(policy, spans) -> tuple[str, list[float], list[float]]:
+    """The completion text of typed spans (`tasks.templates`), each token's weight (0 on an injected
+    wrong result, else 1) and its template mark (1 on plan and step-boundary tokens). A token that
+    straddles spans takes the strictest: any error char -> 0, else any template char -> template."""
+    text = spans_text(spans)
+    kinds = [s.kind for s in spans for _ in s.text]
+    ids = policy.encode_text(text)
+    weights, template, start = [], [], 0
+    for end in token_char_ends(policy, text, ids):
+        covered = set(kinds[start:max(end, start + 1)]) if start < len(kinds) else set()
+        weights.append(0.0 if "error" in covered else 1.0)
+        template.append(1.0 if covered & set(WEIGHTED_KINDS) and "error" not in covered else 0.0)
+        start = max(start, end)
+    return text, weights, template
+
+
+def template_weight_at(step: int, cfg) -> float:
+    """The template weight of a step: `sft.template_weight`, constant or annealed (linear / cosine)
+    to 1.0 at the last step — the plan is stressed early, the whole trace counts alike at the end."""
+    w = cfg.template_weight
+    if cfg.template_weight_anneal == "none":
+        return w
+    frac = min(1.0, step / max(1, cfg.steps - 1))
+    keep = 1 - frac if cfg.template_weight_anneal == "linear" else 0.5 * (1 + math.cos(math.pi * frac))
+    return 1.0 + (w - 1.0) * keep
+
+
+def collate(examples: list[Example], pad_id: int, template_weight: float = 1.0):
     """Right-pad a batch: input ids, attention mask, per-token target weights."""
     ids, mask = pad_batch([e.ids for e in examples], pad_id)
-    return ids, mask, pad([e.weights for e in examples], 0.0, dtype=torch.float32)
+    return ids, mask, pad([e.weights_at(template_weight) for e in examples], 0.0, dtype=torch.float32)
 
 
 def weighted_ce(logits: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
@@ -75,7 +135,17 @@ def sft_loss(policy, ids: torch.Tensor, mask: torch.Tensor, weights: torch.Tenso
 
 
 def sft_examples(policy, task, problems) -> list[Example]:
-    return [make_example(policy, prompt_ids(policy, p), task.target(p)) for p in problems]
+    """One example per problem; its token weights come from the task's typed target spans."""
+    examples = []
+    for p in problems:
+        spans = task.target_spans(p)
+        if all(s.kind == "text" for s in spans):  # a plain trace: no per-token weights to work out
+            examples.append(make_example(policy, prompt_ids(policy, p), spans_text(spans)))
+            continue
+        text, weights, template = span_weights(policy, spans)
+        examples.append(make_example(policy, prompt_ids(policy, p), text, weights,
+                                     template if any(template) else None))
+    return examples
 
 
 def check_examples_fit(policy, examples: list[Example], problems) -> list[Example]:
@@ -124,9 +194,10 @@ def train_sft(policy, examples: list[Example], cfg, *, seed: int, run=None, star
         batch = [examples[i] for i in idx]
         lr = lr_at(step, base_lr=cfg.lr, warmup=cfg.warmup_steps, total=cfg.steps, min_ratio=cfg.min_lr_ratio)
         set_lr(optimizer, lr)
+        tw = template_weight_at(step, cfg)
         # The loss is divided by the whole batch's target weight (every shard's, data-parallel), so
         # micro-batches and shards add up to the full-batch mean.
-        counts = torch.tensor([sum(sum(e.weights[1:]) for e in batch), sum(len(e.ids) for e in batch)],
+        counts = torch.tensor([sum(sum(e.weights_at(tw)[1:]) for e in batch), sum(len(e.ids) for e in batch)],
                               dtype=torch.float32)
         if dp is not None:
             counts = dp.sum(counts.to(device)).cpu()
@@ -140,7 +211,7 @@ def train_sft(policy, examples: list[Example], cfg, *, seed: int, run=None, star
         for _ in range(matched_passes(dp, model, len(starts)) if dp is not None else 0):
             idle_pass(policy)  # sharded: as many passes as the process with the most micro-batches
         for start in starts:
-            ids, mask, weights = (t.to(device) for t in collate(batch[start : start + size], policy.pad_id))
+            ids, mask, weights = (t.to(device) for t in collate(batch[start : start + size], policy.pad_id, tw))
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                 micro = sft_loss(policy, ids, mask, weights, denominator=denominator.to(device))
             micro.backward()
@@ -159,6 +230,8 @@ def train_sft(policy, examples: list[Example], cfg, *, seed: int, run=None, star
         if run is not None and (done % cfg.log_every == 0 or done == cfg.steps):
             last = {"loss": loss.item(), "lr": lr, "grad_norm": float(grad_norm),
                     "tokens_per_s": tokens / max(1e-9, time.time() - t0), "mem/peak_rss_gb": peak_rss_gb()}
+            if cfg.template_weight != 1.0:
+                last["template_weight"] = tw
             run.log(done, last)
         if evaluate is not None and eval_every and (done % eval_every == 0) and done != cfg.steps:
             model.eval()

@@ -161,3 +161,13 @@ def test_fsdp_in_a_world_of_one_is_a_no_op_and_vllm_in_process_is_refused():
     assert not shard_policy(policy, DataParallel()) and not policy.sharded
     with pytest.raises(ThinklingError, match="model.fsdp"):
         dataclasses.replace(ModelConfig(backend="hf", name="x", fsdp=True, generator="vllm")).validate()
+
+
+def test_a_one_layer_model_has_a_block_to_shard():
+    """A one-layer model was refused ('no transformer blocks found') though it shards like any other."""
+    from thinkling.models.tiny import TinyPolicy
+    from thinkling.train.sharding import _blocks
+
+    for layers in (1, 3):
+        policy = TinyPolicy.create({"d_model": 32, "n_layers": layers, "n_heads": 2}, seed=0)
+        assert _blocks(policy.model) == list(policy.model.blocks)

@@ -69,10 +69,10 @@ def is_sharded(model: torch.nn.Module) -> bool:
 
 
 def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The transformer blocks: the first ModuleList of several modules of one type (HF
+    """The transformer blocks: the first ModuleList of modules of one type, one layer included (HF
     `model.layers`, the tiny model's blocks; peft keeps them in place)."""
     for module in model.modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) > 1 and len({type(m) for m in module}) == 1:
+        if isinstance(module, torch.nn.ModuleList) and len(module) >= 1 and len({type(m) for m in module}) == 1:
             return list(module)
     return []
 

@@ -29,6 +29,7 @@ from thinkling.models.logprobs import masked_token_logprobs
 from thinkling.rollout.groups import sample_groups
 from thinkling.rollout.pairs import Pair, preference_pairs
 from thinkling.train.common import (
+    clip_gradients,
     lr_at,
     make_optimizer,
     peak_rss_gb,
@@ -153,7 +154,7 @@ class DPOTrainer:
                 sums[key] = sums.get(key, 0.0) + v * len(part)
             logps["logps/chosen"] += float(chosen.detach().sum())
             logps["logps/rejected"] += float(rejected.detach().sum())
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.model.parameters(), c.grad_clip)
+        grad_norm = clip_gradients(self.policy.model, c.grad_clip)
         stop_if_not_finite(step + 1, loss=total, grad_norm=grad_norm)
         self.optimizer.step()
         weights_changed(self.policy)

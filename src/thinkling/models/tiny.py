@@ -351,29 +351,40 @@ class TinyPolicy:
             active = [i for i in active if out[i][-1] != self.eos_id and len(out[i]) < budgets[i]]
         return out
 
+    backend = "tiny"  # policy.json's backend; a subclass with another model names its own
+
+    def config_dict(self) -> dict:
+        """What config.json holds: enough for `model_from_config` to rebuild the model."""
+        return self.model.config.to_dict()
+
+    @classmethod
+    def model_from_config(cls, saved: dict, tokenizer: CharTokenizer) -> nn.Module:
+        """A fresh model of a saved config.json (its weights are loaded after)."""
+        return TinyTransformer(TinyConfig.from_dict(saved))
+
     def save(self, directory: str) -> None:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         save_model(self.model, str(d / "model.safetensors"))
-        (d / "config.json").write_text(json.dumps(self.model.config.to_dict(), indent=2))
+        (d / "config.json").write_text(json.dumps(self.config_dict(), indent=2))
         (d / "tokenizer.json").write_text(json.dumps(self.tokenizer.to_dict(), indent=2))
-        (d / "policy.json").write_text(json.dumps({"backend": "tiny"}, indent=2))
+        (d / "policy.json").write_text(json.dumps({"backend": self.backend}, indent=2))
 
     @classmethod
     def load(cls, directory: str) -> TinyPolicy:
         d = Path(directory)
         for name in FILES:
             if not (d / name).is_file():
-                raise ThinklingError(f"{d / name}: missing (not a saved tiny policy)")
-        if read_json(d / "policy.json").get("backend") != "tiny":
-            raise ThinklingError(f"{d / 'policy.json'}: backend is not 'tiny'")
+                raise ThinklingError(f"{d / name}: missing (not a saved {cls.backend} policy)")
+        if read_json(d / "policy.json").get("backend") != cls.backend:
+            raise ThinklingError(f"{d / 'policy.json'}: backend is not '{cls.backend}'")
         try:
-            config = TinyConfig.from_dict(read_json(d / "config.json"))
+            saved = read_json(d / "config.json")
             tokenizer = CharTokenizer.from_dict(read_json(d / "tokenizer.json"))
+            with torch.random.fork_rng(devices=[]):  # weights are overwritten; leave the caller's RNG alone
+                model = cls.model_from_config(saved, tokenizer)
         except ThinklingError as e:
             raise ThinklingError(f"{d}: {e}") from None
-        with torch.random.fork_rng(devices=[]):  # weights are overwritten; leave the caller's RNG alone
-            model = TinyTransformer(config)
         load_weights(model, d / "model.safetensors")
         return cls(model, tokenizer)
 

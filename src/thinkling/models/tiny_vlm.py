@@ -22,24 +22,19 @@ Sequence layout of a prompt: `[bos] + slots(image 1) + ... + slots(image k) + te
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_model
 from torch import nn
 
 from thinkling.errors import ThinklingError
-from thinkling.files import read_json
 from thinkling.models import images as image_store
 from thinkling.models.base import SamplingParams
-from thinkling.models.tiny import TinyConfig, TinyPolicy, TinyTransformer, load_weights
+from thinkling.models.tiny import TinyConfig, TinyPolicy, TinyTransformer
 from thinkling.models.tokenizer import CharTokenizer
 
-FILES = ("policy.json", "config.json", "tokenizer.json", "model.safetensors")
 
 
 @dataclass
@@ -243,33 +238,15 @@ class TinyVLMPolicy(TinyPolicy):
                 image_store.pixels(h)  # an unknown handle fails here, before any work
         return super()._budgets([[max(t, 0) for t in p] for p in prompts], params)
 
-    def save(self, directory: str) -> None:
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        save_model(self.model, str(d / "model.safetensors"))
-        config = {**self.model.config.to_dict(), "vision": asdict(self.model.vision_config)}
-        (d / "config.json").write_text(json.dumps(config, indent=2))
-        (d / "tokenizer.json").write_text(json.dumps(self.tokenizer.to_dict(), indent=2))
-        (d / "policy.json").write_text(json.dumps({"backend": "tiny_vlm"}, indent=2))
+    backend = "tiny_vlm"
+
+    def config_dict(self) -> dict:
+        return {**self.model.config.to_dict(), "vision": asdict(self.model.vision_config)}
 
     @classmethod
-    def load(cls, directory: str) -> TinyVLMPolicy:
-        d = Path(directory)
-        for name in FILES:
-            if not (d / name).is_file():
-                raise ThinklingError(f"{d / name}: missing (not a saved tiny_vlm policy)")
-        if read_json(d / "policy.json").get("backend") != "tiny_vlm":
-            raise ThinklingError(f"{d / 'policy.json'}: backend is not 'tiny_vlm'")
-        try:
-            saved = read_json(d / "config.json")
-            tokenizer = CharTokenizer.from_dict(read_json(d / "tokenizer.json"))
-            if not isinstance(saved, dict):
-                raise ThinklingError("config.json is not a mapping")
-            lm_config, vision = vlm_config({k: v for k, v in saved.items() if k != "vocab_size"},
-                                           saved.get("vocab_size", tokenizer.vocab_size))
-        except ThinklingError as e:
-            raise ThinklingError(f"{d}: {e}") from None
-        with torch.random.fork_rng(devices=[]):
-            model = TinyVLM(lm_config, vision)
-        load_weights(model, d / "model.safetensors")
-        return cls(model, tokenizer)
+    def model_from_config(cls, saved: dict, tokenizer: CharTokenizer) -> TinyVLM:
+        if not isinstance(saved, dict):
+            raise ThinklingError("config.json is not a mapping")
+        lm_config, vision = vlm_config({k: v for k, v in saved.items() if k != "vocab_size"},
+                                       saved.get("vocab_size", tokenizer.vocab_size))
+        return TinyVLM(lm_config, vision)

@@ -36,7 +36,6 @@ from thinkling.models.tiny import TinyConfig, TinyPolicy, TinyTransformer
 from thinkling.models.tokenizer import CharTokenizer
 
 
-
 @dataclass
 class VisionConfig:
     """The image encoder: `image_size`² RGB inputs (resized to it), `patch_size`² patches, a ViT

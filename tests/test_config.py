@@ -21,6 +21,18 @@ def test_bad_values_name_the_key(override, key):
         load_recipe(None, [override])
 
 
+@pytest.mark.parametrize("section", ["sft", "rl", "dpo"])
+@pytest.mark.parametrize("key, value, rule", [
+    ("lr", 0, "> 0"), ("grad_clip", -1, "> 0"), ("warmup_steps", -1, ">= 0"), ("weight_decay", -0.1, ">= 0"),
+])
+def test_optimizer_keys_are_checked_alike_in_every_training_section(section, key, value, rule):
+    """sft, rl and dpo share their optimizer keys (config.OptimizerConfig): same rule, same message."""
+    with pytest.raises(ThinklingError, match=f"^config key '{section}.{key}': must be {rule}, got "):
+        load_recipe(None, [f"{section}.{key}={value}"])
+    cfg = load_recipe(None, [f"{section}.{key}=0.5" if key != "warmup_steps" else f"{section}.{key}=5"])
+    assert getattr(getattr(cfg, section), key) in (0.5, 5)
+
+
 def test_override_must_have_equals():
     with pytest.raises(ThinklingError, match="key=value"):
         apply_overrides({}, ["rl.steps"])

@@ -134,14 +134,28 @@ ANNEALS = ("none", "linear", "cosine")
 
 
 @dataclass
-class SFTConfig:
+class OptimizerConfig:
+    """The AdamW and schedule keys of every training section (sft, rl, dpo), defined and checked
+    once; a section inherits them (its keys stay `sft.lr`, `rl.grad_clip`, ...) and may change a default."""
+
+    lr: float = 1e-4
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+
+    def validate_optimizer(self, where: str) -> None:
+        _at_least(self, where, 0, "warmup_steps", "weight_decay")
+        _check(where, "lr", self.lr > 0, "> 0", self.lr)
+        _check(where, "grad_clip", self.grad_clip > 0, "> 0", self.grad_clip)
+
+
+@dataclass
+class SFTConfig(OptimizerConfig):
     steps: int = 1000
     batch_size: int = 64
     lr: float = 1e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 50
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
     log_every: int = 25
     save_every: int = 500
     bf16: bool = False  # autocast the forward in bfloat16
@@ -154,9 +168,7 @@ class SFTConfig:
         _check(where, "template_weight_anneal", self.template_weight_anneal in ANNEALS, " or ".join(ANNEALS),
                self.template_weight_anneal)
         _at_least(self, where, 1, "steps", "batch_size", "log_every", "save_every", "micro_batch_size")
-        _at_least(self, where, 0, "warmup_steps", "weight_decay")
-        _check(where, "lr", self.lr > 0, "> 0", self.lr)
-        _check(where, "grad_clip", self.grad_clip > 0, "> 0", self.grad_clip)
+        self.validate_optimizer(where)
         _check(where, "min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "in [0, 1]", self.min_lr_ratio)
 
 
@@ -171,7 +183,7 @@ class BreadConfig:
 
 
 @dataclass
-class RLConfig:
+class RLConfig(OptimizerConfig):
     algorithm: str = "grpo"  # preset: grpo | dr_grpo | dapo | clgrpo; explicit keys below override it
     steps: int = 100
     prompts_per_step: int = 16
@@ -179,10 +191,6 @@ class RLConfig:
     ppo_epochs: int = 1  # μ: updates per batch of rollouts with π_old frozen
     minibatches: int = 1
     micro_batch_size: int | None = None  # rows per forward/backward pass, gradients accumulated (less memory, same update); None = a whole minibatch
-    lr: float = 1e-4
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
     max_new_tokens: int = 64
     temperature: float = 1.0
     top_p: float = 1.0
@@ -211,11 +219,10 @@ class RLConfig:
     def validate(self, where: str = "rl") -> None:
         _at_least(self, where, 1, "steps", "prompts_per_step", "ppo_epochs", "minibatches", "max_new_tokens",
                   "save_every", "log_every", "micro_batch_size")
-        _at_least(self, where, 0, "warmup_steps", "weight_decay", "resample_rounds", "samples_every")
+        self.validate_optimizer(where)
+        _at_least(self, where, 0, "resample_rounds", "samples_every")
         _check(where, "group_size", self.group_size >= 2, ">= 2 (group-relative advantages need a group)",
                self.group_size)
-        _check(where, "lr", self.lr > 0, "> 0", self.lr)
-        _check(where, "grad_clip", self.grad_clip > 0, "> 0", self.grad_clip)
         _check(where, "temperature", self.temperature > 0, "> 0 (RL samples its rollouts)", self.temperature)
         _check(where, "top_p", 0 < self.top_p <= 1, "in (0, 1]", self.top_p)
         _check(where, "tis_cap", self.tis_cap is None or self.tis_cap >= 1, ">= 1 (or null: off)", self.tis_cap)
@@ -227,7 +234,7 @@ class RLConfig:
 
 
 @dataclass
-class DPOConfig:
+class DPOConfig(OptimizerConfig):
     """Rollout DPO (`train.dpo`): pairs of the policy's own right and wrong completions."""
 
     steps: int = 100
@@ -240,10 +247,6 @@ class DPOConfig:
     beta: float = 0.1
     loss: str = "sigmoid"  # sigmoid (DPO) | ipo
     label_smoothing: float = 0.0  # conservative DPO's ε (sigmoid only)
-    lr: float = 1e-4
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
     max_new_tokens: int = 64
     temperature: float = 1.0
     top_p: float = 1.0
@@ -255,14 +258,13 @@ class DPOConfig:
     def validate(self, where: str = "dpo") -> None:
         _at_least(self, where, 1, "steps", "prompts_per_round", "pairs_per_prompt", "refresh_every", "batch_size",
                   "micro_batch_size", "max_new_tokens", "log_every", "save_every")
-        _at_least(self, where, 0, "warmup_steps", "weight_decay", "samples_every")
+        self.validate_optimizer(where)
+        _at_least(self, where, 0, "samples_every")
         _check(where, "group_size", self.group_size >= 2, ">= 2 (a pair needs two completions)", self.group_size)
         _check(where, "beta", self.beta > 0, "> 0", self.beta)
         _check(where, "label_smoothing", 0 <= self.label_smoothing < 0.5, "in [0, 0.5)", self.label_smoothing)
         _check(where, "label_smoothing", self.label_smoothing == 0 or self.loss == "sigmoid",
                "0 with loss ipo", self.label_smoothing)
-        _check(where, "lr", self.lr > 0, "> 0", self.lr)
-        _check(where, "grad_clip", self.grad_clip > 0, "> 0", self.grad_clip)
         _check(where, "temperature", self.temperature > 0, "> 0 (pairs need sampled completions)", self.temperature)
         _check(where, "top_p", 0 < self.top_p <= 1, "in (0, 1]", self.top_p)
 

@@ -115,3 +115,29 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, path, model: torch.nn
             optimizer.load_state_dict(state)
     except (FileNotFoundError, RuntimeError, ValueError) as e:
         raise ThinklingError(f"{path}: cannot restore optimizer state ({e})") from None
+
+
+def run_steps(cfg, take_step, *, run=None, start_step: int = 0, evaluate=None, eval_every: int = 0, progress=None,
+              samples=None, save=None) -> None:
+    """The step loop of the on-policy trainers (RL, rollout DPO), steps `start_step` .. `cfg.steps` − 1.
+
+    `take_step(step) -> metrics`; the metrics go to `run` every `cfg.log_every` steps and at the
+    end, `samples()` rows to its samples every `cfg.samples_every` steps, `evaluate(step)` runs at
+    step 0 of a fresh run and every `eval_every` steps before the last (the caller evaluates the
+    final policy), `save(done)` every `cfg.save_every` steps and at the end, `progress(done, metrics)`
+    after each step. One loop, so that resume, logging and checkpoints follow the same schedule."""
+    if evaluate is not None and start_step == 0 and eval_every:
+        evaluate(0)
+    for step in range(start_step, cfg.steps):
+        metrics = take_step(step)
+        done = step + 1
+        if run is not None and (done % cfg.log_every == 0 or done == cfg.steps):
+            run.log(done, metrics)
+        if run is not None and samples is not None and cfg.samples_every and done % cfg.samples_every == 0:
+            run.write_samples(done, samples())
+        if evaluate is not None and eval_every and done % eval_every == 0 and done != cfg.steps:
+            evaluate(done)
+        if run is not None and save is not None and (done % cfg.save_every == 0 or done == cfg.steps):
+            save(done)
+        if progress is not None:
+            progress(done, metrics)

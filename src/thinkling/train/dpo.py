@@ -33,6 +33,7 @@ from thinkling.train.common import (
     lr_at,
     make_optimizer,
     peak_rss_gb,
+    run_steps,
     set_lr,
     step_generator,
     stop_if_not_finite,
@@ -204,20 +205,11 @@ def train_dpo(policy, reference, task, problems, cfg, *, seed: int, run=None, st
         if run is not None:
             run.log(step, {**metrics, "total/generated_tokens": trainer.totals["generated_tokens"]})
 
-    if evaluate is not None and start_step == 0 and eval_every:
-        evaluate_now(0)
-    for step in range(start_step, cfg.steps):
-        metrics = trainer.step(step, cfg.steps)
-        done = step + 1
-        if run is not None and (done % cfg.log_every == 0 or done == cfg.steps):
-            run.log(done, metrics)
-        if run is not None and cfg.samples_every and done % cfg.samples_every == 0:
-            run.write_samples(done, [{"id": p.problem_id, "chosen": policy.decode(p.chosen),
-                                      "rejected": policy.decode(p.rejected)} for p in trainer.pairs[:8]])
-        if evaluate is not None and eval_every and done % eval_every == 0 and done != cfg.steps:
-            evaluate_now(done)
-        if run is not None and (done % cfg.save_every == 0 or done == cfg.steps):
-            run.save_checkpoint(done, policy, optimizer, trainer.state())
-        if progress is not None:
-            progress(done, metrics)
+    def samples() -> list[dict]:
+        return [{"id": p.problem_id, "chosen": policy.decode(p.chosen), "rejected": policy.decode(p.rejected)}
+                for p in trainer.pairs[:8]]
+
+    run_steps(cfg, lambda step: trainer.step(step, cfg.steps), run=run, start_step=start_step,
+              evaluate=evaluate_now if evaluate is not None else None, eval_every=eval_every, progress=progress,
+              samples=samples, save=lambda done: run.save_checkpoint(done, policy, optimizer, trainer.state()))
     return trainer

@@ -43,6 +43,7 @@ from thinkling.train.common import (
     lr_at,
     make_optimizer,
     peak_rss_gb,
+    run_steps,
     set_lr,
     step_generator,
     stop_if_not_finite,
@@ -486,24 +487,23 @@ def train_rl(policy, task, problems, cfg, knobs: Knobs, *, seed: int, run=None, 
         if run is not None:
             run.log(step, {**metrics, "total/generated_tokens": trainer.totals["generated_tokens"]})
 
-    if evaluate is not None and start_step == 0 and eval_every:
-        evaluate_now(0)
-    for step in range(start_step, cfg.steps):
+    last: list[Group] = []  # the step's groups, for the samples
+
+    def take_step(step: int) -> dict:
         metrics, groups = trainer.step(step, cfg.steps)
-        done = step + 1
-        if run is not None and (done % cfg.log_every == 0 or done == cfg.steps):
-            run.log(done, metrics)
-        if run is not None and cfg.samples_every and done % cfg.samples_every == 0:
-            run.write_samples(done, [{"id": g.problem.id, "anchor_steps": g.anchor_steps, "reward": r,
-                                      "correct": c.correct, "completion": c.text}
-                                     for g in groups[:4] for c, r in zip(g.completions, g.rewards)])
-        if evaluate is not None and eval_every and done % eval_every == 0 and done != cfg.steps:
-            evaluate_now(done)
-        if run is not None and (done % cfg.save_every == 0 or done == cfg.steps):
-            with full_state(policy, optimizer):  # every process: a sharded policy's state is gathered
-                run.save_checkpoint(done, policy, optimizer, trainer.state())
-        if progress is not None:
-            progress(done, metrics)
+        last[:] = groups
+        return metrics
+
+    def samples() -> list[dict]:
+        return [{"id": g.problem.id, "anchor_steps": g.anchor_steps, "reward": r, "correct": c.correct,
+                 "completion": c.text} for g in last[:4] for c, r in zip(g.completions, g.rewards)]
+
+    def save(done: int) -> None:
+        with full_state(policy, optimizer):  # every process: a sharded policy's state is gathered
+            run.save_checkpoint(done, policy, optimizer, trainer.state())
+
+    run_steps(cfg, take_step, run=run, start_step=start_step, evaluate=evaluate_now if evaluate is not None else None,
+              eval_every=eval_every, progress=progress, samples=samples, save=save)
     return trainer
 
 

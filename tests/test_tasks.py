@@ -415,3 +415,17 @@ def test_strict_chain_checks_the_work_not_only_the_answer():
     assert strict.verify(p, "40+3-2=41\nA:41").correct  # several operations on one line are fine
     with pytest.raises(ThinklingError, match="strict"):
         get_task("chain", strict=True, trace="rewrite")
+
+
+def test_chain_per_line_fixes_the_operations_on_each_line():
+    """`per_line: n` puts exactly n operations on every line but the last (one length per k, unlike
+    `merge`'s random joins); the problems themselves are the plain task's, and strict accepts the trace."""
+    pairs, plain = get_task("chain", per_line=2, strict=True), get_task("chain")
+    for p, q in zip(pairs.problems(30, seed=4, difficulty=[1, 2, 3, 4, 5]), plain.problems(30, seed=4, difficulty=[1, 2, 3, 4, 5])):
+        k = int(p.difficulty)
+        assert (p.prompt, p.answer) == (q.prompt, q.answer)
+        assert [s.count("+") + s.count("-") for s in p.steps] == [2] * (k // 2) + [1] * (k % 2)
+        assert pairs.verify(p, pairs.target(p)).correct
+    for bad in ({"per_line": -1}, {"per_line": 1.5}, {"per_line": 2, "merge": 0.5}, {"per_line": 2, "trace": "rewrite"}):
+        with pytest.raises(ThinklingError, match="per_line"):
+            get_task("chain", **bad)

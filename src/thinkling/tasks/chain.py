@@ -45,7 +45,7 @@ class ChainTask(Task):
     default_template = "chain"
 
     def __init__(self, digits: int = 1, trace: str = "equation", slips: float = 0.0, merge: float = 0.0,
-                 strict: bool = False, template=False, self_correct: float = 0.0):
+                 strict: bool = False, template=False, self_correct: float = 0.0, per_line: int = 0):
         """`digits` = operand digits; values stay in 0 .. 10**(digits+1) - 1 (0..99 by default).
 
         `trace` picks the expert step format:
@@ -68,6 +68,10 @@ class ChainTask(Task):
         for a small model, so a shorter trace is a riskier one — a task where a longer
         thinking budget buys accuracy (what TLDR's length levels trade).
 
+        `per_line` = n > 0 is the deterministic form: every line does n operations (the last line
+        what is left), so `per_line: 2` turns 4 operations into 2 lines and 3 into 2. One fixed
+        rule per trace style gives each style one length per k (TLDR levels need that).
+
         `template` (true or a template name) opens the trace with a `<plan>` of its steps;
         `self_correct` = p gives a share p of traces a slip caught by a `<check>` line
         (`tasks.templates`).
@@ -80,8 +84,12 @@ class ChainTask(Task):
             raise ThinklingError(f"task 'chain': slips must be a number in [0, 1), got {slips!r}")
         if isinstance(merge, bool) or not isinstance(merge, (int, float)) or not 0 <= merge <= 1:
             raise ThinklingError(f"task 'chain': merge must be a number in [0, 1], got {merge!r}")
-        if merge and trace == "rewrite":
-            raise ThinklingError("task 'chain': merge applies to the equation trace, not trace: rewrite")
+        if isinstance(per_line, bool) or not isinstance(per_line, int) or per_line < 0:
+            raise ThinklingError(f"task 'chain': per_line must be an int >= 0 (0 = off), got {per_line!r}")
+        if per_line and merge:
+            raise ThinklingError("task 'chain': per_line and merge both set the operations per line; set one (merge: 0)")
+        if (merge or per_line) and trace == "rewrite":
+            raise ThinklingError("task 'chain': merge and per_line apply to the equation trace, not trace: rewrite")
         if not isinstance(strict, bool):
             raise ThinklingError(f"task 'chain': strict must be true or false, got {strict!r}")
         if strict and trace == "rewrite":
@@ -93,6 +101,7 @@ class ChainTask(Task):
         self.trace = trace
         self.slips = float(slips)
         self.merge = float(merge)
+        self.per_line = per_line
         self.strict = strict
 
     def problems(self, n, seed, difficulty=None):
@@ -111,6 +120,8 @@ class ChainTask(Task):
                 ops.append(f"{delta:+d}")
                 value += delta
                 line_ops += f"{delta:+d}"
+                if j + 1 < k and self.per_line and (j + 1) % self.per_line:
+                    continue  # this line has room for the next operation
                 if j + 1 < k and self.merge and rng.random() < self.merge:
                     continue  # the next operation joins this line
                 if self.slips and rng.random() < self.slips:

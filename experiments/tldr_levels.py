@@ -3,9 +3,10 @@
 On `chain_verbose` (experiments/tldr.py) every level gave the same length: nothing rewarded longer
 thinking there. Here the task is strict `chain` (every line checked) and the SFT model learns one
 trace style per length tag: `[short]` puts every operation on one line (`37+5-8+9=43`), `[medium]`
-joins each operation to the line before with probability 0.5, `[long]` writes one operation per
-line (untagged prompts: the medium mix). Several operations on one line are what the tiny model
-gets wrong, so on 3-4-step problems a longer trace is a more accurate one. TLDR GRPO
+two operations per line (`37+5-8=34`, `34+9=43`; `--medium mix`: each operation joins the line
+before with probability 0.5, the first version), `[long]` one operation per line (untagged prompts:
+the random mix). Several operations on one line are what the tiny model gets wrong, so on 3-4-step
+problems a longer trace is a more accurate one. TLDR GRPO
 (recipes/experiments/tldr-chain-styles.yaml: budgets short < medium < long) then trades length
 against accuracy per level. The claim tested: after TLDR the levels differ in tokens AND accuracy
 rises with the level on the hard problems.
@@ -13,7 +14,7 @@ rises with the level on the hard problems.
 (The first version of this experiment used uninformative SFT tags and `merge: 0.5` traces on 4-6
 steps: the SFT model was right on 6 % of the problems and RL shortened every level alike.)
 
-`.venv/bin/python experiments/tldr_levels.py [--quick] [--seeds 2] [--steps 60] [--budgets 20 22 40] [--untaught]`
+`.venv/bin/python experiments/tldr_levels.py [--quick] [--seeds 2] [--steps 60] [--budgets 20 22 40] [--medium pairs|mix] [--untaught]`
 """
 
 from __future__ import annotations
@@ -33,7 +34,13 @@ from common import (
 
 RECIPE = "recipes/experiments/tldr-chain-styles.yaml"
 OPTIONS = {"merge": 0.5, "strict": True}
-STYLES = {"short": {"merge": 1.0}, "medium": {"merge": 0.5}, "long": {"merge": 0.0}}
+# The medium style: `pairs` (default) = exactly two operations per line, one length per k;
+# `mix` (the first version) = each operation joins the line before with probability 0.5.
+MEDIUM = {"pairs": {"merge": 0.0, "per_line": 2}, "mix": {"merge": 0.5}}
+
+
+def styles(medium: str) -> dict:
+    return {"short": {"merge": 1.0}, "medium": MEDIUM[medium], "long": {"merge": 0.0}}
 SFT_K = [1, 2, 3, 4]
 EVAL_K = [2, 3, 4]
 
@@ -44,6 +51,8 @@ def add_args(p):
     p.add_argument("--size", type=int, default=None, help="held-out problems (default 300, quick 60)")
     p.add_argument("--budgets", type=int, nargs=3, default=None, metavar=("SHORT", "MEDIUM", "LONG"),
                    help="TLDR token budgets per level (default: the recipe's)")
+    p.add_argument("--medium", choices=sorted(MEDIUM), default="pairs",
+                   help="the [medium] trace style: pairs = two operations per line, mix = random joins (p = 0.5)")
     p.add_argument("--untaught", action="store_true",
                    help="SFT writes every style at random whatever the tag (tags uninformative): can TLDR alone split them?")
 
@@ -57,11 +66,12 @@ def main():
     size = args.size or (60 if args.quick else 300)
     sft_steps = args.sft_steps or (150 if args.quick else 1500)
     t0 = time.time()
-    sft_name = "sft-untaught" if args.untaught else "sft"
-    sft = sft_tagged(out / sft_name, "chain", OPTIONS, SFT_K, steps=sft_steps, styles=STYLES,
+    style_tag = "" if args.medium == "mix" else f"-{args.medium}"  # `mix` keeps the first version's folders
+    sft_name = ("sft-untaught" if args.untaught else "sft") + style_tag
+    sft = sft_tagged(out / sft_name, "chain", OPTIONS, SFT_K, steps=sft_steps, styles=styles(args.medium),
                      styles_follow_tag=not args.untaught)
     t_sft = time.time() - t0
-    tag, extra = "-untaught" if args.untaught else "", ["eval.size=40"] if args.quick else []
+    tag, extra = ("-untaught" if args.untaught else "") + style_tag, ["eval.size=40"] if args.quick else []
     if args.budgets:
         short, medium, long = args.budgets
         tag += f"-b{short}-{medium}-{long}"
@@ -88,7 +98,7 @@ def main():
         for lv in evals["SFT"]:
             of_level = [r for r in tldr if r[1] == lv]
             rows.append([f"TLDR mean of {len(done)}", lv, *[sum(c) / len(c) for c in list(zip(*of_level))[2:]]])
-    results = {"sft": str(sft), "styles": STYLES, "untaught": args.untaught, "recipe": RECIPE, "budgets": args.budgets, "steps": steps, "sft_steps": sft_steps, "size": size,
+    results = {"sft": str(sft), "styles": styles(args.medium), "medium": args.medium, "untaught": args.untaught, "recipe": RECIPE, "budgets": args.budgets, "steps": steps, "sft_steps": sft_steps, "size": size,
                "samples": samples, "evals": evals, "sft_seconds": t_sft,
                "runs": [{"seed": j["seed"], "folder": j["folder"], "seconds": j["seconds"]} for j in done],
                "wall_s": time.time() - t0}

@@ -9,22 +9,34 @@ Recorded per (method, data share, seed): the training-loss curve, the first step
 pictures, and what the model sees: the share of held-out shapes whose cell, colour and form its
 scene description names right (chance for colour and form: 0.25).
 
-`OMP_NUM_THREADS=1 PYTHONPATH=src python experiments/tinyalign_shapes.py [--quick] [--seeds 2]`
+`--retrieval` measures the bank alone, no training: for each held-out picture, how often its top_k
+retrieved training pairs hold its answer (their majority vote; the best match's) and each of its shapes
+(same cell, colour and form), against top_k pairs drawn at random.
+
+`--table runs.json ...` prints the table of saved runs again (several files: one table), e.g. with
+another `--threshold`, or a third seed trained later with `--from-seed 2 --seeds 1`.
+
+`OMP_NUM_THREADS=1 PYTHONPATH=src python experiments/tinyalign_shapes.py [--quick] [--seeds 2] [--retrieval]`
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import time
+from collections import Counter
 from statistics import mean
 
 import torch
 
 from thinkling.config import SFTConfig
+from thinkling.eval.report import markdown_table
 from thinkling.lab.common import output_dir, write_table
+from thinkling.models import images as image_store
 from thinkling.models.base import SamplingParams
 from thinkling.models.tiny_vlm import TinyVLMPolicy
+from thinkling.rollout.prompts import prompt_text
 from thinkling.rollout.scoring import complete
 from thinkling.tasks import get_task
 from thinkling.train.sft import build_memory, sft_examples, train_sft
@@ -72,6 +84,29 @@ def run(method: str, share: float, seed: int, task, pool, heldout, args) -> dict
             "seconds": time.time() - t0}
 
 
+def retrieval(task, pool, heldout, top_k: int) -> dict:
+    """What the retrieved pairs hold about a held-out picture, vs as many random training pairs."""
+    policy = TinyVLMPolicy.create({**MODEL, "tinyalign": {"top_k": top_k}}, seed=0)
+    build_memory(policy, task, pool)  # entry e is pool[e]: every pair has a picture
+    rng = random.Random(0)
+    out = {}
+    for name in ("retrieved", "random"):
+        vote = top1 = found = shapes = 0
+        for p in heldout:
+            handles = [image_store.register(image) for image in p.images]
+            entries = policy.retrieve(handles, prompt_text(p)) if name == "retrieved" else \
+                rng.sample(range(len(pool)), top_k)
+            answers = [pool[e].answer for e in entries]
+            vote += Counter(answers).most_common(1)[0][0] == p.answer
+            top1 += answers[0] == p.answer
+            near = {shape for e in entries for shape in pool[e].meta["scene"]}
+            found += sum(shape in near for shape in p.meta["scene"])
+            shapes += len(p.meta["scene"])
+        out[name] = {"vote_accuracy": vote / len(heldout), "top1_accuracy": top1 / len(heldout),
+                     "shapes_found": found / shapes}
+    return out
+
+
 def summary(rows: list[dict], threshold: float) -> tuple[list[str], list[list]]:
     header = ["data", "method", "loss, last 10 steps", f"steps to loss <= {threshold}", "held-out accuracy",
               "colour right", "form right", "cell right", "per seed: accuracy"]
@@ -94,6 +129,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true", help="smoke version (a few minutes)")
     p.add_argument("--out", default=None, help="output folder (default runs/lab/tinyalign-shapes)")
     p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--from-seed", type=int, default=0)
+    p.add_argument("--table", nargs="+", default=None, help="runs.json files: print their table, train nothing")
     p.add_argument("--shares", default="0.2,0.4,0.6,1.0")
     p.add_argument("--pool", type=int, default=2000, help="training pictures at 100 %%")
     p.add_argument("--heldout", type=int, default=200)
@@ -103,16 +140,28 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--top-k", type=int, default=4)
     p.add_argument("--threshold", type=float, default=0.6)
     p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--retrieval", action="store_true", help="measure the bank's retrieval only (no training)")
     args = p.parse_args(argv)
     if args.quick:
         args.seeds, args.shares, args.pool, args.heldout, args.steps = 1, "0.2,1.0", 300, 40, 20
     torch.set_num_threads(1)
+    if args.table:
+        rows = [r for f in args.table for r in json.loads(open(f).read())]
+        for r in rows:
+            r["steps_to_threshold"] = steps_to(r["losses"], args.threshold)
+        header, table = summary(rows, args.threshold)
+        print(markdown_table(header, table))
+        return
     out = output_dir("tinyalign-shapes", args.out)
     task = get_task("shapes", question="mood")
     pool = task.problems(args.pool, 0, [1, 2, 3])
     heldout = task.problems(args.heldout, 1, [1, 2, 3])
+    if args.retrieval:
+        for share in [float(s) for s in args.shares.split(",")]:
+            print(json.dumps({"share": share, **retrieval(task, pool[: round(share * len(pool))], heldout, args.top_k)}))
+        return
     rows = []
-    for seed in range(args.seeds):
+    for seed in range(args.from_seed, args.from_seed + args.seeds):
         for share in [float(s) for s in args.shares.split(",")]:
             for method in METHODS:
                 rows.append(run(method, share, seed, task, pool, heldout, args))

@@ -162,3 +162,20 @@ def test_killed_and_resumed_sft_ends_bit_identical(tmp_path):
         assert torch.equal(wa[name], wb[name]), name
     for name in ("keys", "values", "sources"):
         assert torch.equal(getattr(pa.model.bank, name), getattr(pb.model.bank, name))
+
+
+@pytest.mark.slow  # ~40 s, most of it the stages' reports and plots
+def test_sft_then_grpo_then_eval_load_the_saved_bank(tmp_path):
+    """The CLGRPO pipeline with a TinyAlign model: RL and eval use the bank SFT built and saved."""
+    from thinkling.pipeline import run_pipeline
+
+    run_pipeline("recipes/vlm/clgrpo-shapes.yaml", [
+        f"output_dir={tmp_path}/p", "model.tiny={d_model: 16, n_layers: 1, n_heads: 2, max_seq_len: 192, "
+        "vision: {image_size: 36, patch_size: 12, d_model: 16, n_layers: 1, n_heads: 2, connector_hidden: 16}, "
+        "tinyalign: {top_k: 2}}", "train.size=16", "eval.size=4", "sft.steps=2", "sft.batch_size=4", "rl.steps=1",
+        "rl.prompts_per_step=2", "rl.group_size=2", "rl.max_new_tokens=8", "eval.max_new_tokens=8",
+        "stages=[{name: sft, kind: sft}, {name: grpo, kind: rl}]"])
+    sft, grpo = load_policy(tmp_path / "p" / "1-sft"), load_policy(tmp_path / "p" / "2-grpo")
+    assert torch.equal(sft.model.bank.keys, grpo.model.bank.keys) and len(sft.model.bank) == 16
+    assert main(["eval", "--model", str(tmp_path / "p" / "2-grpo"), "--task", "shapes", "--limit", "2", "--difficulty", "1",
+                 "--max-new-tokens", "4", "--out", str(tmp_path / "e")]) == 0

@@ -11,7 +11,10 @@ scene description names right (chance for colour and form: 0.25).
 
 `--retrieval` measures the bank alone, no training: for each held-out picture, how often its top_k
 retrieved training pairs hold its answer (their majority vote; the best match's) and each of its shapes
-(same cell, colour and form), against top_k pairs drawn at random.
+(same cell, colour and form), against top_k pairs drawn at random; and the blind floor, the training
+loss (nats per target token) of a model that knows the task's statistics but never looks at the
+picture: log 3 for the shape count, log C(9, k) for the filled cells, log 4 for each colour and each
+form, everything else predicted exactly.
 
 `--table runs.json ...` prints the table of saved runs again (several files: one table), e.g. with
 another `--threshold`, or a third seed trained later with `--from-seed 2 --seeds 1`.
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import time
 from collections import Counter
@@ -39,6 +43,7 @@ from thinkling.models.tiny_vlm import TinyVLMPolicy
 from thinkling.rollout.prompts import prompt_text
 from thinkling.rollout.scoring import complete
 from thinkling.tasks import get_task
+from thinkling.tasks.templates import spans_text
 from thinkling.train.sft import build_memory, sft_examples, train_sft
 
 MODEL = {"d_model": 96, "n_layers": 3, "n_heads": 4, "max_seq_len": 192,
@@ -157,6 +162,10 @@ def main(argv: list[str] | None = None) -> None:
     pool = task.problems(args.pool, 0, [1, 2, 3])
     heldout = task.problems(args.heldout, 1, [1, 2, 3])
     if args.retrieval:
+        nats = sum(math.log(3 * math.comb(9, len(p.meta["scene"]))) + len(p.meta["scene"]) * 2 * math.log(4)
+                   for p in pool)
+        tokens = sum(len(spans_text(task.target_spans(p))) + 1 for p in pool)  # characters + eos
+        print(f"blind floor: {nats / tokens:.4f} nats per target token")
         for share in [float(s) for s in args.shares.split(",")]:
             print(json.dumps({"share": share, **retrieval(task, pool[: round(share * len(pool))], heldout, args.top_k)}))
         return

@@ -45,6 +45,7 @@ from thinkling.models.base import SamplingParams
 from thinkling.models.tiny import TinyConfig, TinyPolicy, TinyTransformer
 from thinkling.models.tinyalign import (
     IMAGE_DIM,
+    TEXT_BUCKETS,
     VALUE_DIM,
     MemoryBank,
     image_key,
@@ -340,11 +341,9 @@ class TinyVLMPolicy(TinyPolicy):
         if len(pairs) <= cfg.top_k:
             raise ThinklingError(f"model config 'tinyalign.top_k': {cfg.top_k}, but only {len(pairs)} training pairs "
                                  "with pictures to build the memory bank from (need more than top_k)")
-        images, texts, values, sources = [], [], [], []
-        for pictures, prompt, target in pairs:
-            image, text, source = self._pair_keys([image_store.register(p) for p in pictures], prompt)
-            images.append(image), texts.append(text), sources.append(source)
-            values.append(pair_value(image, target))
+        keys = [self._pair_keys([image_store.register(p) for p in pictures], prompt) for pictures, prompt, _ in pairs]
+        images, texts, sources = zip(*keys)
+        values = [pair_value(image, target) for image, (_, _, target) in zip(images, pairs)]
         self.model.bank = MemoryBank.build(torch.stack(images), torch.stack(texts), torch.stack(values),
                                            torch.tensor(sources), meta={"features": "thumbnail12+hashed-text128"})
         return True
@@ -386,7 +385,7 @@ class TinyVLMPolicy(TinyPolicy):
         file = Path(directory) / BANK_FILE
         if policy.model.tinyalign is not None and file.is_file():
             bank = MemoryBank.load(file)
-            if bank.keys.shape[1] != IMAGE_DIM + text_key("").shape[0] or bank.values.shape[1] != VALUE_DIM:
+            if bank.keys.shape[1] != IMAGE_DIM + TEXT_BUCKETS or bank.values.shape[1] != VALUE_DIM:
                 raise ThinklingError(f"{file}: keys / values of {bank.keys.shape[1]} / {bank.values.shape[1]} dims, "
                                      "not this version's TinyAlign features")
             policy.model.bank = bank

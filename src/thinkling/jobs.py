@@ -29,7 +29,7 @@ from thinkling.train.distributed import DataParallel
 from thinkling.train.dpo import rounds as dpo_rounds
 from thinkling.train.dpo import train_dpo, validate_dpo
 from thinkling.train.rl import train_rl, validate_rl
-from thinkling.train.sft import check_examples_fit, sft_examples, train_sft
+from thinkling.train.sft import build_memory, check_examples_fit, sft_examples, train_sft
 from thinkling.train.sharding import full_state, gathered, shard_policy
 
 
@@ -127,6 +127,7 @@ def run_sft(cfg, resume: bool = False) -> dict:
     check_world(dp, cfg.sft.batch_size, "sft.batch_size", "example")
 
     def prepare(policy):
+        build_memory(policy, train_task, train_problems)  # TinyAlign: a new run's bank (a resumed one has its own)
         check_fits(policy, eval_problems, cfg.eval.max_new_tokens, "eval")
         return check_examples_fit(policy, sft_examples(policy, train_task, train_problems), train_problems)
 
@@ -166,6 +167,7 @@ def run_rl(cfg, resume: bool = False) -> dict:
     sampler = make_sampler(cfg.curriculum, problems, cfg.rl.steps)
 
     def prepare(policy):
+        build_memory(policy, task, problems)  # TinyAlign straight from a fresh model: RL's pairs make the bank
         check_fits(policy, problems, cfg.rl.max_new_tokens, "train")
         check_fits(policy, eval_problems, cfg.eval.max_new_tokens, "eval")
 

@@ -18,11 +18,21 @@ The interface a vision-language policy follows (the HF one as well):
   `models.logprobs` never scores a slot as a target.
 
 Sequence layout of a prompt: `[bos] + slots(image 1) + ... + slots(image k) + text`.
+
+TinyAlign (`model.tiny.tinyalign: {top_k, bank_size}`, `models.tinyalign`): a memory bank of the
+training pairs, keyed on fixed pixel / text features, is built when training starts
+(`build_memory`) and saved with the policy. `encode_prompt` retrieves the top_k entries nearest
+to (pictures, prompt text), leaving out the prompt's own entry, and writes them as top_k more
+slots after the last image's: slot j >= n_image_tokens of an image stands for bank entry
+j - n_image_tokens, which the forward pass turns into a token through the memory connector.
+Retrieval therefore happens once per prompt, and every sampler, log-prob and trainer path takes
+it unchanged; like image slots, memory slots are context and never a loss target.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -33,7 +43,20 @@ from thinkling.errors import ThinklingError
 from thinkling.models import images as image_store
 from thinkling.models.base import SamplingParams
 from thinkling.models.tiny import TinyConfig, TinyPolicy, TinyTransformer
+from thinkling.models.tinyalign import (
+    IMAGE_DIM,
+    TEXT_BUCKETS,
+    VALUE_DIM,
+    MemoryBank,
+    image_key,
+    memory_connector,
+    pair_source,
+    pair_value,
+    text_key,
+)
 from thinkling.models.tokenizer import CharTokenizer
+
+BANK_FILE = "memory_bank.safetensors"
 
 
 @dataclass
@@ -64,19 +87,48 @@ class VisionConfig:
         return (self.image_size // self.patch_size) ** 2
 
 
-def vlm_config(d: dict, vocab_size: int) -> tuple[TinyConfig, VisionConfig]:
-    """`model.tiny` of a `tiny_vlm` recipe: the TinyConfig keys, plus `vision: {VisionConfig keys}`."""
+@dataclass
+class TinyAlignConfig:
+    """`model.tiny.tinyalign`: `top_k` retrieved entries (= extra tokens per prompt) from a bank of
+    at most `bank_size` training pairs (the first ones; None: every pair)."""
+
+    top_k: int = 4
+    bank_size: int | None = None
+
+    def __post_init__(self):
+        for name in ("top_k", "bank_size"):
+            v = getattr(self, name)
+            if (v is not None or name == "top_k") and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+                raise ThinklingError(f"model config 'tinyalign.{name}': must be a positive integer (got {v!r})")
+        if self.top_k > 64:
+            raise ThinklingError(f"model config 'tinyalign.top_k': at most 64 retrieved tokens (got {self.top_k})")
+        if self.bank_size is not None and self.bank_size > image_store.SLOT_STRIDE // 2:
+            raise ThinklingError(f"model config 'tinyalign.bank_size': at most {image_store.SLOT_STRIDE // 2} "
+                                 f"pairs (got {self.bank_size})")
+
+
+def _section(d: dict, name: str, cls):
+    """A dataclass from the mapping `d[name]`, unknown keys refused by name."""
+    section = d.pop(name, {}) or {}
+    if not isinstance(section, dict):
+        raise ThinklingError(f"model config '{name}': must be a mapping")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(section) - known)
+    if unknown:
+        raise ThinklingError(f"model config '{name}': unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
+    return cls(**section)
+
+
+def vlm_config(d: dict, vocab_size: int) -> tuple[TinyConfig, VisionConfig, TinyAlignConfig | None]:
+    """`model.tiny` of a `tiny_vlm` recipe: the TinyConfig keys, plus `vision: {VisionConfig keys}`
+    and, for a TinyAlign connector, `tinyalign: {TinyAlignConfig keys}`."""
     if not isinstance(d, dict):
         raise ThinklingError(f"model config: expected a mapping (got {type(d).__name__})")
     d = dict(d)
-    vision = d.pop("vision", {}) or {}
-    if not isinstance(vision, dict):
-        raise ThinklingError("model config 'vision': must be a mapping")
-    known = {f.name for f in fields(VisionConfig)}
-    unknown = sorted(set(vision) - known)
-    if unknown:
-        raise ThinklingError(f"model config 'vision': unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
-    return TinyConfig.from_dict({"vocab_size": vocab_size, **d}), VisionConfig(**vision)
+    vision = _section(d, "vision", VisionConfig)
+    tinyalign = d.pop("tinyalign", None)  # absent or null: the plain connector
+    tinyalign = None if tinyalign is None else _section({"tinyalign": tinyalign}, "tinyalign", TinyAlignConfig)
+    return TinyConfig.from_dict({"vocab_size": vocab_size, **d}), vision, tinyalign
 
 
 class ViTBlock(nn.Module):
@@ -123,9 +175,9 @@ class TinyVLM(nn.Module):
     image slot ids by the image's projected patch features, so the tiny policy's sampler, KV
     cache and prefix sharing work unchanged."""
 
-    def __init__(self, lm_config: TinyConfig, vision: VisionConfig):
+    def __init__(self, lm_config: TinyConfig, vision: VisionConfig, tinyalign: TinyAlignConfig | None = None):
         super().__init__()
-        self.vision_config = vision
+        self.vision_config, self.tinyalign = vision, tinyalign
         self.lm = TinyTransformer(lm_config)
         self.vision = VisionEncoder(vision)
         self.connector = nn.Sequential(nn.Linear(vision.d_model, vision.connector_hidden), nn.GELU(),
@@ -134,7 +186,15 @@ class TinyVLM(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, mean=0.0, std=0.02)
                 nn.init.zeros_(m.bias)
+        self.bank: MemoryBank | None = None  # TinyAlign: built from the training pairs, saved with the policy
+        if tinyalign is not None:  # made last, so the rest starts as the plain twin's weights
+            self.memory_connector = memory_connector(VALUE_DIM, vision.connector_hidden, lm_config.d_model)
+            for m in self.memory_connector.modules():
+                if isinstance(m, nn.Linear):
+                    nn.init.normal_(m.weight, mean=0.0, std=0.02)
+                    nn.init.zeros_(m.bias)
         self._pixel_cache: dict[int, torch.Tensor] = {}  # handle -> [3, S, S] at this model's size
+        self._key_cache: dict[int, torch.Tensor] = {}  # handle -> its TinyAlign image key
 
     @property
     def config(self) -> TinyConfig:
@@ -171,6 +231,23 @@ class TinyVLM(nn.Module):
             t = self._pixel_cache[handle] = torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 255
         return t
 
+    @property
+    def slots_per_image(self) -> int:
+        """The largest slot index + 1 a prompt may hold: image tokens, then bank entries (TinyAlign)."""
+        return self.n_image_tokens + (len(self.bank) if self.bank is not None else 0)
+
+    def image_key(self, handle: int) -> torch.Tensor:
+        key = self._key_cache.get(handle)
+        if key is None:
+            key = self._key_cache[handle] = image_key(image_store.pixels(handle))
+        return key
+
+    def memory_tokens(self, entries: torch.Tensor) -> torch.Tensor:
+        """`[N, d_model]`: bank entries' values through the memory connector (the bank is fixed)."""
+        weight = self.memory_connector[0].weight
+        values = self.bank.values[entries.cpu()].to(weight.device, weight.dtype)
+        return self.memory_connector(values).to(self.lm.embed.weight.dtype)
+
     def image_embeddings(self, handles: list[int]) -> torch.Tensor:
         """The prefix tokens of images `[U, n_image_tokens, d_model]`: ViT features through the connector."""
         w = self.lm.embed.weight
@@ -184,11 +261,18 @@ class TinyVLM(nn.Module):
         if not bool(slots.any()):
             return x
         handle, j = image_store.split_slot(ids[slots])
-        if bool((j >= self.n_image_tokens).any()):
-            raise ThinklingError(f"model: an image slot index exceeds the model's {self.n_image_tokens} image tokens")
-        unique, inverse = torch.unique(handle, return_inverse=True)
-        features = self.image_embeddings(unique.tolist())
-        return x.index_put(slots.nonzero(as_tuple=True), features[inverse, j])
+        if bool((j >= self.slots_per_image).any()):
+            raise ThinklingError(f"model: an image slot index exceeds the model's {self.n_image_tokens} image tokens"
+                                 + (f" + {len(self.bank)} memory entries" if self.bank is not None else ""))
+        where = slots.nonzero(as_tuple=True)
+        image = j < self.n_image_tokens
+        if bool(image.any()):
+            unique, inverse = torch.unique(handle[image], return_inverse=True)
+            features = self.image_embeddings(unique.tolist())
+            x = x.index_put(tuple(w[image] for w in where), features[inverse, j[image]])
+        if not bool(image.all()):  # TinyAlign memory slots: slot n_image_tokens + e is bank entry e
+            x = x.index_put(tuple(w[~image] for w in where), self.memory_tokens(j[~image] - self.n_image_tokens))
+        return x
 
     def hidden(self, input_ids: torch.Tensor | None = None, *, inputs_embeds: torch.Tensor | None = None, **kw):
         """`TinyTransformer.hidden`, with image slots in `input_ids` embedded as images."""
@@ -211,28 +295,66 @@ class TinyVLMPolicy(TinyPolicy):
     def create(cls, config: dict, seed: int = 0) -> TinyVLMPolicy:
         """A freshly initialised model; the same config and seed give the same weights."""
         tokenizer = CharTokenizer()
-        lm_config, vision = vlm_config(config, tokenizer.vocab_size)
+        lm_config, vision, tinyalign = vlm_config(config, tokenizer.vocab_size)
         if lm_config.vocab_size != tokenizer.vocab_size:
             raise ThinklingError(f"model config 'vocab_size': must be {tokenizer.vocab_size} for the character "
                                  f"tokenizer (got {lm_config.vocab_size})")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = TinyVLM(lm_config, vision)
+            model = TinyVLM(lm_config, vision, tinyalign)
         return cls(model, tokenizer)
 
     def encode_prompt(self, prompt: str, images=()) -> list[int]:
         ids = [self.bos_id]
-        for image in images:
-            ids += image_store.slot_ids(image_store.register(image), self.model.n_image_tokens)
+        handles = [image_store.register(image) for image in images]
+        for h in handles:
+            ids += image_store.slot_ids(h, self.model.n_image_tokens)
+        if self.model.tinyalign is not None and handles:
+            ids += [image_store.slot_id(handles[-1], self.model.n_image_tokens + e) for e in self.retrieve(handles, prompt)]
         return ids + self.tokenizer.encode(prompt)
+
+    def _pair_keys(self, handles: list[int], prompt: str):
+        """(image key: the mean over the pictures, text key, source id) of a prompt."""
+        image = torch.stack([self.model.image_key(h) for h in handles]).mean(0)
+        return image, text_key(prompt), pair_source([image_store.pixels(h) for h in handles], prompt)
+
+    def retrieve(self, handles: list[int], prompt: str) -> list[int]:
+        """TinyAlign: the bank entries nearest to (pictures, prompt), best first, the prompt's own left out."""
+        bank = self.model.bank
+        if bank is None:
+            raise ThinklingError("model config 'tinyalign': this policy has no memory bank yet; it is built from the "
+                                 "training pairs when `thinkling sft` (or rl) starts")
+        image, text, source = self._pair_keys(handles, prompt)
+        _, index = bank.search(bank.query_keys(image[None], text[None]), self.model.tinyalign.top_k,
+                               exclude=torch.tensor([source]))
+        return index[0].tolist()
+
+    def build_memory(self, pairs: list[tuple[tuple, str, str]]) -> bool:
+        """TinyAlign: build the memory bank from training pairs `(images, prompt text, target text)`
+        (the first `bank_size`), unless the policy already has one (a resumed run, or a policy
+        trained before): the bank belongs to the weights trained with it. Returns whether it built.
+        Deterministic: the same pairs give the same bank, bit for bit."""
+        cfg = self.model.tinyalign
+        if cfg is None or self.model.bank is not None:
+            return False
+        pairs = [p for p in pairs if p[0]][: cfg.bank_size]
+        if len(pairs) <= cfg.top_k:
+            raise ThinklingError(f"model config 'tinyalign.top_k': {cfg.top_k}, but only {len(pairs)} training pairs "
+                                 "with pictures to build the memory bank from (need more than top_k)")
+        keys = [self._pair_keys([image_store.register(p) for p in pictures], prompt) for pictures, prompt, _ in pairs]
+        images, texts, sources = zip(*keys)
+        values = [pair_value(image, target) for image, (_, _, target) in zip(images, pairs)]
+        self.model.bank = MemoryBank.build(torch.stack(images), torch.stack(texts), torch.stack(values),
+                                           torch.tensor(sources), meta={"features": "thumbnail12+hashed-text128"})
+        return True
 
     def _budgets(self, prompts: list[list[int]], params: SamplingParams) -> list[int]:
         """`TinyPolicy._budgets`, with image slots checked apart from vocabulary ids."""
         for i, p in enumerate(prompts):
             handles, j = image_store.split_slot(np.array([t for t in p if t < 0], dtype=np.int64))
-            if len(j) and int(j.max()) >= self.model.n_image_tokens:
+            if len(j) and int(j.max()) >= self.model.slots_per_image:
                 raise ThinklingError(f"generate: prompt {i} has an image slot beyond the model's "
-                                     f"{self.model.n_image_tokens} image tokens")
+                                     f"{self.model.n_image_tokens} image tokens (and memory entries)")
             for h in set(handles.tolist()):
                 image_store.pixels(h)  # an unknown handle fails here, before any work
         return super()._budgets([[max(t, 0) for t in p] for p in prompts], params)
@@ -240,12 +362,31 @@ class TinyVLMPolicy(TinyPolicy):
     backend = "tiny_vlm"
 
     def config_dict(self) -> dict:
-        return {**self.model.config.to_dict(), "vision": asdict(self.model.vision_config)}
+        tinyalign = {"tinyalign": asdict(self.model.tinyalign)} if self.model.tinyalign is not None else {}
+        return {**self.model.config.to_dict(), "vision": asdict(self.model.vision_config), **tinyalign}
 
     @classmethod
     def model_from_config(cls, saved: dict, tokenizer: CharTokenizer) -> TinyVLM:
         if not isinstance(saved, dict):
             raise ThinklingError("config.json is not a mapping")
-        lm_config, vision = vlm_config({k: v for k, v in saved.items() if k != "vocab_size"},
-                                       saved.get("vocab_size", tokenizer.vocab_size))
-        return TinyVLM(lm_config, vision)
+        lm_config, vision, tinyalign = vlm_config({k: v for k, v in saved.items() if k != "vocab_size"},
+                                                  saved.get("vocab_size", tokenizer.vocab_size))
+        return TinyVLM(lm_config, vision, tinyalign)
+
+    def save(self, directory: str) -> None:
+        """`TinyPolicy.save`, plus the TinyAlign memory bank when there is one."""
+        super().save(directory)
+        if self.model.bank is not None:
+            self.model.bank.save(Path(directory) / BANK_FILE)
+
+    @classmethod
+    def load(cls, directory: str) -> TinyVLMPolicy:
+        policy = super().load(directory)
+        file = Path(directory) / BANK_FILE
+        if policy.model.tinyalign is not None and file.is_file():
+            bank = MemoryBank.load(file)
+            if bank.keys.shape[1] != IMAGE_DIM + TEXT_BUCKETS or bank.values.shape[1] != VALUE_DIM:
+                raise ThinklingError(f"{file}: keys / values of {bank.keys.shape[1]} / {bank.values.shape[1]} dims, "
+                                     "not this version's TinyAlign features")
+            policy.model.bank = bank
+        return policy

@@ -24,13 +24,21 @@ hundred thousand pairs) take milliseconds on a CPU; the result is exact and dete
 
 `TinyAlign` wraps any connector `image_features [B, P, Di] -> tokens [B, Ni, D]`, so it sits
 on a from-scratch tiny VLM or a Hugging Face one alike.
+
+Fixed pair features (`image_key`, `text_key`, `pair_value`, `pair_source`): what the tiny VLM's
+recipe-driven TinyAlign (`model.tiny.tinyalign`, docs/vlm.md) keys and fills its bank with. They
+come from the pixels and the text alone, never from trained weights, so a query made at any
+training step (or at evaluation) lives in the same space as the bank built before step 1, and
+retrieval for a prompt can be done once, when it is encoded.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,6 +48,55 @@ from thinkling.files import atomic_write_bytes
 
 IGNORE_INDEX = -100  # the label of a position no loss is taken on (torch's cross-entropy default)
 IMAGE_WEIGHT, TEXT_WEIGHT = 0.4, 0.6
+THUMBNAIL = 12  # an image key is its 12x12 RGB thumbnail (432 numbers)
+TEXT_BUCKETS = 128  # a text key is its words and lines hashed into 128 counts
+IMAGE_DIM = 3 * THUMBNAIL**2
+VALUE_DIM = IMAGE_DIM + TEXT_BUCKETS
+
+
+def image_key(array: np.ndarray) -> torch.Tensor:
+    """`[IMAGE_DIM]`: the `uint8 [H, W, 3]` picture as a 12x12 bilinear thumbnail, standardised per
+    picture (so a background shade or a global brightness shift does not count as similarity)."""
+    from PIL import Image
+
+    small = np.asarray(Image.fromarray(array).resize((THUMBNAIL, THUMBNAIL), Image.BILINEAR), dtype=np.float32)
+    x = torch.from_numpy(small.copy()).flatten() / 255
+    return (x - x.mean()) / x.std().clamp_min(1e-6)
+
+
+def _bucket(token: str) -> int:
+    return int.from_bytes(hashlib.blake2b(token.encode(), digest_size=4).digest(), "little") % TEXT_BUCKETS
+
+
+def text_key(text: str) -> torch.Tensor:
+    """`[TEXT_BUCKETS]`: counts of the text's words and of its whole lines, hashed (stable across
+    processes, unlike Python's `hash`). Lines keep which words go together (`tl red circle`)."""
+    x = torch.zeros(TEXT_BUCKETS)
+    for line in text.split("\n"):
+        words = line.split()
+        for token in words + ([f"line:{' '.join(words)}"] if len(words) > 1 else []):
+            x[_bucket(token)] += 1
+    return x
+
+
+def pair_value(image: torch.Tensor, target: str) -> torch.Tensor:
+    """`[VALUE_DIM]`: the compact latent of a training pair, its image key next to its target
+    text's key, each unit length."""
+    return torch.cat([F.normalize(image, dim=-1), F.normalize(text_key(target), dim=-1)])
+
+
+def pair_source(arrays: list[np.ndarray], prompt: str) -> int:
+    """A 63-bit content id of (pictures, prompt): a query leaves out every bank entry with its own
+    id, so a training pair never retrieves itself (nor an exact duplicate of itself)."""
+    h = hashlib.blake2b(prompt.encode(), digest_size=8)
+    for a in arrays:
+        h.update(repr(a.shape).encode() + a.tobytes())
+    return int.from_bytes(h.digest(), "little") >> 1
+
+
+def memory_connector(value_dim: int, hidden: int, lm_dim: int) -> nn.Sequential:
+    """TinyAlign's second connector: one retrieved value -> one LM-space token."""
+    return nn.Sequential(nn.Linear(value_dim, hidden), nn.GELU(), nn.Linear(hidden, lm_dim))
 
 
 def pool(image_features: torch.Tensor) -> torch.Tensor:
@@ -151,8 +208,7 @@ class TinyAlign(nn.Module):
         self.top_k = top_k
         hidden = hidden or lm_dim
         # the second connector: retrieved value -> one LM-space token
-        self.memory_connector = nn.Sequential(nn.Linear(bank.values.shape[1], hidden), nn.GELU(),
-                                              nn.Linear(hidden, lm_dim))
+        self.memory_connector = memory_connector(bank.values.shape[1], hidden, lm_dim)
 
     def retrieve(self, image_features: torch.Tensor, text_embedding: torch.Tensor,
                  exclude: torch.Tensor | None = None):

@@ -13,7 +13,7 @@ from thinkling.data.curriculum import Uniform
 from thinkling.errors import ThinklingError
 from thinkling.models.base import pad, pad_batch
 from thinkling.models.logprobs import masked_token_logprobs
-from thinkling.rollout.prompts import prompt_ids
+from thinkling.rollout.prompts import prompt_ids, prompt_text
 from thinkling.tasks.templates import WEIGHTED_KINDS, spans_text
 from thinkling.train.common import (
     clip_gradients,
@@ -146,6 +146,16 @@ def sft_examples(policy, task, problems) -> list[Example]:
         examples.append(make_example(policy, prompt_ids(policy, p), text, weights,
                                      template if any(template) else None))
     return examples
+
+
+def build_memory(policy, task, problems) -> bool:
+    """A TinyAlign policy's memory bank (`models.tinyalign`) from the training pairs, before any
+    prompt is encoded (retrieval happens when it is): built automatically when a run starts, so
+    the bank always holds exactly the data the run trains on. Other policies: nothing to do."""
+    build = getattr(policy, "build_memory", None)
+    if build is None:
+        return False
+    return build([(p.images, prompt_text(p), spans_text(task.target_spans(p))) for p in problems])
 
 
 def check_examples_fit(policy, examples: list[Example], problems) -> list[Example]:

@@ -1,5 +1,5 @@
-"""One decode step's attention (one query per row over a KV cache): SDPA vs plain matmuls vs
-shared-prefix attention, at the shapes of the tiny demo model and of SmolLM2-135M.
+"""One decode step's attention (one query per row over a KV cache): SDPA vs plain matmuls,
+at the shapes of the tiny demo model and of SmolLM2-135M.
 
     python benchmarks/decode_attention.py
     python benchmarks/decode_attention.py --repeats 15
@@ -7,8 +7,8 @@ shared-prefix attention, at the shapes of the tiny demo model and of SmolLM2-135
 Sides (all in this process, their order rotated every repeat):
   sdpa      F.scaled_dot_product_attention over each row's cache (what the engines ran)
   matmul    q @ Kᵀ, softmax in float32, @ V (grouped-query heads folded into rows)
-  shared    attention.shared_prefix_attention: the G rows of a prompt read its keys once
-            (the prompt's cache is not copied per row), then their own keys
+(A third side, attention that reads each prompt's keys once for its G rows, was measured at
+commit c300d0e and dropped; docs/performance.md has the numbers.)
 Each row of the output is the median time of one call, its min–max over repeats, its
 ratio to sdpa and the largest difference from sdpa's output.
 """
@@ -24,14 +24,11 @@ import torch
 import torch.nn.functional as F
 from _common import header, rotate, table
 
-from thinkling.models.attention import PrefixGrid, shared_prefix_attention
-
-CASES = [  # name, rows B, heads H, kv heads, head dim, prompt tokens P, own tokens S, rows per prompt G, dtype
-    ("tiny demo GRPO (16 x G=8)", 128, 4, 4, 24, 110, 40, 8, torch.float32),
-    ("tiny demo probes (26 x G=8)", 208, 4, 4, 24, 130, 40, 8, torch.float32),
-    ("SmolLM2 bf16, distinct prompts", 64, 9, 3, 64, 100, 100, 1, torch.bfloat16),
-    ("SmolLM2 bf16, 8 x G=8", 64, 9, 3, 64, 100, 100, 8, torch.bfloat16),
-    ("SmolLM2 fp32, distinct prompts", 64, 9, 3, 64, 100, 100, 1, torch.float32),
+CASES = [  # name, rows B, heads H, kv heads, head dim, filled cache slots L, dtype
+    ("tiny demo GRPO batch", 128, 4, 4, 24, 150, torch.float32),
+    ("tiny demo probe batch", 208, 4, 4, 24, 170, torch.float32),
+    ("SmolLM2 bf16", 64, 9, 3, 64, 200, torch.bfloat16),
+    ("SmolLM2 fp32", 64, 9, 3, 64, 200, torch.float32),
 ]
 
 
@@ -52,29 +49,16 @@ def main(argv=None):
     ap.add_argument("--calls", type=int, default=10, help="calls per timing")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    header("decode attention: SDPA vs matmul vs shared-prefix", ["benchmarks/decode_attention.py", *sys.argv[1:]])
+    header("decode attention: SDPA vs matmul", ["benchmarks/decode_attention.py", *sys.argv[1:]])
     rows = []
-    for name, B, H, KV, d, P, S, G, dtype in CASES:
+    for name, B, H, KV, d, L, dtype in CASES:
         g = torch.Generator().manual_seed(0)
-        N = B // G
         rnd = lambda *shape: torch.randn(*shape, generator=g).to(dtype)
-        prefix_k, prefix_v = rnd(N, KV, P, d), rnd(N, KV, P, d)
-        own_k, own_v = rnd(B, KV, P + S + 8, d)[:, :, :S], rnd(B, KV, P + S + 8, d)[:, :, :S]
+        # a view of the filled slots of a preallocated cache, as in the engines
+        k, v = rnd(B, KV, L + 40, d)[:, :, :L], rnd(B, KV, L + 40, d)[:, :, :L]
         q = rnd(B, H, 1, d)
-        owner = torch.arange(N).repeat_interleave(G)
-        # the per-row cache the other sides read: prompt keys copied to every row, then its own (a view of
-        # a preallocated cache, as in the engines)
-        cache_k, cache_v = rnd(B, KV, P + S + 8, d), rnd(B, KV, P + S + 8, d)
-        cache_k[:, :, :P], cache_k[:, :, P : P + S] = prefix_k[owner], own_k
-        cache_v[:, :, :P], cache_v[:, :, P : P + S] = prefix_v[owner], own_v
-        k, v = cache_k[:, :, : P + S], cache_v[:, :, : P + S]
-        grid, bias = PrefixGrid.of(owner, N), torch.zeros(N, 1, 1, P, dtype=dtype)
         scale = d**-0.5
-        sides = {
-            "sdpa": lambda: sdpa(q, k, v, scale),
-            "matmul": lambda: matmul(q, k, v, scale),
-            "shared": lambda: shared_prefix_attention(q, prefix_k, prefix_v, bias, grid, own_k, own_v, scale),
-        }
+        sides = {"sdpa": lambda: sdpa(q, k, v, scale), "matmul": lambda: matmul(q, k, v, scale)}
         ref = sides["sdpa"]().float()
         err = {s: (f().float() - ref).abs().max().item() for s, f in sides.items()}
         times = {s: [] for s in sides}

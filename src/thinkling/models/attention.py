@@ -56,73 +56,22 @@ class KVCache:
         return self.mask.shape[1]
 
     def select(self, rows: torch.Tensor) -> KVCache:
-        """A cache of the given rows (repeat a row to share a prefix, omit it to drop it)."""
-        layers = [{name: t.index_select(0, rows) for name, t in layer.items()} for layer in self.layers]
+        """A cache of the given rows (repeat a row to share a prefix, omit it to drop it).
+
+        Only the `length` filled slots of "k" and "v" are copied: the sampler selects rows after
+        the prefill (G copies of each prompt) and at every compaction, when most of the capacity
+        is still empty."""
+        layers = []
+        for layer in self.layers:
+            new = {}
+            for name, t in layer.items():
+                if name in ("k", "v"):
+                    new[name] = t.new_empty((len(rows), *t.shape[1:]))
+                    new[name][:, :, : self.length] = t[rows, :, : self.length]
+                else:
+                    new[name] = t.index_select(0, rows)
+            layers.append(new)
         return KVCache(layers, self.mask.index_select(0, rows), self.length)
-
-
-@dataclass
-class PrefixGrid:
-    """Where each decoding row sits in a `[prefixes, width]` grid: the rows that continue the same
-    prefix side by side, so their queries meet that prefix's keys in one matmul.
-
-    `owner [B]` is each row's prefix; `place [B]` = owner * width + the row's rank among the
-    rows of its prefix; `width` is the largest number of rows of one prefix.
-    """
-
-    owner: torch.Tensor
-    place: torch.Tensor
-    n: int
-    width: int
-    dense: bool = False  # place == 0..B-1: every prefix has `width` rows, in order (no scatter needed)
-
-    @classmethod
-    def of(cls, owner: torch.Tensor, n: int) -> PrefixGrid:
-        counts = torch.bincount(owner, minlength=n)
-        order = torch.argsort(owner, stable=True)
-        starts = counts.cumsum(0) - counts
-        rank = torch.empty_like(owner)
-        rank[order] = torch.arange(len(owner), device=owner.device) - starts[owner[order]]
-        width = max(1, int(counts.max())) if len(owner) else 1
-        place = owner * width + rank
-        dense = len(owner) == n * width and bool((place == torch.arange(len(owner), device=owner.device)).all())
-        return cls(owner, place, n, width, dense)
-
-
-def shared_prefix_attention(q: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor,
-                            prefix_bias: torch.Tensor, grid: PrefixGrid, k: torch.Tensor, v: torch.Tensor,
-                            scale: float) -> torch.Tensor:
-    """Softmax attention of one query per row over its prefix's keys, then its own keys.
-
-    `q [B, H, 1, d]`; `prefix_k, prefix_v [N, KV, P, d]` the keys of the N distinct prefixes
-    (`prefix_bias [N, 1, 1, P]`: 0 on real keys, -inf on padding); `k, v [B, KV, S, d]` each
-    row's own keys after its prefix; H a multiple of KV (grouped-query attention). Equal to
-    attention over each row's copy of its prefix followed by its own keys (one softmax over
-    both), but a prefix's keys are read once for all the rows that share it instead of once
-    per row: at decode, attention is memory-bound and GRPO's G completions (BREAD's G probes)
-    of one prompt share all of its keys. Returns `[B, H, 1, d]`.
-    """
-    B, H, _, d = q.shape
-    N, KV, P, _ = prefix_k.shape
-    R, W = H // KV, grid.width
-
-    def to_grid(x: torch.Tensor) -> torch.Tensor:  # [B, H, c] -> [N, KV, W * R, c]
-        if not grid.dense:
-            slots = x.new_zeros(N * W, H, x.shape[-1])
-            slots[grid.place] = x
-            x = slots
-        return x.reshape(N, W, KV, R, -1).transpose(1, 2).reshape(N, KV, W * R, -1)
-
-    def from_grid(x: torch.Tensor) -> torch.Tensor:  # [N, KV, W * R, c] -> [B, H, c]
-        x = x.view(N, KV, W, R, -1).transpose(1, 2).reshape(N * W, H, -1)
-        return x if grid.dense else x[grid.place]
-
-    prefix_scores = from_grid(torch.matmul(to_grid(q[:, :, 0]), prefix_k.transpose(-1, -2)) * scale + prefix_bias)
-    own_scores = torch.matmul(q.view(B, KV, R, d), k.transpose(-1, -2)).view(B, H, -1) * scale
-    p = torch.softmax(torch.cat([prefix_scores, own_scores], dim=-1), dim=-1)
-    out = from_grid(torch.matmul(to_grid(p[..., :P]), prefix_v))
-    out = out + torch.matmul(p[..., P:].reshape(B, KV, R, -1), v).view(B, H, d)
-    return out[:, :, None]
 
 
 class CausalSelfAttention(nn.Module):
@@ -171,27 +120,6 @@ class CausalSelfAttention(nn.Module):
             state["v"][:, :, start : start + T] = v
             k, v = state["k"][:, :, : start + T], state["v"][:, :, : start + T]
         y = self.attend(q, k, v, attn_mask)
-        return self.out_proj(y.transpose(1, 2).reshape(B, T, D))
-
-    def shares_prefix_keys(self) -> bool:
-        """Whether `decode_shared` computes what `forward` does for this variant: it reuses `qkv`
-        but not an overridden `forward` or `attend`."""
-        cls = type(self)
-        return cls.forward is CausalSelfAttention.forward and cls.attend is CausalSelfAttention.attend
-
-    def decode_shared(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], positions: torch.Tensor,
-                      prefix: dict[str, torch.Tensor], prefix_bias: torch.Tensor, grid: PrefixGrid,
-                      state: dict[str, torch.Tensor], slot: int) -> torch.Tensor:
-        """One decoding step `x [B, 1, d_model]`: keys and values go to slot `slot` of the row's
-        own `state`; the query attends to its prefix's cached keys (`prefix`, shared by the rows of
-        `grid`, see `shared_prefix_attention`) and to its own slots `<= slot`."""
-        B, T, D = x.shape
-        q, k, v = (t.reshape(B, T, self.n_heads, self.head_dim).transpose(1, 2) for t in self.qkv(x, positions, state))
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        state["k"][:, :, slot : slot + 1] = k
-        state["v"][:, :, slot : slot + 1] = v
-        y = shared_prefix_attention(q, prefix["k"], prefix["v"], prefix_bias, grid, state["k"][:, :, : slot + 1],
-                                    state["v"][:, :, : slot + 1], self.head_dim**-0.5)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, D))
 
 

@@ -22,7 +22,6 @@ from thinkling.errors import ThinklingError
 from thinkling.files import read_json
 from thinkling.models.attention import (
     KVCache,
-    PrefixGrid,
     build_attention,
     check_attention,
     rope_table,
@@ -111,10 +110,6 @@ class Block(nn.Module):
         if token_mask is not None:  # variants that mix neighbouring inputs must see zeros at padding
             h = h * token_mask
         x = x + self.attn(h, rope, positions, attn_mask, state, start)
-        return x + self.mlp(self.mlp_norm(x))
-
-    def decode_shared(self, x, rope, positions, prefix, prefix_bias, grid, state, slot):
-        x = x + self.attn.decode_shared(self.attn_norm(x), rope, positions, prefix, prefix_bias, grid, state, slot)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -214,10 +209,6 @@ class TinyTransformer(nn.Module):
             cache.length = start + T
         return self.norm(x)
 
-    def shares_prefix_keys(self) -> bool:
-        """Whether decoding can read the prompts' keys once per distinct prompt (`_SharedPrefixState`)."""
-        return all(block.attn.shares_prefix_keys() for block in self.blocks)
-
 
 FILES = ("policy.json", "config.json", "tokenizer.json", "model.safetensors")
 
@@ -238,63 +229,8 @@ class _TinyDecodeState:
         return logits.float()
 
 
-class _SharedPrefixState:
-    """The tiny model's decode state when rows share prompts: the prompts' KV cache is kept once
-    per distinct prompt (`prefix`, never copied per row), each row caches only its own new tokens,
-    and attention reads a prompt's keys once for all its rows (`attention.shared_prefix_attention`).
-    What `_TinyDecodeState` computes, without copying the prompt's cache G times and reading it G
-    times per step."""
-
-    def __init__(self, model: TinyTransformer, prefix: KVCache, owner: torch.Tensor, rows: list[dict],
-                 next_pos: torch.Tensor, slot: int, limit: int):
-        self.model, self.prefix, self.rows, self.next_pos = model, prefix, rows, next_pos
-        self.slot, self.limit = slot, limit
-        self.grid = PrefixGrid.of(owner, prefix.mask.shape[0])
-        dtype = prefix.layers[0]["k"].dtype
-        bias = torch.zeros(prefix.mask.shape, dtype=dtype, device=prefix.mask.device)
-        self.bias = bias.masked_fill(~prefix.mask, float("-inf"))[:, None, None]
-
-    @classmethod
-    def after_prefill(cls, model: TinyTransformer, prefix: KVCache, next_pos: torch.Tensor, steps: int,
-                      limit: int) -> _SharedPrefixState:
-        n = prefix.mask.shape[0]
-        rows = []
-        for layer, blk in zip(prefix.layers, model.blocks):
-            own = blk.attn.new_state(n, steps, layer["k"].dtype, layer["k"].device)
-            own.update({name: t for name, t in layer.items() if name not in ("k", "v")})
-            rows.append(own)
-        return cls(model, prefix, torch.arange(n, device=next_pos.device), rows, next_pos, 0, limit)
-
-    def select(self, rows: torch.Tensor) -> _SharedPrefixState:
-        """The state of `rows`, copying only their own slots written so far (never the prompts')."""
-        new = []
-        for layer in self.rows:
-            own = {}
-            for name, t in layer.items():
-                if name in ("k", "v"):
-                    own[name] = t.new_empty((len(rows), *t.shape[1:]))
-                    own[name][:, :, : self.slot] = t[rows, :, : self.slot]
-                else:
-                    own[name] = t.index_select(0, rows)
-            new.append(own)
-        return _SharedPrefixState(self.model, self.prefix, self.grid.owner[rows], new, self.next_pos[rows],
-                                  self.slot, self.limit)
-
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        model, positions = self.model, self.next_pos[:, None]
-        x = model.embed(tokens[:, None])
-        rope = tuple(t[positions].unsqueeze(1).to(x.dtype) for t in (model.rope_cos, model.rope_sin))
-        for block, prefix, own in zip(model.blocks, self.prefix.layers, self.rows):
-            x = block.decode_shared(x, rope, positions, prefix, self.bias, self.grid, own, self.slot)
-        self.slot += 1
-        self.next_pos = (self.next_pos + 1).clamp(max=self.limit - 1)  # as in _TinyDecodeState
-        return model.lm_head(model.norm(x[:, -1])).float()
-
-
 class TinyPolicy:
     """The `Policy` of a tiny transformer with a character tokenizer."""
-
-    shared_prefix_decode = True  # `_SharedPrefixState` when the model allows it (False: for tests/benchmarks)
 
     def __init__(self, model: TinyTransformer, tokenizer: CharTokenizer):
         self.model, self.tokenizer = model, tokenizer
@@ -386,14 +322,10 @@ class TinyPolicy:
         def prefill(unique: list[list[int]], steps: int):
             ids, valid = pad_batch(unique, self.pad_id, left=True)
             ids, valid = ids.to(self.device), valid.to(self.device)
-            shared = self.shared_prefix_decode and isinstance(model, TinyTransformer) and model.shares_prefix_keys()
-            cache = model.new_cache(len(unique), ids.shape[1] + (0 if shared else steps))
+            cache = model.new_cache(len(unique), ids.shape[1] + steps)
             positions = (valid.cumsum(1) - 1).clamp(min=0)
             hidden = model.hidden(ids, attention_mask=valid, position_ids=positions, cache=cache)
-            logits = model.lm_head(hidden[:, -1]).float()
-            if shared:
-                return _SharedPrefixState.after_prefill(model, cache, positions[:, -1] + 1, steps, limit), logits
-            return _TinyDecodeState(model, cache, positions[:, -1] + 1, limit), logits
+            return _TinyDecodeState(model, cache, positions[:, -1] + 1, limit), model.lm_head(hidden[:, -1]).float()
 
         return decode(prompts, params, prefill, eos_id=self.eos_id, pad_id=self.pad_id,
                       budgets=self._budgets(prompts, params), share_prompts=share_prompts)

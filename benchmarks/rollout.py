@@ -11,8 +11,6 @@ batch x new-tokens tokens. Sides:
   engine-bf16  the engine with bfloat16 weights and KV cache (rollout_dtype="bfloat16")
   hf-bf16      `generate` on a bfloat16 copy of the model (--with-hf-bf16; the fair
                baseline for engine-bf16)
-  engine-bf16-unfused  the bf16 engine with q/k/v and gate/up as separate matmuls
-               (--with-unfused; what the engine ran before they were fused)
 Ratios are the median tokens/s of a side over that of `hf`, measured in the same run. Each
 side is also timed in this process's CPU seconds (one torch thread: the work done), which other
 jobs on a shared machine disturb far less than the wall clock.
@@ -34,7 +32,6 @@ from _common import Recorder, footer, gemm_rate, header, llama_linear_shapes, re
 
 from thinkling.models.base import SamplingParams
 from thinkling.models.hf import HFPolicy
-from thinkling.models.hf_engine import RolloutEngine
 from thinkling.rollout.prompts import prompt_text
 from thinkling.tasks import get_task
 
@@ -55,8 +52,7 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadiest on a shared machine)")
     ap.add_argument("--with-hf-bf16", action="store_true")
-    ap.add_argument("--with-unfused", action="store_true")
-    ap.add_argument("--sides", default=None, help="comma-separated subset of the sides to run (hf is always run)")
+    ap.add_argument("--sides", default=None, help="comma-separated subset of the sides to run (ratios need hf)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     header("rollout: generated tokens/s, engine vs transformers generate", ["benchmarks/rollout.py", *sys.argv[1:]])
@@ -73,14 +69,8 @@ def main(argv=None):
     if args.with_hf_bf16:
         hf16 = HFPolicy(copy.deepcopy(policy.model).to(torch.bfloat16), policy.tokenizer)
         sides["hf-bf16"] = hf16.generate_reference
-    if args.with_unfused:
-        unfused = copy.copy(bf16)
-        unfused._engine = RolloutEngine(policy.model, eos_id=policy.eos_id, pad_id=policy.pad_id, dtype=torch.bfloat16,
-                                        fuse=False)
-        sides["engine-bf16-unfused"] = unfused.generate
     if args.sides:
-        keep = {"hf", *args.sides.split(",")}
-        sides = {k: v for k, v in sides.items() if k in keep}
+        sides = {k: v for k, v in sides.items() if k in args.sides.split(",")}
     batches = [int(b) for b in args.batches.split(",")]
     config = policy.model.config
     shapes = llama_linear_shapes(config)
@@ -118,7 +108,8 @@ def main(argv=None):
     rows = []
     for batch in batches:
         b = str(batch)
-        base, base_cpu = rec.median(b, "hf", "tok/s"), rec.median(b, "hf", "tok/cpu-s")
+        base, base_cpu = ((rec.median(b, "hf", "tok/s"), rec.median(b, "hf", "tok/cpu-s")) if "hf" in sides
+                          else (float("nan"), float("nan")))
         for side in sides:
             med, cpu = rec.median(b, side, "tok/s"), rec.median(b, side, "tok/cpu-s")
             rows.append([batch, side, f"{med:.1f}", rec.spread(b, side, "tok/s"), f"{med / base:.2f}x",

@@ -296,18 +296,3 @@ def test_engine_logprobs_are_the_trainers_in_fp32_and_drift_in_bf16():
         assert stats["offpolicy/ratio_max"] >= 1.0
     assert drift[torch.float32].abs().max() < 1e-4
     assert drift[torch.bfloat16].abs().max() > drift[torch.float32].abs().max()
-
-
-@pytest.mark.parametrize("arch", list(ARCHS))
-def test_fused_projections_compute_what_separate_ones_do(arch):
-    """bf16 decoding runs q/k/v (and gate/up) as one matmul each: the same samples and log-probs
-    as separate matmuls (fp32 keeps the parameters unfused, without a copy)."""
-    model = make_model(arch, seed=11)
-    params = SamplingParams(max_new_tokens=10, temperature=1.0, seed=2)
-    fused, separate = engine(model, dtype=torch.bfloat16), engine(model, dtype=torch.bfloat16, fuse=False)
-    assert len(fused.weights().layers[0].qkv) == 1 and len(separate.weights().layers[0].qkv) == 3
-    assert len(engine(model).weights().layers[0].qkv) == 3
-    a, b = fused.sample(PROMPTS, params), separate.sample(PROMPTS, params)
-    assert [s.ids for s in a] == [s.ids for s in b]
-    for x, y in zip(a, b):
-        assert x.logprobs == pytest.approx(y.logprobs, abs=1e-3)

@@ -155,20 +155,16 @@ def can_pack() -> bool:
 @dataclass
 class _Layer:
     attn_norm: tuple[torch.Tensor, float]
-    qkv: list[_Linear]  # one fused [q; k; v] projection, or three (fuse=False)
+    q: _Linear
+    k: _Linear
+    v: _Linear
     q_norm: tuple[torch.Tensor, float] | None  # Qwen3 normalises q and k per head
     k_norm: tuple[torch.Tensor, float] | None
     o: _Linear
     mlp_norm: tuple[torch.Tensor, float]
-    gate_up: list[_Linear]  # one fused [gate; up] projection, or two
+    gate: _Linear
+    up: _Linear
     down: _Linear
-
-
-def _project(linears: list[_Linear], x: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
-    """The outputs of several projections of `x`, from one fused GEMM (split as views) or one each."""
-    if len(linears) == 1:
-        return list(linears[0](x).split(sizes, dim=-1))
-    return [lin(x) for lin in linears]
 
 
 class _ShiftedHead:
@@ -199,7 +195,7 @@ class _ShiftedHead:
 class _Weights:
     """The model's weights as decoding uses them (cast, LoRA folded, packed): rebuilt when parameters change."""
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype, head_dtype: torch.dtype, pack: bool, fuse: bool = True):
+    def __init__(self, model: nn.Module, dtype: torch.dtype, head_dtype: torch.dtype, pack: bool):
         base = _base_model(model)
         config, core = base.config, base.model
         self.n_heads = config.num_attention_heads
@@ -218,36 +214,24 @@ class _Weights:
             weight, bias = _linear(module)
             return _Linear(_cast(weight, dtype), _cast(bias, dtype), pack)
 
-        param_dtype = next(model.parameters()).dtype
-
-        def fused(modules: list[nn.Module]) -> list[_Linear]:
-            """One GEMM for projections of the same input (fewer, wider matmuls per step). Only when
-            the weights are cast anyway: at the parameters' own dtype they are used without a copy."""
-            if not fuse or dtype == param_dtype:
-                return [linear(m) for m in modules]
-            pairs = [_linear(m) for m in modules]
-            weight = torch.cat([w.detach() for w, _ in pairs])
-            bias = None
-            if any(b is not None for _, b in pairs):
-                bias = torch.cat([b.detach() if b is not None else w.new_zeros(w.shape[0]) for w, b in pairs])
-            return [_Linear(_cast(weight, dtype), _cast(bias, dtype), pack)]
-
         self.layers = []
         for layer in core.layers:
             attn, mlp = layer.self_attn, layer.mlp
             self.layers.append(
                 _Layer(
                     attn_norm=_norm_weight(layer.input_layernorm),
-                    qkv=fused([attn.q_proj, attn.k_proj, attn.v_proj]),
+                    q=linear(attn.q_proj),
+                    k=linear(attn.k_proj),
+                    v=linear(attn.v_proj),
                     q_norm=_norm_weight(attn.q_norm) if hasattr(attn, "q_norm") else None,
                     k_norm=_norm_weight(attn.k_norm) if hasattr(attn, "k_norm") else None,
                     o=linear(attn.o_proj),
                     mlp_norm=_norm_weight(layer.post_attention_layernorm),
-                    gate_up=fused([mlp.gate_proj, mlp.up_proj]),
+                    gate=linear(mlp.gate_proj),
+                    up=linear(mlp.up_proj),
                     down=linear(mlp.down_proj),
                 )
             )
-        self.intermediate = core.layers[0].mlp.down_proj.in_features
         self.scale = float(getattr(core.layers[0].self_attn, "scaling", self.head_dim**-0.5))
 
 
@@ -276,8 +260,8 @@ class RolloutEngine:
     the LM head (default: `dtype`; a bf16 head is offset-compensated, see
     `_ShiftedHead`). The residual stream, norms, RoPE, logits and sampling are
     float32 whatever the dtype.
-    `share_prefixes=False` prefills every row, `pack=False` uses plain `F.linear` and
-    `fuse=False` runs q, k, v (and gate, up) as separate matmuls (for tests and benchmarks).
+    `share_prefixes=False` prefills every row and `pack=False` uses plain
+    `F.linear` (both for tests and benchmarks).
     """
 
     def __init__(
@@ -290,14 +274,13 @@ class RolloutEngine:
         head_dtype: torch.dtype | None = None,
         share_prefixes: bool = True,
         pack: bool = True,
-        fuse: bool = True,
     ):
         reason = unsupported_reason(model)
         if reason is not None:
             raise ThinklingError(f"the rollout engine does not support this model: {reason}")
         self.model, self.eos_id, self.pad_id = model, eos_id, pad_id
         self.dtype, self.head_dtype = dtype, head_dtype or dtype
-        self.share_prefixes, self.pack, self.fuse = share_prefixes, pack, fuse
+        self.share_prefixes, self.pack = share_prefixes, pack
         self._weights: _Weights | None = None
         self._key: tuple | None = None
 
@@ -310,7 +293,7 @@ class RolloutEngine:
         if self._weights is None or key != self._key:
             self._weights = None  # free the old copy before building the new one
             with torch.no_grad():
-                self._weights = _Weights(self.model, self.dtype, self.head_dtype, self.pack, self.fuse)
+                self._weights = _Weights(self.model, self.dtype, self.head_dtype, self.pack)
             self._key = key
         return self._weights
 
@@ -330,16 +313,13 @@ class RolloutEngine:
         cos, sin = cos.float()[:, None], sin.float()[:, None]
         end = start + T
         causal = mask is None and T > 1
-        sizes, mlp_sizes = [H * hd, KV * hd, KV * hd], [w.intermediate, w.intermediate]
         for i, layer in enumerate(w.layers):
             h = _rms(x, layer.attn_norm).to(self.dtype)
-            q, k, v = (t.view(B, T, -1, hd) for t in _project(layer.qkv, h, sizes))
+            q, k, v = layer.q(h).view(B, T, H, hd), layer.k(h).view(B, T, KV, hd), layer.v(h).view(B, T, KV, hd)
             if layer.q_norm is not None:
                 q, k = _rms(q.float(), layer.q_norm), _rms(k.float(), layer.k_norm)
-            # q and k rotate together: one cast to float32 and one rotation for both
-            qk = _rotate(torch.cat([q, k], dim=2).transpose(1, 2).float(), cos, sin)
-            q = qk[:, :H].to(self.dtype)
-            kv[i, 0, :, :, start:end] = qk[:, H:]
+            q = _rotate(q.transpose(1, 2).float(), cos, sin).to(self.dtype)
+            kv[i, 0, :, :, start:end] = _rotate(k.transpose(1, 2).float(), cos, sin)
             kv[i, 1, :, :, start:end] = v.transpose(1, 2)
             a = F.scaled_dot_product_attention(
                 q, kv[i, 0, :, :, :end], kv[i, 1, :, :, :end], attn_mask=mask, is_causal=causal,
@@ -347,8 +327,7 @@ class RolloutEngine:
             )
             x = x + layer.o(a.transpose(1, 2).reshape(B, T, H * hd)).float()
             h = _rms(x, layer.mlp_norm).to(self.dtype)
-            gate, up = _project(layer.gate_up, h, mlp_sizes)
-            x = x + layer.down(F.silu(gate) * up).float()
+            x = x + layer.down(F.silu(layer.gate(h)) * layer.up(h)).float()
         return _rms(x[:, -1], w.norm)
 
     @staticmethod

@@ -244,9 +244,9 @@ def test_a_completion_depends_on_its_key_not_on_the_batch(policy, prompts):
     assert policy.generate_reference(prompts, params) == together
 
 
-def test_cache_select_copies_the_filled_slots_of_the_chosen_rows(policy, prompts):
-    """`KVCache.select` (G copies after the prefill, compaction) copies only the filled slots;
-    what attention reads is the same as selecting whole rows."""
+def test_cache_select_keeps_the_filled_slots_of_the_chosen_rows(policy, prompts):
+    """`KVCache.select` (G copies of a prompt after the prefill, compaction) keeps each chosen row's
+    filled slots, and the next step attends to them as to the original rows."""
     model = policy.model
     ids = torch.tensor([p[:2] for p in prompts[:3]])
     cache = model.new_cache(3, 10)

@@ -56,21 +56,8 @@ class KVCache:
         return self.mask.shape[1]
 
     def select(self, rows: torch.Tensor) -> KVCache:
-        """A cache of the given rows (repeat a row to share a prefix, omit it to drop it).
-
-        Only the `length` filled slots of "k" and "v" are copied: the sampler selects rows after
-        the prefill (G copies of each prompt) and at every compaction, when most of the capacity
-        is still empty."""
-        layers = []
-        for layer in self.layers:
-            new = {}
-            for name, t in layer.items():
-                if name in ("k", "v"):
-                    new[name] = t.new_empty((len(rows), *t.shape[1:]))
-                    new[name][:, :, : self.length] = t[rows, :, : self.length]
-                else:
-                    new[name] = t.index_select(0, rows)
-            layers.append(new)
+        """A cache of the given rows (repeat a row to share a prefix, omit it to drop it)."""
+        layers = [{name: t.index_select(0, rows) for name, t in layer.items()} for layer in self.layers]
         return KVCache(layers, self.mask.index_select(0, rows), self.length)
 
 

@@ -112,8 +112,9 @@ def main(argv=None):
                           else (float("nan"), float("nan")))
         for side in sides:
             med, cpu = rec.median(b, side, "tok/s"), rec.median(b, side, "tok/cpu-s")
-            rows.append([batch, side, f"{med:.1f}", rec.spread(b, side, "tok/s"), f"{med / base:.2f}x",
-                         f"{cpu:.1f}", rec.spread(b, side, "tok/cpu-s"), f"{cpu / base_cpu:.2f}x"])
+            ratio = lambda x, y: "" if y != y else f"{x / y:.2f}x"  # no hf side: no ratio
+            rows.append([batch, side, f"{med:.1f}", rec.spread(b, side, "tok/s"), ratio(med, base),
+                         f"{cpu:.1f}", rec.spread(b, side, "tok/cpu-s"), ratio(cpu, base_cpu)])
     print()
     print(table(["batch", "side", "tok/s (median)", "min–max", "vs hf", "tok/CPU-s", "min–max", "vs hf (CPU)"], rows))
     rows = []

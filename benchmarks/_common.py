@@ -64,12 +64,15 @@ class Recorder:
 
     @contextmanager
     def measure(self, side: str):
-        """Time a block (seconds) and record the peak RSS while it ran."""
+        """Time a block (wall "seconds" and this process's "cpu_seconds") and record the peak RSS
+        while it ran. With one torch thread, CPU seconds are the work done: other jobs on a
+        shared machine stretch the wall time (preemption) far more than the CPU time."""
         with PeakRSS() as mem:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             box = {}
             yield box
             box.setdefault("seconds", time.perf_counter() - t0)
+            box.setdefault("cpu_seconds", time.process_time() - c0)
         self.peak[side] = max(self.peak.get(side, 0.0), mem.peak)
 
     def add(self, row: str, side: str, metric: str, value: float):
@@ -100,10 +103,67 @@ def rotate(sides: list, rep: int) -> list:
     return sides[k:] + sides[:k]
 
 
+def cpu() -> str:
+    """The CPU model and the matrix extensions torch's bf16 kernels can use."""
+    try:
+        info = open("/proc/cpuinfo").read()
+    except OSError:
+        return platform.processor() or "unknown cpu"
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    ext = [f for f in ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
+    return f"{model} [{' '.join(ext) or 'no avx512'}]"
+
+
 def machine() -> str:
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    return (f"cpus={os.cpu_count()} torch_threads={torch.get_num_threads()} torch={torch.__version__} "
+    return (f"{cpu()} cpus={os.cpu_count()} torch_threads={torch.get_num_threads()} torch={torch.__version__} "
             f"python={platform.python_version()} loadavg(1/5/15 min)={load}")
+
+
+def gemm_rate(shapes: list[tuple[int, int]], rows: int, dtype: torch.dtype = torch.bfloat16, repeats: int = 7,
+              min_seconds: float = 0.05) -> tuple[float, float]:
+    """(CPU seconds, FLOP per CPU second) of one pass of `x [rows, K] @ W[K, N]` over every (K, N) of
+    `shapes`, with the rollout engine's own linear layer (oneDNN-prepacked for bf16): the GEMM-only
+    cost of one forward step at that batch on this machine. CPU time (one thread), so that other
+    jobs' preemption does not count; median of `repeats` passes."""
+    from thinkling.models.hf_engine import _Linear  # the engine's kernel, so the ceiling is the one it can reach
+
+    g = torch.Generator().manual_seed(0)
+    layers = [(_Linear(torch.randn(n, k, generator=g).to(dtype), None, pack=True), torch.randn(rows, k, generator=g).to(dtype))
+              for k, n in shapes]
+    flops = sum(2 * rows * k * n for k, n in shapes)
+    for lin, x in layers:
+        lin(x)
+    inner = 1
+    while True:  # enough inner loops that one pass takes min_seconds (timer and load noise)
+        t0 = time.process_time()
+        for _ in range(inner):
+            for lin, x in layers:
+                lin(x)
+        if time.process_time() - t0 >= min_seconds:
+            break
+        inner *= 2
+    times = []
+    for _ in range(repeats):
+        t0 = time.process_time()
+        for _ in range(inner):
+            for lin, x in layers:
+                lin(x)
+        times.append((time.process_time() - t0) / inner)
+    sec = statistics.median(times)
+    return sec, flops / sec
+
+
+def llama_linear_shapes(config) -> list[tuple[int, int]]:
+    """(in, out) of every matmul of one decode step of a Llama-family model (per layer q, k, v, o,
+    gate, up, down; then the LM head)."""
+    d, heads = config.hidden_size, config.num_attention_heads
+    hd = getattr(config, "head_dim", None) or d // heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    per_layer = [(d, heads * hd), (d, kv * hd), (d, kv * hd), (heads * hd, d),
+                 (d, config.intermediate_size), (d, config.intermediate_size), (config.intermediate_size, d)]
+    return per_layer * config.num_hidden_layers + [(d, config.vocab_size)]
 
 
 def max_rss_mb() -> float:

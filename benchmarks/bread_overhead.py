@@ -102,24 +102,28 @@ def main(argv=None):
             if step < args.warmup:
                 continue
             rec.add("step", name, "total", m["seconds"])
+            rec.add("step", name, "cpu", m["cpu_seconds"])
             rec.add("step", name, "generate", metrics["time/generate_s"])
             rec.add("step", name, "update", m["seconds"] - metrics["time/generate_s"])
             rec.add("step", name, "tokens", metrics["generated_tokens"])
             rec.add("step", name, "probe_groups", metrics.get("bread/probe_groups", 0))
-            print(f"  step {step} {name:15s} {m['seconds']:5.2f} s (generate {metrics['time/generate_s']:.2f} s, "
+            print(f"  step {step} {name:15s} {m['seconds']:5.2f} s, CPU {m['cpu_seconds']:5.2f} s (generate {metrics['time/generate_s']:.2f} s, "
                   f"{metrics['generated_tokens']} tokens, {metrics.get('bread/probe_groups', 0)} probe groups, "
                   f"accuracy {metrics.get('accuracy', 0):.2f})", flush=True)
 
     rows = []
     for name in sides:
-        med = {k: rec.median("step", name, k) for k in ("total", "generate", "update", "tokens", "probe_groups")}
+        med = {k: rec.median("step", name, k) for k in ("total", "cpu", "generate", "update", "tokens", "probe_groups")}
         base = rec.median("step", name.replace("bread", "grpo"), "total")
+        base_cpu = rec.median("step", name.replace("bread", "grpo"), "cpu")
         extra = f"{100 * (med['total'] - base) / base:+.0f}%" if name.startswith("bread") else ""
-        rows.append([name, f"{med['total']:.2f}", rec.spread("step", name, "total"), f"{med['generate']:.2f}",
-                     f"{med['update']:.2f}", f"{med['tokens']:.0f}", f"{med['probe_groups']:.0f}", extra])
+        extra_cpu = f"{100 * (med['cpu'] - base_cpu) / base_cpu:+.0f}%" if name.startswith("bread") else ""
+        rows.append([name, f"{med['total']:.2f}", rec.spread("step", name, "total"), f"{med['cpu']:.2f}",
+                     f"{med['generate']:.2f}", f"{med['update']:.2f}", f"{med['tokens']:.0f}",
+                     f"{med['probe_groups']:.0f}", extra, extra_cpu])
     print()
-    print(table(["side", "s/step (median)", "min–max", "generate s", "update s", "tokens/step", "probe groups", "BREAD overhead vs grpo"],
-                rows))
+    print(table(["side", "s/step (median)", "min–max", "CPU s/step", "generate s", "update s", "tokens/step",
+                 "probe groups", "BREAD overhead vs grpo", "same, CPU time"], rows))
     reuse = rec.median("step", "bread-no-reuse", "total") / rec.median("step", "bread", "total")
     print(f"prefix reuse makes a BREAD step {reuse:.2f}x faster "
           f"(GRPO step {rec.median('step', 'grpo-no-reuse', 'total') / rec.median('step', 'grpo', 'total'):.2f}x)")

@@ -11,7 +11,14 @@ batch x new-tokens tokens. Sides:
   engine-bf16  the engine with bfloat16 weights and KV cache (rollout_dtype="bfloat16")
   hf-bf16      `generate` on a bfloat16 copy of the model (--with-hf-bf16; the fair
                baseline for engine-bf16)
-Ratios are the median tokens/s of a side over that of `hf`, measured in the same run.
+Ratios are the median tokens/s of a side over that of `hf`, measured in the same run. Each
+side is also timed in this process's CPU seconds (one torch thread: the work done), which other
+jobs on a shared machine disturb far less than the wall clock.
+
+After every repeat of a batch size the script also times the model's matmuls alone (every
+linear layer of one decode step, bf16, oneDNN-prepacked as the engine runs them, at that
+batch; `_common.gemm_rate`) and a large-batch GEMM (the machine's bf16 peak), so the last
+table says what fraction of the GEMM-only speed the engine reaches (both in CPU seconds).
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import copy
 import sys
 
 import torch
-from _common import Recorder, footer, header, release_memory, rotate, table
+from _common import Recorder, footer, gemm_rate, header, llama_linear_shapes, release_memory, rotate, table
 
 from thinkling.models.base import SamplingParams
 from thinkling.models.hf import HFPolicy
@@ -45,6 +52,7 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadiest on a shared machine)")
     ap.add_argument("--with-hf-bf16", action="store_true")
+    ap.add_argument("--sides", default=None, help="comma-separated subset of the sides to run (ratios need hf)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     header("rollout: generated tokens/s, engine vs transformers generate", ["benchmarks/rollout.py", *sys.argv[1:]])
@@ -61,7 +69,12 @@ def main(argv=None):
     if args.with_hf_bf16:
         hf16 = HFPolicy(copy.deepcopy(policy.model).to(torch.bfloat16), policy.tokenizer)
         sides["hf-bf16"] = hf16.generate_reference
+    if args.sides:
+        sides = {k: v for k, v in sides.items() if k in args.sides.split(",")}
     batches = [int(b) for b in args.batches.split(",")]
+    config = policy.model.config
+    shapes = llama_linear_shapes(config)
+    params_flops = 2 * sum(k * n for k, n in shapes)  # matmul FLOPs of one generated token (attention not counted)
     problems = get_task("chain").problems(max(batches), seed=0, difficulty=[3, 4, 5, 6])
     prompts = [policy.encode_prompt(prompt_text(p)) for p in problems]
     print(f"model={args.model} new_tokens={args.new_tokens} prompt_tokens={min(map(len, prompts))}-{max(map(len, prompts))} "
@@ -80,18 +93,42 @@ def main(argv=None):
                 release_memory()
                 assert all(len(o) == args.new_tokens for o in out), "eos was not suppressed"
                 rec.add(str(batch), side, "tok/s", batch * args.new_tokens / m["seconds"])
-                print(f"  batch {batch:3d} rep {rep} {side:12s} {rec.values[(str(batch), side)]['tok/s'][-1]:7.1f} tok/s",
-                      flush=True)
+                rec.add(str(batch), side, "tok/cpu-s", batch * args.new_tokens / m["cpu_seconds"])
+                print(f"  batch {batch:3d} rep {rep} {side:12s} {rec.values[(str(batch), side)]['tok/s'][-1]:7.1f} tok/s "
+                      f"({rec.values[(str(batch), side)]['tok/cpu-s'][-1]:7.1f} per CPU second)", flush=True)
+            sec, rate = gemm_rate(shapes, batch)
+            _, peak = gemm_rate([(config.hidden_size, config.intermediate_size)], 1024)
+            rec.add(str(batch), "gemm", "tok/s", batch / sec)
+            rec.add(str(batch), "gemm", "flop/s", rate)
+            rec.add(str(batch), "peak", "flop/s", peak)
+            print(f"  batch {batch:3d} rep {rep} matmuls alone {batch / sec:7.1f} tok/CPU-s ({rate / 1e9:.0f} GFLOP/s; "
+                  f"bf16 peak at 1024 x {config.hidden_size} x {config.intermediate_size}: {peak / 1e9:.0f} GFLOP/s)",
+                  flush=True)
 
     rows = []
     for batch in batches:
         b = str(batch)
-        base = rec.median(b, "hf", "tok/s")
+        base, base_cpu = ((rec.median(b, "hf", "tok/s"), rec.median(b, "hf", "tok/cpu-s")) if "hf" in sides
+                          else (float("nan"), float("nan")))
         for side in sides:
-            med = rec.median(b, side, "tok/s")
-            rows.append([batch, side, f"{med:.1f}", rec.spread(b, side, "tok/s"), f"{med / base:.2f}x"])
+            med, cpu = rec.median(b, side, "tok/s"), rec.median(b, side, "tok/cpu-s")
+            ratio = lambda x, y: "" if y != y else f"{x / y:.2f}x"  # no hf side: no ratio
+            rows.append([batch, side, f"{med:.1f}", rec.spread(b, side, "tok/s"), ratio(med, base),
+                         f"{cpu:.1f}", rec.spread(b, side, "tok/cpu-s"), ratio(cpu, base_cpu)])
     print()
-    print(table(["batch", "side", "tok/s (median)", "min–max", "vs hf"], rows))
+    print(table(["batch", "side", "tok/s (median)", "min–max", "vs hf", "tok/CPU-s", "min–max", "vs hf (CPU)"], rows))
+    rows = []
+    for batch in batches:
+        b = str(batch)
+        gemm, peak = rec.median(b, "gemm", "tok/s"), rec.median(b, "peak", "flop/s")
+        for side in [s for s in sides if s.startswith("engine")]:
+            med = rec.median(b, side, "tok/cpu-s")  # CPU time on both sides of the comparison
+            rows.append([batch, side, f"{med:.1f}", f"{med * params_flops / 1e9:.1f}", f"{gemm:.1f}",
+                         f"{100 * med / gemm:.0f}%", f"{peak / 1e9:.0f}", f"{100 * med * params_flops / peak:.0f}%"])
+    print(f"\nmatmul FLOPs per generated token: {params_flops / 1e6:.1f} M (2 x the linear weights; "
+          f"the bf16 engine's LM head runs twice, see hf_engine._ShiftedHead)")
+    print(table(["batch", "side", "tok/CPU-s", "matmul GFLOP/CPU-s", "matmuls-alone tok/CPU-s (bf16)", "of matmuls-alone",
+                 "bf16 peak GFLOP/s", "of peak"], rows))
     footer(rec)
 
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from thinkling.errors import ThinklingError
+from thinkling.models.attention import KVCache
 from thinkling.models.base import Policy, SamplingParams
 from thinkling.models.logprobs import sequence_logprobs
 from thinkling.models.tiny import TinyConfig, TinyPolicy
@@ -241,3 +242,22 @@ def test_a_completion_depends_on_its_key_not_on_the_batch(policy, prompts):
                                                              keys=tuple(range(len(prompts)))[::-1]))
     assert shuffled == together[::-1]
     assert policy.generate_reference(prompts, params) == together
+
+
+def test_cache_select_keeps_the_filled_slots_of_the_chosen_rows(policy, prompts):
+    """`KVCache.select` (G copies of a prompt after the prefill, compaction) keeps each chosen row's
+    filled slots, and the next step attends to them as to the original rows."""
+    model = policy.model
+    ids = torch.tensor([p[:2] for p in prompts[:3]])
+    cache = model.new_cache(3, 10)
+    model.hidden(ids, cache=cache)
+    rows = torch.tensor([2, 0, 0])
+    picked = cache.select(rows)
+    assert picked.length == 2 and picked.capacity == 10
+    for mine, theirs in zip(picked.layers, cache.layers):
+        for name in ("k", "v"):
+            assert torch.equal(mine[name][:, :, :2], theirs[name][rows, :, :2])
+    step = torch.tensor([[5], [6], [6]])
+    want = model.hidden(step, cache=KVCache([{n: t[rows] for n, t in la.items()} for la in cache.layers],
+                                            cache.mask[rows], cache.length))
+    assert torch.equal(model.hidden(step, cache=picked), want)

@@ -1,0 +1,22 @@
+"""Workload of benchmarks/versions.py: SmolLM2-135M bf16 rollouts, batch 64, 32 new tokens (tokens per CPU second)."""
+
+import time
+
+import torch
+
+torch.set_num_threads(1)
+from thinkling.models.base import SamplingParams
+from thinkling.models.hf import HFPolicy
+from thinkling.rollout.prompts import prompt_text
+from thinkling.tasks import get_task
+
+policy = HFPolicy.load("smollm2-135m", device="cpu")
+policy.rollout_dtype = "bfloat16"
+prompts = [policy.encode_prompt(prompt_text(p)) for p in get_task("chain").problems(64, seed=0, difficulty=[3, 4, 5, 6])]
+def ban(logits, history):
+    logits[:, policy.eos_id] = -float("inf"); return logits
+params = SamplingParams(max_new_tokens=32, temperature=1.0, seed=0, logits_processor=ban)
+policy.generate(prompts[:4], SamplingParams(max_new_tokens=2, seed=0))
+for r in range(2):
+    c = time.process_time(); out = policy.generate(prompts, params); c = time.process_time() - c
+    print(f"RESULT bf16-b64-rep{r} {64 * 32 / c:.2f} {hash(tuple(map(tuple, out)))}", flush=True)

@@ -9,11 +9,12 @@ BREAD's expert anchors matter. Difficulty = k.
 from __future__ import annotations
 
 import re
+from collections import Counter
 
 from thinkling.errors import ThinklingError
 from thinkling.tasks.base import Problem, Task, Verdict, register_task
 from thinkling.tasks.synthetic import check_count, difficulty_levels, rng_for
-from thinkling.tasks.templates import render_spans, solution_lines
+from thinkling.tasks.templates import CHECK_CLOSE, CHECK_OPEN, PLAN_CLOSE, PLAN_OPEN, render_spans, solution_lines
 
 _STEP = re.compile(r"(\d+)((?:[+-]\d+)+)=(\d+)")
 
@@ -35,6 +36,49 @@ def steps_are_right(problem: Problem, completion: str) -> bool:
         if int(m.group(3)) != value:
             return False
     return used == len(ops)
+
+
+def _arithmetic_right(m: re.Match) -> bool:
+    return int(m.group(1)) + sum(int(o) for o in re.findall(r"[+-]\d+", m.group(2))) == int(m.group(3))
+
+
+def check_outcomes(completion: str) -> Counter:
+    """What the `<check>` lines of a completion did (S2R-style self-verification), judging each step
+    line by its own arithmetic (`37+5=41` is wrong whatever came before):
+    - `steps`, `wrong`: step lines, and those whose stated result is wrong;
+    - `checks`: `<check>` lines; `fixed`: a check after a wrong line that restates the same start and
+      operations with the right result; `not_fixed`: a check after a wrong line that does not;
+      `unneeded`: a check after a right line (`broke`: one of those that is itself not a right
+      restatement, so it turned a right line into a wrong one);
+    - `missed`: wrong lines with no check after them.
+    Plan lines and the answer line (the last) are skipped."""
+    out: Counter = Counter({k: 0 for k in ("steps", "wrong", "checks", "fixed", "not_fixed", "unneeded", "broke",
+                                           "missed")})
+    last = None  # the match of the step line a check would stand for, and whether it was wrong
+    for line in completion.strip().split("\n")[:-1]:
+        s = line.strip()
+        if s.startswith(PLAN_OPEN) and s.endswith(PLAN_CLOSE):
+            continue
+        if s.startswith(CHECK_OPEN) and s.endswith(CHECK_CLOSE):
+            out["checks"] += 1
+            m = _STEP.fullmatch(s[len(CHECK_OPEN) : -len(CHECK_CLOSE)].strip())
+            same = (last is not None and m is not None and m.group(1) == last[0].group(1)
+                    and m.group(2) == last[0].group(2) and _arithmetic_right(m))
+            if last is not None and last[1]:
+                out["fixed" if same else "not_fixed"] += 1
+                out["missed"] -= 1
+            else:
+                out["unneeded"] += 1
+                out["broke"] += not same
+            last = None  # a second check in a row checks nothing new
+            continue
+        m = _STEP.fullmatch(s)
+        out["steps"] += 1
+        wrong = m is None or not _arithmetic_right(m)
+        out["wrong"] += wrong
+        out["missed"] += wrong
+        last = (m, wrong) if m is not None else None
+    return out
 
 
 @register_task("chain")

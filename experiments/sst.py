@@ -36,6 +36,7 @@ from pathlib import Path
 from common import experiment_args, output_dir, run_recipe, write_results
 
 from thinkling.eval.report import markdown_table
+from thinkling.tasks import get_task
 from thinkling.tasks.chain import check_outcomes
 
 CONDITIONS = {"plain": ("recipes/sst/sft-plain.yaml", []), "sst": ("recipes/sst/sft-sst.yaml", []),
@@ -99,14 +100,18 @@ def grpo_from(model: Path, run: Path, seed: int, steps: int | None, quick: bool)
 
 def check_stats(rows_file: Path) -> dict:
     """What the `<check>` lines did, over the greedy and over the sampled completions: the share of
-    completions with one, and `tasks.chain.check_outcomes` summed (checks, fixed, wrong lines, ...)."""
-    rows = [json.loads(line) for line in rows_file.read_text().splitlines()[1:] if line.strip()]
+    completions with one, and `tasks.chain.check_outcomes` summed (checks, fixed, wrong lines, ...),
+    each line judged against its problem (the eval's problems, rebuilt from the file's settings)."""
+    lines = [json.loads(line) for line in rows_file.read_text().splitlines() if line.strip()]
+    settings, rows = lines[0]["settings"], lines[1:]
+    problems = {p.id: p for p in get_task("chain").problems(settings["size"], seed=settings["seed"],
+                                                            difficulty=settings["difficulty"])}
     out = {}
     for mode, picked in (("greedy", [r for r in rows if r["mode"] == "greedy"]),
                          ("sampled", [r for r in rows if r["mode"] != "greedy"])):
         total = Counter()
         for r in picked:
-            total.update(check_outcomes(r["completion"]))
+            total.update(check_outcomes(r["completion"], problems[r["id"]]))
         out[mode] = {"completions": len(picked), "with_check": sum("<check>" in r["completion"] for r in picked),
                      **total}
     out["check_rate"] = out["greedy"]["with_check"] / max(1, out["greedy"]["completions"])
@@ -169,7 +174,7 @@ def main():
                 results["runs"][key] = record(summary, file.with_suffix(".jsonl"), rl_s, results["runs"].get(key))
                 results_file.write_text(json.dumps(results, indent=2))
     names = [*CONDITIONS, *[f"grpo<-{c}" for c in CONDITIONS]]
-    header = ["SFT", "seeds", "test prompt", *[f"k={k}" for k in TEST_K], "all", "pass@1 (all)", "tokens / solution",
+    header = ["model", "seeds", "test prompt", *[f"k={k}" for k in TEST_K], "all", "pass@1 (all)", "tokens / solution",
               "tokens (correct)", "with <check>"]
     rows = []
     for name in names:  # every condition run so far, with its seeds
@@ -229,7 +234,7 @@ def check_table(results: dict, names: list[str]) -> str:
                 continue
             rows.append([name, mode, t["completions"], f"{t['with_check'] / t['completions']:.3f}", t["checks"],
                          t["fixed"], t["not_fixed"], t["unneeded"], t["broke"], t["wrong"], t["missed"]])
-    header = ["model", "completions", "n", "share with <check>", "checks", "fix a wrong line", "after a wrong line, no fix",
+    header = ["model", "decoding", "completions", "share with <check>", "checks", "fix a wrong line", "after a wrong line, no fix",
               "after a right line", "(of those, break it)", "wrong step lines", "wrong lines never checked"]
     return f"## <check> lines, plain prompts, all seeds summed\n\n{markdown_table(header, rows)}\n"
 

@@ -149,6 +149,10 @@ def main():
     results_file = out / "results.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {"runs": {}}
     results.update({"steps": steps, "size": size})
+    if args.init:  # the starting policy, tested the same way (its pass@1 from seed 0's samples)
+        key, file = "start/s0/none", out / "eval-start-s0-none.json"
+        summary = evaluate(Path(args.init), "none", size, 0, file, args.samples)
+        results["runs"][key] = record(summary, file.with_suffix(".jsonl"), 0.0, None)
     for seed in seeds:
         for name, (recipe, extra) in conditions.items():
             run = out / f"{name}-s{seed}"
@@ -173,7 +177,7 @@ def main():
                 summary = evaluate(run / "final", "none", size, seed, file, args.samples)
                 results["runs"][key] = record(summary, file.with_suffix(".jsonl"), rl_s, results["runs"].get(key))
                 results_file.write_text(json.dumps(results, indent=2))
-    names = [*CONDITIONS, *[f"grpo<-{c}" for c in CONDITIONS]]
+    names = ["start", *CONDITIONS, *[f"grpo<-{c}" for c in CONDITIONS]]
     header = ["model", "seeds", "test prompt", *[f"k={k}" for k in TEST_K], "all", "pass@1 (all)", "tokens / solution",
               "tokens (correct)", "with <check>"]
     rows = []

@@ -78,6 +78,8 @@ def main():
                "tries_per_question": statistics.mean(r["tries"] for r in tried),
                "acceptance_by_k": {str(int(k)): statistics.mean(v) for k, v in sorted(by_k.items())},
                "steps": steps, "runs": {}}
+    if (out / "results.json").exists():  # runs of earlier seeds stay in the table
+        results["runs"] = json.loads((out / "results.json").read_text()).get("runs", {})
     evaluation = ["eval.name=chain", "eval.options={strict: true}", f"eval.difficulty={TEST_K}", "eval.seed=1",
                   f"eval.size={40 if args.quick else 200}", "eval.max_new_tokens=128", "eval.every=0"]
     for seed in range(args.first_seed, args.first_seed + (args.seeds or 1)):
@@ -91,7 +93,14 @@ def main():
     header = ["student trained on", "seed", "examples", *[f"k={k}" for k in TEST_K], "all", "tokens / solution"]
     rows = [[key.split("/")[0], key.split("/s")[1], n if key.startswith("raw") else len(accepted),
              *[f"{r['by_difficulty'][str(k)]:.3f}" for k in TEST_K], f"{r['accuracy']:.3f}", f"{r['mean_tokens']:.1f}"]
-            for key, r in results["runs"].items()]
+            for key, r in sorted(results["runs"].items())]
+    for name in ("raw", "distilled"):  # mean over seeds
+        runs = [r for key, r in results["runs"].items() if key.startswith(f"{name}/")]
+        if len(runs) > 1:
+            rows.append([name, "mean", rows[[row[0] for row in rows].index(name)][2],
+                         *[f"{statistics.mean(r['by_difficulty'][str(k)] for r in runs):.3f}" for k in TEST_K],
+                         f"{statistics.mean(r['accuracy'] for r in runs):.3f}",
+                         f"{statistics.mean(r['mean_tokens'] for r in runs):.1f}"])
     accept = ", ".join(f"k={k}: {v:.3f}" for k, v in results["acceptance_by_k"].items())
     title = (f"chain: students on {n} raw solutions vs the {len(accepted)} distilled traces the teacher got "
              f"accepted (acceptance {results['acceptance']:.3f}; {accept}); {steps} SFT steps, held-out greedy strict")

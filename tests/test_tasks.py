@@ -225,6 +225,9 @@ def test_jsonl_verbatim_trains_distilled_traces_as_written(tmp_path):
     assert get_task("chain", strict=True).verify(Problem(id="c", prompt="37 +5 -8", answer="34"), task.target(c)).correct
     with pytest.raises(ThinklingError, match="verbatim must be true or false"):
         get_task("jsonl", path=str(path), verbatim="yes")
+    bare = write(tmp_path, [json.dumps({"id": "b", "question": "Q?", "answer": 3})])
+    with pytest.raises(ThinklingError, match="record 'b' has no solution"):
+        get_task("jsonl", path=str(bare), verbatim=True).problems(None, seed=0)
 
 
 def test_jsonl_limit_is_the_first_n_in_file_order(tmp_path):

@@ -178,6 +178,31 @@ def test_a_slip_without_its_check_fails_the_strict_verifier():
     assert solution_lines(target) == list(p.steps)
 
 
+def test_check_outcomes_tell_a_fix_from_a_miss_and_a_needless_check():
+    from thinkling.tasks.chain import check_outcomes
+
+    fixed = "<plan>apply x3 > answer</plan>\n37+5=41\n<check>37+5=42</check>\n42-8=34\n34+9=44\nA:44"
+    assert check_outcomes(fixed) == {"steps": 3, "wrong": 2, "checks": 1, "fixed": 1, "not_fixed": 0,
+                                      "unneeded": 0, "broke": 0, "missed": 1}
+    still_wrong = check_outcomes("37+5=41\n<check>37+5=40</check>\nA:40")
+    assert (still_wrong["fixed"], still_wrong["not_fixed"], still_wrong["missed"]) == (0, 1, 0)
+    needless = check_outcomes("37+5=42\n<check>37+5=42</check>\n42-8=34\n<check>42-8=33</check>\nA:33")
+    assert (needless["unneeded"], needless["broke"], needless["wrong"]) == (2, 1, 0)
+    # with the problem, a line that applies the wrong operation is wrong, and a check with the right one fixes it
+    p = Problem(id="x", prompt="49 +7 -3", answer="53")
+    wrong_op = "49+8=57\n<check>49+7=56</check>\n56-3=53\nA:53"
+    alone = check_outcomes(wrong_op)  # read alone, both sums are right: a needless check
+    assert (alone["wrong"], alone["unneeded"], alone["broke"]) == (0, 1, 0)
+    assert check_outcomes(wrong_op, p) == {"steps": 2, "wrong": 1, "checks": 1, "fixed": 1, "not_fixed": 0,
+                                           "unneeded": 0, "broke": 0, "missed": 0}
+    assert check_outcomes("49+7=56\n56-4=52\nA:52", p)["missed"] == 1
+    # every check in the library's own self-correct traces fixes the slip before it
+    task = get_task("chain", template=True, self_correct=1.0)
+    for q in task.problems(20, seed=0, difficulty=[2, 4]):
+        for o in (check_outcomes(task.target(q)), check_outcomes(task.target(q), q)):
+            assert o["checks"] == o["fixed"] == o["wrong"] == 1 and o["missed"] == 0
+
+
 def test_problem_stream_is_the_same_with_or_without_scaffolding():
     a = get_task("chain").problems(20, seed=5, difficulty=[2, 5])
     b = get_task("chain", template=True, self_correct=0.4).problems(20, seed=5, difficulty=[2, 5])

@@ -209,6 +209,27 @@ def test_jsonl_reads_gsm8k_and_math_records(tmp_path):
     assert task.end_of_thinking is None
 
 
+def test_jsonl_verbatim_trains_distilled_traces_as_written(tmp_path):
+    """Traces from `thinkling distill` already end with the answer line their verifier read; without
+    `verbatim` the math answer line is appended a second time."""
+    chain = {"id": "c", "question": "37 +5 -8", "solution": "37+5=42\n42-8=34\nA:34", "answer": "34"}
+    math = {"id": "m", "question": "2+3?", "solution": "2+3 = 5.\n\nThe answer is \\boxed{5}.", "answer": "5"}
+    path = write(tmp_path, [json.dumps(chain), json.dumps(math)])
+    plain = get_task("jsonl", path=str(path))
+    assert plain.target(plain.problems(1, seed=0)[0]).endswith("A:34\nThe answer is \\boxed{34}.")
+    task = get_task("jsonl", path=str(path), verbatim=True)
+    c, m = task.problems(None, seed=0)
+    assert task.target(c) == chain["solution"] and c.steps == ("37+5=42", "42-8=34")
+    assert task.target(m) == "2+3 = 5.\nThe answer is \\boxed{5}." and task.verify(m, task.target(m)).correct
+    # the target is what the chain task itself verifies: the same prompt, the same trace
+    assert get_task("chain", strict=True).verify(Problem(id="c", prompt="37 +5 -8", answer="34"), task.target(c)).correct
+    with pytest.raises(ThinklingError, match="verbatim must be true or false"):
+        get_task("jsonl", path=str(path), verbatim="yes")
+    bare = write(tmp_path, [json.dumps({"id": "b", "question": "Q?", "answer": 3})])
+    with pytest.raises(ThinklingError, match="record 'b' has no solution"):
+        get_task("jsonl", path=str(bare), verbatim=True).problems(None, seed=0)
+
+
 def test_jsonl_limit_is_the_first_n_in_file_order(tmp_path):
     path = write(tmp_path, [json.dumps({"question": f"Q{i}?", "answer": f"#### {i}", "level": i % 2})
                             for i in range(10)])

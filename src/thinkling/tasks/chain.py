@@ -9,11 +9,12 @@ BREAD's expert anchors matter. Difficulty = k.
 from __future__ import annotations
 
 import re
+from collections import Counter
 
 from thinkling.errors import ThinklingError
 from thinkling.tasks.base import Problem, Task, Verdict, register_task
 from thinkling.tasks.synthetic import check_count, difficulty_levels, rng_for
-from thinkling.tasks.templates import render_spans, solution_lines
+from thinkling.tasks.templates import CHECK_CLOSE, CHECK_OPEN, PLAN_CLOSE, PLAN_OPEN, render_spans, solution_lines
 
 _STEP = re.compile(r"(\d+)((?:[+-]\d+)+)=(\d+)")
 
@@ -35,6 +36,69 @@ def steps_are_right(problem: Problem, completion: str) -> bool:
         if int(m.group(3)) != value:
             return False
     return used == len(ops)
+
+
+def check_outcomes(completion: str, problem: Problem | None = None) -> Counter:
+    """What the `<check>` lines of a completion did (S2R-style self-verification).
+
+    A step line is right when its stated result is its start plus its operations; with `problem`
+    also when it starts from the result of the line before (the prompt's start for the first) and
+    applies the prompt's next operation(s), so a line that reads the wrong operation is wrong too.
+    A `<check>` line stands for the step line before it:
+    - `steps`, `wrong`: step lines, and the wrong ones;
+    - `checks`; `fixed`: a check after a wrong line that is itself a right version of it (same
+      start); `not_fixed`: a check after a wrong line that is not; `unneeded`: a check after a
+      right line, `broke` when that check is not right itself (it turned a right line wrong);
+    - `missed`: wrong lines with no check after them.
+    Plan lines and the answer line (the last) are skipped."""
+    out: Counter = Counter({k: 0 for k in ("steps", "wrong", "checks", "fixed", "not_fixed", "unneeded", "broke",
+                                           "missed")})
+    start, *ops = problem.prompt.split() if problem is not None else ("", )
+    value, used = start, 0  # the result a right line starts from, and the prompt operations used so far
+    last = None  # (right start, operations used before, wrong?, own start) of the step a check stands for
+
+    def judge(text: str, from_value: str, at: int) -> tuple[bool, int, str | None]:
+        """(right?, operations used after it, its result) of one step line."""
+        m = _STEP.fullmatch(text.strip())
+        if m is None:
+            return False, at, None
+        line_ops = re.findall(r"[+-]\d+", m.group(2))
+        right = int(m.group(1)) + sum(int(o) for o in line_ops) == int(m.group(3))
+        if problem is not None:
+            right = right and m.group(1) == from_value and line_ops == ops[at : at + len(line_ops)]
+        return right, at + len(line_ops), m.group(3)
+
+    for line in completion.strip().split("\n")[:-1]:
+        s = line.strip()
+        if s.startswith(PLAN_OPEN) and s.endswith(PLAN_CLOSE):
+            continue
+        if s.startswith(CHECK_OPEN) and s.endswith(CHECK_CLOSE):
+            out["checks"] += 1
+            body = s[len(CHECK_OPEN) : -len(CHECK_CLOSE)]
+            if last is None:  # a check with no step before it, or a second check in a row
+                out["unneeded"] += 1
+                out["broke"] += 1
+                continue
+            from_value, at, was_wrong, line_start = last
+            right, used_after, result = judge(body, from_value, at)
+            m = _STEP.fullmatch(body.strip())
+            right = right and m is not None and m.group(1) == line_start
+            if was_wrong:
+                out["fixed" if right else "not_fixed"] += 1
+                out["missed"] -= 1
+            else:
+                out["unneeded"] += 1
+                out["broke"] += not right
+            value, used, last = result, used_after, None
+            continue
+        right, used_after, result = judge(s, value, used)
+        m = _STEP.fullmatch(s)
+        out["steps"] += 1
+        out["wrong"] += not right
+        out["missed"] += not right
+        last = (value, used, not right, m.group(1) if m else None)
+        value, used = result, used_after
+    return out
 
 
 @register_task("chain")

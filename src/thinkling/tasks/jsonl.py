@@ -135,10 +135,31 @@ class JsonlTask(MathTask):
 
     description = "GSM8K/MATH-style problems from a local JSONL file, first n in file order (options: path, skip)"
 
-    def __init__(self, path: str, skip: int = 0, template=False):
+    def __init__(self, path: str, skip: int = 0, template=False, verbatim: bool = False):
+        """`verbatim: true`: each record's `solution` is the whole SFT target as written, its last
+        line the answer line. For traces from `thinkling distill`, which are completions a verifier
+        already accepted and so end with their own answer line (`A:34` for `chain`, `The answer is
+        \\boxed{5}.` for math): without it a second, math-style answer line would be appended."""
+        if not isinstance(verbatim, bool):
+            raise ThinklingError(f"task 'jsonl': verbatim must be true or false, got {verbatim!r}")
         self.set_scaffold(template)
         self.path = path
+        self.verbatim = verbatim
         self.set_skip(skip)
 
     def load(self):
-        return load_jsonl(self.path)
+        problems = load_jsonl(self.path)
+        if not self.verbatim:
+            return problems
+        out = []
+        for p in problems:
+            lines = [line for line in (p.steps[-1].split("\n") if p.steps else []) if line.strip()]
+            if not lines:
+                raise ThinklingError(f"{self.path}: record '{p.id}' has no solution (verbatim: true needs one)")
+            # the solution's last line is its answer line; the steps are everything before it
+            out.append(dataclasses.replace(p, steps=(*p.steps[:-1], *(["\n".join(lines[:-1])] if lines[:-1] else [])),
+                                           meta={**p.meta, "answer_line": lines[-1].strip()}))
+        return out
+
+    def answer_line(self, problem: Problem) -> str:
+        return problem.meta.get("answer_line") or super().answer_line(problem)

@@ -47,7 +47,7 @@ TEST_K = [2, 4, 6, 8]
 
 
 def add_args(p):
-    p.add_argument("--steps", type=int, default=None, help="SFT steps (default 500, quick 20)")
+    p.add_argument("--steps", type=int, default=None, help="SFT steps (default 1000, quick 20)")
     p.add_argument("--size", type=int, default=200, help="held-out problems per evaluation (all difficulties)")
     p.add_argument("--first-seed", type=int, default=0)
     p.add_argument("--s2r", action="store_true", help="GRPO (S2R stage 2) from the sst-check and sst models")

@@ -133,25 +133,20 @@ def gemm_rate(shapes: list[tuple[int, int]], rows: int, dtype: torch.dtype = tor
     layers = [(_Linear(torch.randn(n, k, generator=g).to(dtype), None, pack=True), torch.randn(rows, k, generator=g).to(dtype))
               for k, n in shapes]
     flops = sum(2 * rows * k * n for k, n in shapes)
-    for lin, x in layers:
-        lin(x)
+
+    def passes(n: int) -> float:
+        """CPU seconds of `n` passes over every layer."""
+        t0 = time.process_time()
+        for _ in range(n):
+            for lin, x in layers:
+                lin(x)
+        return time.process_time() - t0
+
+    passes(1)  # warm-up
     inner = 1
-    while True:  # enough inner loops that one pass takes min_seconds (timer and load noise)
-        t0 = time.process_time()
-        for _ in range(inner):
-            for lin, x in layers:
-                lin(x)
-        if time.process_time() - t0 >= min_seconds:
-            break
+    while passes(inner) < min_seconds:  # enough inner loops that one timing takes min_seconds (timer and load noise)
         inner *= 2
-    times = []
-    for _ in range(repeats):
-        t0 = time.process_time()
-        for _ in range(inner):
-            for lin, x in layers:
-                lin(x)
-        times.append((time.process_time() - t0) / inner)
-    sec = statistics.median(times)
+    sec = statistics.median(passes(inner) / inner for _ in range(repeats))
     return sec, flops / sec
 
 

@@ -21,8 +21,8 @@ import json
 from pathlib import Path
 
 import matplotlib.pyplot as plt
-from common import experiment_args, output_dir, read_metrics, run_parallel, run_recipe, run_rl_job, write_results
-from quickstart_seeds import spread, summarise
+from common import eval_curve, experiment_args, output_dir, reach, run_parallel, run_recipe, run_rl_job, write_results
+from quickstart_seeds import PASS1_HEADER, pass1_columns, spread, summarise
 
 ARMS = {"GRPO": "recipes/quickstart/grpo.yaml", "BREAD": "recipes/quickstart/bread.yaml"}
 
@@ -32,14 +32,6 @@ def add_args(p):
     p.add_argument("--eval-every", type=int, default=None, help="evaluate every N RL steps (default 10)")
     p.add_argument("--noisy-steps", type=int, default=300, help="SFT steps on 50 %%-slip demonstrations")
     p.add_argument("--base", default=None, help="an existing quick-start SFT run folder to start from")
-
-
-def pass1_curve(folder: Path) -> list[tuple[int, float]]:
-    return [(r["step"], r["eval/pass@1"]) for r in read_metrics(folder) if "eval/pass@1" in r]
-
-
-def first_reaching(curve: list[tuple[int, float]], target: float):
-    return next((step for step, v in curve if v >= target - 1e-9), None)
 
 
 def main():
@@ -65,19 +57,18 @@ def main():
 
     results = {arm: [] for arm in ARMS}
     for j in jobs:
-        results[j["arm"]].append({"seed": j["seed"], **summarise(j["folder"]), "curve": pass1_curve(j["folder"])})
+        results[j["arm"]].append({"seed": j["seed"], **summarise(j["folder"]),
+                                  "curve": eval_curve(j["folder"], "eval/pass@1")})
     for g, b in zip(results["GRPO"], results["BREAD"]):
-        b["step_reaching_grpo_final"] = first_reaching(b["curve"], g["end_pass@1"])
+        hit = reach(b["curve"], g["end_pass@1"])
+        b["step_reaching_grpo_final"] = hit and hit["step"]
     rows = []
     for arm, runs in results.items():
-        gain = [r["end_pass@1"] - r["start_pass@1"] for r in runs]
-        reach = [r.get("step_reaching_grpo_final") for r in runs]
-        rows.append([arm, len(runs), spread([r["start_pass@1"] for r in runs]), spread([r["end_pass@1"] for r in runs]),
-                     spread(gain), spread([r["start_greedy"] for r in runs]), spread([r["end_greedy"] for r in runs]),
-                     " / ".join("-" if x is None else str(x) for x in reach) if arm == "BREAD" else "-",
+        steps_to_grpo = [r.get("step_reaching_grpo_final") for r in runs]
+        rows.append([arm, *pass1_columns(runs),
+                     " / ".join("-" if x is None else str(x) for x in steps_to_grpo) if arm == "BREAD" else "-",
                      spread([r["tokens"] / 1e6 for r in runs]), spread([r["expert_fraction"] for r in runs])])
-    header = ["arm", "seeds", "pass@1 start", "pass@1 end", "gain", "greedy start", "greedy end",
-              "BREAD's step reaching GRPO's final (per seed)", "tokens (M)", "expert-token fraction"]
+    header = ["arm", *PASS1_HEADER, "BREAD's step reaching GRPO's final (per seed)", "tokens (M)", "expert-token fraction"]
     _plot(out / "pass1.png", results, steps)
     (out / "setup.json").write_text(json.dumps({"base": str(base), "noisy_sft": str(noisy), "steps": steps,
                                                 "eval_every": every}, indent=2))
@@ -89,7 +80,7 @@ def _plot(path: Path, results: dict, steps: int) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for i, (arm, runs) in enumerate(results.items()):
         for r in runs:
-            xs, ys = zip(*r["curve"])
+            xs, ys = [p["step"] for p in r["curve"]], [p["accuracy"] for p in r["curve"]]
             ax.plot(xs, ys, color=f"C{i}", marker="o", ms=3, alpha=0.7, label=arm if r["seed"] == 0 else None)
     ax.set(xlabel="RL step", ylabel="held-out pass@1 (8-step, strict)", title="GRPO vs BREAD, rare-success regime")
     ax.grid(alpha=0.3)

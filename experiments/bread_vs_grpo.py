@@ -24,6 +24,7 @@ from common import (
     experiment_args,
     last_metric,
     output_dir,
+    reach,
     read_metrics,
     run_parallel,
     run_recipe,
@@ -49,14 +50,6 @@ def one_run(job: dict) -> dict:
     t0 = time.time()
     run_recipe("rl", RECIPES[job["method"]], job["overrides"])
     return {**job, "seconds": time.time() - t0}
-
-
-def reach(curve: list[dict], target: float):
-    """The first eval point with accuracy >= target (None if never)."""
-    for p in curve:
-        if p["accuracy"] >= target - 1e-9:
-            return p
-    return None
 
 
 def mean_curve(curves: list[list[dict]]) -> list[dict]:

@@ -70,14 +70,22 @@ def read_metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in f.read_text().splitlines() if line.strip()] if f.exists() else []
 
 
-def eval_curve(run: Path) -> list[dict]:
-    """[{step, accuracy, tokens}] of the in-training evaluations (step 0 = the starting model)."""
+def eval_curve(run: Path, key: str = "eval/accuracy") -> list[dict]:
+    """[{step, accuracy, tokens}] of the in-training evaluations (step 0 = the starting model);
+    "accuracy" is the metric `key` (greedy accuracy, or e.g. "eval/pass@1")."""
     points = {}
     for r in read_metrics(run):
-        if "eval/accuracy" in r:
-            points[r["step"]] = {"step": r["step"], "accuracy": r["eval/accuracy"],
-                                 "tokens": r.get("total/generated_tokens", 0)}
+        if key in r:
+            points[r["step"]] = {"step": r["step"], "accuracy": r[key], "tokens": r.get("total/generated_tokens", 0)}
     return [points[s] for s in sorted(points)]
+
+
+def reach(curve: list[dict], target: float):
+    """The first eval point of an `eval_curve` with accuracy >= target (None if never)."""
+    for p in curve:
+        if p["accuracy"] >= target - 1e-9:
+            return p
+    return None
 
 
 def last_metric(run: Path, key: str):

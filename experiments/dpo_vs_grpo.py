@@ -24,7 +24,7 @@ from common import (
     run_rl_job,
     write_results,
 )
-from quickstart_seeds import quickstart_sft, spread
+from quickstart_seeds import PASS1_HEADER, pass1_columns, quickstart_sft, spread
 
 # 4-step problems; held-out evaluation at step 0 and at the end only (the recipes' every-25-step
 # evaluations do not change training and cost a fifth of a run).
@@ -66,13 +66,9 @@ def main():
     for arm in ARMS:
         runs = [summarise(j["folder"]) for j in jobs if j["arm"] == arm]
         results[arm] = runs
-        rows.append([arm, len(runs), spread([r["start_pass@1"] for r in runs]), spread([r["end_pass@1"] for r in runs]),
-                     spread([r["end_pass@1"] - r["start_pass@1"] for r in runs]),
-                     spread([r["start_greedy"] for r in runs]), spread([r["end_greedy"] for r in runs]),
-                     spread([r["tokens"] / 1e6 for r in runs]), spread([r["updates"] for r in runs]),
-                     spread([r.get("pairs_per_step") for r in runs])])
-    header = ["arm", "seeds", "pass@1 start", "pass@1 end", "gain", "greedy start", "greedy end", "tokens (M)",
-              "updates", "pairs / step"]
+        rows.append([arm, *pass1_columns(runs), spread([r["tokens"] / 1e6 for r in runs]),
+                     spread([r["updates"] for r in runs]), spread([r.get("pairs_per_step") for r in runs])])
+    header = ["arm", *PASS1_HEADER, "tokens (M)", "updates", "pairs / step"]
     print(write_results(out, "Rollout DPO vs GRPO on 4-step chain problems (mean (min-max))", header, rows, results))
 
 

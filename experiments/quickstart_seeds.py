@@ -50,6 +50,17 @@ def spread(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ({min(values):.3f}-{max(values):.3f})"
 
 
+PASS1_HEADER = ["seeds", "pass@1 start", "pass@1 end", "gain", "greedy start", "greedy end"]
+
+
+def pass1_columns(runs: list[dict]) -> list:
+    """The `PASS1_HEADER` columns of one arm's `summarise`d runs: held-out pass@1 and greedy at
+    the start and end, and the pass@1 gain, each as mean (min-max) over seeds."""
+    return [len(runs), spread([r["start_pass@1"] for r in runs]), spread([r["end_pass@1"] for r in runs]),
+            spread([r["end_pass@1"] - r["start_pass@1"] for r in runs]), spread([r["start_greedy"] for r in runs]),
+            spread([r["end_greedy"] for r in runs])]
+
+
 def quickstart_sft(out: Path, quick: bool) -> tuple[Path, list[str]]:
     """The shared SFT run folder (trained once, reused) and the overrides that shrink the RL runs in `--quick`."""
     small = ["sft.steps=100", "rl.steps=4", "eval.size=40", "eval.every=2"] if quick else []
@@ -75,12 +86,9 @@ def main():
     for arm in ARMS:
         runs = [summarise(j["folder"]) for j in jobs if j["arm"] == arm]
         results[arm] = runs
-        gain = [r["end_pass@1"] - r["start_pass@1"] for r in runs]
-        rows.append([arm, len(runs), spread([r["start_pass@1"] for r in runs]), spread([r["end_pass@1"] for r in runs]),
-                     spread(gain), spread([r["start_greedy"] for r in runs]), spread([r["end_greedy"] for r in runs]),
-                     spread([r["tokens"] / 1e6 for r in runs]), spread([r["expert_fraction"] for r in runs])])
-    header = ["arm", "seeds", "pass@1 start", "pass@1 end", "gain", "greedy start", "greedy end",
-              "tokens (M)", "expert-token fraction"]
+        rows.append([arm, *pass1_columns(runs), spread([r["tokens"] / 1e6 for r in runs]),
+                     spread([r["expert_fraction"] for r in runs])])
+    header = ["arm", *PASS1_HEADER, "tokens (M)", "expert-token fraction"]
     print(write_results(out, "Quick-start recipes over seeds (mean (min-max))", header, rows, results))
 
 

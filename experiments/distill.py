@@ -23,7 +23,7 @@ from collections import defaultdict
 from common import ensure_sft, experiment_args, output_dir, run_recipe, write_results
 
 from thinkling.data.records import read_records
-from thinkling.files import atomic_write_text
+from thinkling.files import write_jsonl
 from thinkling.tasks import get_task
 
 TEST_K = [2, 4, 6, 8]
@@ -44,10 +44,6 @@ def raw_records(n: int) -> list[dict]:
     task = get_task("chain")
     return [{"id": p.id, "question": p.prompt, "answer": p.answer, "solution": task.target(p),
              "difficulty": p.difficulty} for p in task.problems(n, seed=0, difficulty=[1, 2, 3, 4])]
-
-
-def write_jsonl(path, rows: list[dict]) -> None:
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def main():

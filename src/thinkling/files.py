@@ -84,6 +84,15 @@ def read_jsonl(path: str | Path, what: str = "JSON") -> list[tuple[int, object]]
     return out
 
 
+def jsonl_text(rows: list[dict]) -> str:
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+def write_jsonl(path: str | Path, rows: list[dict]) -> None:
+    """The whole file at once, atomically: a reader sees the old rows or all the new ones."""
+    atomic_write_text(path, jsonl_text(rows))
+
+
 def append_jsonl(path: str | Path, rows: list[dict], durable: bool = True) -> None:
     """Append rows, each as one whole line; `durable` syncs them to disk before returning."""
     if not rows:
@@ -92,7 +101,7 @@ def append_jsonl(path: str | Path, rows: list[dict], durable: bool = True) -> No
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a") as f:
-            f.write("".join(json.dumps(r) + "\n" for r in rows))
+            f.write(jsonl_text(rows))
             if durable:
                 f.flush()
                 os.fsync(f.fileno())

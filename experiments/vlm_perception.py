@@ -8,11 +8,15 @@ Two measurements on a saved `tiny_vlm` policy (a run folder or a policy folder):
    `--fresh` probes a freshly initialised model of the recipe's size instead.
 
 `.venv/bin/python experiments/vlm_perception.py runs/vlm-clgrpo/1-sft [--problems 100] [--probe 1200]`
+`.venv/bin/python experiments/vlm_perception.py --completions runs/x/samples/step_000060.jsonl --difficulty 1,2,3`
+(measurement 1 only, on completions already written, e.g. by the composite VLM)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -31,19 +35,33 @@ RECIPE_MODEL = {"d_model": 96, "n_layers": 3, "n_heads": 4, "max_seq_len": 192,
 
 
 def descriptions(policy, n: int) -> dict:
-    task = get_task("shapes")
-    problems = task.problems(n, 1, [1, 2, 3, 4, 5])
+    problems = get_task("shapes").problems(n, 1, [1, 2, 3, 4, 5])
     outs = policy.generate([prompt_ids(policy, p) for p in problems], SamplingParams(max_new_tokens=160, temperature=0))
+    return score_descriptions(problems, [policy.decode(ids) for ids in outs])
+
+
+def score_descriptions(problems, completions: list[str]) -> dict:
+    """Line i of a completion against shape i of the scene (reading order): the share of shapes
+    whose cell, colour and form it names right."""
     right = {"cell": 0, "colour": 0, "form": 0}
     shapes = 0
-    for p, ids in zip(problems, outs):
-        lines = policy.decode(ids).split("\n")
+    for p, text in zip(problems, completions):
+        lines = text.split("\n")
         for i, (colour, form, cell) in enumerate(p.meta["scene"]):
             words = lines[i].split() if i < len(lines) else []
             shapes += 1
             for k, (key, want) in enumerate((("cell", cell), ("colour", colour), ("form", form))):
                 right[key] += len(words) > k and words[k] == want
     return {"shapes": shapes, **{k: v / shapes for k, v in right.items()}}
+
+
+def scored_file(path: str, difficulty: list[int]) -> dict:
+    """`score_descriptions` of the completions an eval or a run's samples file holds (held-out
+    `mood` problems of seed 1 at `difficulty`, matched by id): no model needed, so any backend's
+    completions are scored the same way."""
+    rows = [r for r in map(json.loads, Path(path).read_text().splitlines()) if "completion" in r]
+    problems = {p.id: p for p in get_task("shapes").problems(len(rows), 1, difficulty)}
+    return score_descriptions([problems[r["id"]] for r in rows], [r["completion"] for r in rows])
 
 
 def probe(policy, n: int) -> dict:
@@ -67,7 +85,15 @@ def main() -> None:
     parser.add_argument("--fresh", action="store_true", help="probe a freshly initialised model instead")
     parser.add_argument("--problems", type=int, default=100)
     parser.add_argument("--probe", type=int, default=1200)
+    parser.add_argument("--completions", default=None, help="score the completions of this eval / samples JSONL "
+                        "instead (any backend; problems rebuilt by id)")
+    parser.add_argument("--difficulty", default="1,2,3,4,5", help="with --completions: the eval's difficulties")
     args = parser.parse_args()
+    if args.completions:
+        d = scored_file(args.completions, [int(x) for x in args.difficulty.split(",")])
+        print(f"{d['shapes']} shapes described: cell right {d['cell']:.3f}, colour {d['colour']:.3f}, "
+              f"form {d['form']:.3f}")
+        return
     torch.set_num_threads(1)
     policy = TinyVLMPolicy.create(RECIPE_MODEL, seed=0) if args.fresh else load_policy(args.model)
     if not args.fresh:

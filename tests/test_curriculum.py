@@ -105,14 +105,25 @@ def test_measured_difficulty_file_replaces_the_tasks(tmp_path):
         make_sampler(CurriculumConfig(sampler="ordered", difficulty_file=str(f)), problems, steps=2)
 
 
-def test_bad_curriculum_key_is_one_error_and_writes_nothing(tmp_path):
+def test_bad_curriculum_key_is_one_error_and_writes_nothing(tmp_path, capsys):
     from thinkling.cli import main
 
+    def one_line(argv, needle):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and needle in err and "Traceback" not in err, err
+
     out = tmp_path / "run"
-    assert main(["rl", "recipes/quickstart/grpo.yaml", f"output_dir={out}", "curriculum.sampler=spiral"]) == 2
-    assert main(["rl", "recipes/quickstart/grpo.yaml", f"output_dir={out}", "model.init=null",
-                 "curriculum.sampler=bandit"]) == 2  # difficulty [8] only: nothing to cluster
-    assert not out.exists()
+    one_line(["rl", "recipes/quickstart/grpo.yaml", f"output_dir={out}", "curriculum.sampler=spiral"], "spiral")
+    one_line(["rl", "recipes/quickstart/grpo.yaml", f"output_dir={out}", "model.init=null",
+              "curriculum.sampler=bandit"], "'bandit' needs problems of different difficulty")  # [8] only
+    # a task that carries no difficulty at all (plain question/answer rows)
+    rows = tmp_path / "qa.jsonl"
+    rows.write_text("".join(json.dumps({"question": f"{i} +1", "answer": str(i + 1)}) + "\n" for i in range(12)))
+    one_line(["sft", "recipes/curriculum/sft-ordered.yaml", f"output_dir={out}", "train.name=jsonl",
+              f"train.options={{path: {rows}}}", "train.difficulty=null", "train.size=12"],
+             "'ordered' needs problems of different difficulty")
+    assert list(tmp_path.iterdir()) == [rows]
 
 
 TINY = "model.tiny={d_model: 32, n_layers: 2, n_heads: 2, max_seq_len: 128}"

@@ -236,7 +236,7 @@ def _one_line(capsys, argv, needle):
     ("sft.template_weight=0", "sft.template_weight"),
     ("sft.template_weight=-1.5", "sft.template_weight"),
     ("sft.template_weight_anneal=exp", "sft.template_weight_anneal"),
-    ("train.options={template: nosuch}", "nosuch"),
+    ("train.options={template: nosuch}", "task 'chain' option 'template': unknown solution template 'nosuch'"),
     ("train.options={template: 3}", "template"),
     ("train.options={self_correct: 2}", "self_correct"),
     ("eval.inject_template=embedding", "eval.inject_template"),

@@ -130,7 +130,10 @@ def template_option(task: str, value, default: str) -> SolutionTemplate | None:
     if value is True:
         return get_template(default)
     if isinstance(value, str):
-        return get_template(value)
+        try:
+            return get_template(value)
+        except ThinklingError as e:  # name the task option, so a recipe's user knows which key to fix
+            raise ThinklingError(f"task '{task}' option 'template': {e}") from None
     raise ThinklingError(f"task '{task}': template must be true, false or a template name, got {value!r}")
 
 

@@ -64,12 +64,14 @@ class _StepModule(nn.Module):
     def lin(self, x, w, b):
         return F.linear(x.to(w.dtype), w, b)
 
-    def forward(self, tokens, pos, kv, slot, keys, cos_t, sin_t):
+    def forward(self, tokens, pos, slot, keys, cos_t, sin_t, *caches):
         """One decode step over the whole cache capacity: tokens [B], pos [B], slot [1] (long),
-        keys [B, cap] bool (real key slots, filled or not), cos_t/sin_t [cap, hd]."""
+        keys [B, cap] bool (real key slots, filled or not), cos_t/sin_t [cap, hd], and each layer's
+        key and value cache [B, kv_heads, cap, head_dim], written in place at `slot`. (Separate
+        tensors: a write into a slice of one big cache tensor makes inductor copy all of it.)"""
         B = tokens.shape[0]
         H, KV, hd, dtype = self.H, self.KV, self.hd, self.dtype
-        cap = kv.shape[4]
+        cap = caches[0].shape[2]
         x = F.embedding(tokens, self.embed).float()
         cos, sin = cos_t[pos][:, None], sin_t[pos][:, None]  # [B, 1, hd]
         mask = (keys & (torch.arange(cap, device=keys.device) <= slot))[:, None, None]  # [B, 1, 1, cap]
@@ -82,9 +84,10 @@ class _StepModule(nn.Module):
                 q = F.rms_norm(q.float(), (hd,), m.q_norm, m.q_norm_eps)
                 k = F.rms_norm(k.float(), (hd,), m.k_norm, m.k_norm_eps)
             q = _rotate(q.float(), cos, sin).to(dtype)
-            kv[i, 0].index_copy_(2, slot, _rotate(k.float(), cos, sin).to(dtype)[:, :, None])
-            kv[i, 1].index_copy_(2, slot, v[:, :, None])
-            a = F.scaled_dot_product_attention(q[:, :, None], kv[i, 0], kv[i, 1], attn_mask=mask, scale=self.scale,
+            k_cache, v_cache = caches[2 * i], caches[2 * i + 1]
+            k_cache[:, :, slot] = _rotate(k.float(), cos, sin).to(dtype)[:, :, None]
+            v_cache[:, :, slot] = v[:, :, None]
+            a = F.scaled_dot_product_attention(q[:, :, None], k_cache, v_cache, attn_mask=mask, scale=self.scale,
                                                enable_gqa=KV != H)
             x = x + self.lin(a.reshape(B, H * hd), m.o, m.o_b).float()
             h = F.rms_norm(x, (x.shape[-1],), m.mlp_norm, m.mlp_norm_eps).to(dtype)
@@ -128,26 +131,28 @@ class CompiledEngine(RolloutEngine):
         state, logits = super()._prefill(prompts, cap - width)
         cos, sin = state.w.rotary(torch.zeros(1), torch.arange(cap)[None])
         state.kv[..., width:, :] = 0  # masked slots are still read: 0 x NaN garbage would be NaN
-        return _StaticState(state, cos[0].float(), sin[0].float()), logits
+        caches = [state.kv[i, j].clone() for i in range(state.kv.shape[0]) for j in range(2)]
+        return _StaticState(state, caches, cos[0].float(), sin[0].float()), logits
 
 
-class _StaticState(_EngineState):
-    def __init__(self, base: _EngineState, cos: torch.Tensor, sin: torch.Tensor):
-        super().__init__(base.engine, base.w, base.kv, base.keys, base.next_pos, slot=base.slot, padded=base.padded)
-        self.cos, self.sin = cos, sin
+class _StaticState:
+    """`sampling.DecodeState` of the compiled step: one key and one value cache tensor per layer."""
+
+    def __init__(self, base: _EngineState, caches: list[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor):
+        self.engine, self.w, self.keys, self.next_pos, self.slot = base.engine, base.w, base.keys, base.next_pos, base.slot
+        self.caches, self.cos, self.sin = caches, cos, sin
 
     def select(self, rows):
-        state = super().select(rows)
-        state.kv[..., self.slot:, :] = 0  # masked slots are still read: 0 x NaN garbage would be NaN
-        return _StaticState(state, self.cos, self.sin)
+        self.keys, self.next_pos = self.keys[rows], self.next_pos[rows]
+        return _StaticState(self, [c[rows] for c in self.caches], self.cos, self.sin)
 
     def step(self, tokens):
         engine = self.engine
         fn = engine.step_fn(self.w)
-        args = (tokens, self.next_pos, self.kv, torch.tensor([self.slot]), self.keys, self.cos, self.sin)
-        for t, dim in ((tokens, 0), (self.next_pos, 0), (self.kv, 2), (self.keys, 0)):
-            torch._dynamo.mark_dynamic(t, dim)
-        key = (self.kv.shape[4], len(tokens) <= 1)
+        args = (tokens, self.next_pos, torch.tensor([self.slot]), self.keys, self.cos, self.sin, *self.caches)
+        for t in (tokens, self.next_pos, self.keys, *self.caches):
+            torch._dynamo.mark_dynamic(t, 0)
+        key = (self.caches[0].shape[2], len(tokens) <= 1)
         first = key not in engine._seen
         t0, c0 = time.perf_counter(), time.process_time()
         logits = fn(*args)

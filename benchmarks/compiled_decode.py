@@ -4,9 +4,10 @@
     python benchmarks/compiled_decode.py --batches 64 --new-tokens 128 --repeats 5
 
 The compiled side (`CompiledEngine` below) runs the same prefill and sampling; only the per-token
-forward pass is a `torch.compile` (inductor, CPU; the weights frozen into the graph as constants and
-prepacked by inductor, or with --no-freeze graph inputs under plain bf16 matmuls) over static shapes: a KV cache of fixed capacity attended whole under a mask, so one
-graph serves every step. The script first compiles it (wall and CPU seconds reported apart; the
+forward pass is a `torch.compile` (inductor, CPU; the weights frozen into the graph as constants
+and prepacked by inductor, or with --no-freeze graph inputs under plain bf16 matmuls) over static
+shapes but the batch: a KV cache of fixed capacity attended whole under a mask, so one graph
+serves every step. The script first compiles it (wall and CPU seconds reported apart; the
 C++ compiler runs in worker processes, so the wall clock is the honest compile cost), then checks
 greedy decoding against the eager engine (same tokens; |delta log-prob| of the sampled tokens), then
 times both sides in alternating order over repeats at temperature 1 with eos suppressed (every
@@ -17,6 +18,7 @@ thread), with the machine's bf16 peak (`_common.gemm_rate`) for the share of pea
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -91,7 +93,8 @@ class _StepModule(nn.Module):
                                                enable_gqa=KV != H)
             x = x + self.lin(a.reshape(B, H * hd), m.o, m.o_b).float()
             h = F.rms_norm(x, (x.shape[-1],), m.mlp_norm, m.mlp_norm_eps).to(dtype)
-            x = x + self.lin(F.silu(self.lin(h, m.gate, m.gate_b)) * self.lin(h, m.up, m.up_b), m.down, m.down_b).float()
+            gated = F.silu(self.lin(h, m.gate, m.gate_b)) * self.lin(h, m.up, m.up_b)
+            x = x + self.lin(gated, m.down, m.down_b).float()
         hidden = F.rms_norm(x, (x.shape[-1],), self.norm, self.norm_eps)
         if not self.shifted:
             return self.lin(hidden, self.head, self.head_bias).float()
@@ -139,12 +142,14 @@ class _StaticState:
     """`sampling.DecodeState` of the compiled step: one key and one value cache tensor per layer."""
 
     def __init__(self, base: _EngineState, caches: list[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor):
-        self.engine, self.w, self.keys, self.next_pos, self.slot = base.engine, base.w, base.keys, base.next_pos, base.slot
+        self.engine, self.w, self.keys, self.next_pos = base.engine, base.w, base.keys, base.next_pos
+        self.slot = base.slot
         self.caches, self.cos, self.sin = caches, cos, sin
 
     def select(self, rows):
-        self.keys, self.next_pos = self.keys[rows], self.next_pos[rows]
-        return _StaticState(self, [c[rows] for c in self.caches], self.cos, self.sin)
+        state = copy.copy(self)
+        state.keys, state.next_pos, state.caches = self.keys[rows], self.next_pos[rows], [c[rows] for c in self.caches]
+        return state
 
     def step(self, tokens):
         engine = self.engine
@@ -177,7 +182,8 @@ def main(argv=None):
                     help="weights as graph inputs (plain bf16 matmuls, one compile for every weight version)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    header("compiled decode step: bf16 engine, eager vs torch.compile", ["benchmarks/compiled_decode.py", *sys.argv[1:]])
+    header("compiled decode step: bf16 engine, eager vs torch.compile",
+           ["benchmarks/compiled_decode.py", *sys.argv[1:]])
     policy = HFPolicy.load(args.model, device="cpu")
     kw = dict(eos_id=policy.eos_id, pad_id=policy.pad_id, dtype=torch.bfloat16)
     sides = {"engine-bf16": RolloutEngine(policy.model, **kw),
@@ -189,7 +195,8 @@ def main(argv=None):
     config = policy.model.config
     params_flops = 2 * sum(k * n for k, n in llama_linear_shapes(config))
     print(f"model={args.model} new_tokens={args.new_tokens} prompt_tokens={min(map(len, prompts))}-"
-          f"{max(map(len, prompts))} repeats={args.repeats} bucket={compiled.bucket} freeze={compiled.freeze}\n", flush=True)
+          f"{max(map(len, prompts))} repeats={args.repeats} bucket={compiled.bucket} freeze={compiled.freeze}\n",
+          flush=True)
 
     with torch.inference_mode():  # compile: one step at each batch (same capacity as the timed runs)
         for batch in batches:
@@ -221,8 +228,9 @@ def main(argv=None):
                 assert all(len(o) == args.new_tokens for o in out), "eos was not suppressed"
                 rec.add(str(batch), side, "tok/s", batch * args.new_tokens / m["seconds"])
                 rec.add(str(batch), side, "tok/cpu-s", batch * args.new_tokens / m["cpu_seconds"])
-                print(f"  batch {batch:3d} rep {rep} {side:21s} {rec.values[(str(batch), side)]['tok/s'][-1]:7.1f} tok/s "
-                      f"({rec.values[(str(batch), side)]['tok/cpu-s'][-1]:7.1f} per CPU second)", flush=True)
+                last = {metric: v[-1] for metric, v in rec.values[(str(batch), side)].items()}
+                print(f"  batch {batch:3d} rep {rep} {side:21s} {last['tok/s']:7.1f} tok/s "
+                      f"({last['tok/cpu-s']:7.1f} per CPU second)", flush=True)
             _, peak = gemm_rate([(config.hidden_size, config.intermediate_size)], 1024)
             rec.add(str(batch), "peak", "flop/s", peak)
     assert len(compiled.compile_log) == n_compiles, f"recompiled while timed: {compiled.compile_log[n_compiles:]}"
@@ -233,9 +241,11 @@ def main(argv=None):
         base, base_cpu = rec.median(b, "engine-bf16", "tok/s"), rec.median(b, "engine-bf16", "tok/cpu-s")
         for side in sides:
             med, cpu_rate = rec.median(b, side, "tok/s"), rec.median(b, side, "tok/cpu-s")
-            rows.append([batch, side, f"{med:.1f}", rec.spread(b, side, "tok/s"), f"{med / base:.2f}x", f"{cpu_rate:.1f}",
+            rows.append([batch, side, f"{med:.1f}", rec.spread(b, side, "tok/s"), f"{med / base:.2f}x",
+                         f"{cpu_rate:.1f}",
                          rec.spread(b, side, "tok/cpu-s"), f"{cpu_rate / base_cpu:.2f}x",
-                         f"{cpu_rate * params_flops / 1e9:.0f}", f"{peak / 1e9:.0f}", f"{100 * cpu_rate * params_flops / peak:.0f}%"])
+                         f"{cpu_rate * params_flops / 1e9:.0f}", f"{peak / 1e9:.0f}",
+                         f"{100 * cpu_rate * params_flops / peak:.0f}%"])
     print()
     print(table(["batch", "side", "tok/s (median)", "min–max", "vs eager", "tok/CPU-s", "min–max", "vs eager (CPU)",
                  "matmul GFLOP/CPU-s", "bf16 peak GFLOP/s", "of peak"], rows))

@@ -423,6 +423,24 @@ def test_arithmetic_sums_verify_only_when_the_answer_is_stated():
         get_task("arithmetic", instruct="yes")
 
 
+def test_arithmetic_rewrite_trace_rewrites_the_whole_sum_one_addition_per_line():
+    """`trace: rewrite` keeps the problems and the anchor points (one step per addition); each line
+    restates what is left with its first two operands added, so the last line is a `pairs` line."""
+    pairs, rewrite = get_task("arithmetic", subtract=True), get_task("arithmetic", subtract=True, trace="rewrite")
+    for a, b in zip(pairs.problems(40, seed=3, difficulty=[2, 3, 5]), rewrite.problems(40, seed=3, difficulty=[2, 3, 5])):
+        assert (a.prompt, a.answer, len(a.steps)) == (b.prompt, b.answer, len(b.steps))
+        assert b.steps[0].startswith(a.prompt[8:-1] + " = ") and b.steps[-1] == a.steps[-1]
+        for line, next_line in zip(b.steps, b.steps[1:]):
+            left, right = line.split(" = ")
+            assert eval(left) == eval(right) and next_line.startswith(right + " = ")  # noqa: S307
+        assert rewrite.verify(b, rewrite.target(b)).correct
+    (p,) = get_task("arithmetic", trace="rewrite").problems(1, seed=0, difficulty=3)
+    x, y, z = (int(t) for t in p.prompt[8:-1].split(" + "))
+    assert p.steps == (f"{x} + {y} + {z} = {x + y} + {z}", f"{x + y} + {z} = {x + y + z}")
+    with pytest.raises(ThinklingError, match="trace must be one of pairs, rewrite"):
+        get_task("arithmetic", trace="running")
+
+
 def test_strict_chain_checks_the_work_not_only_the_answer():
     """Two slips that cancel give the right answer with wrong steps: only the strict verifier says so."""
     strict, plain = get_task("chain", strict=True), get_task("chain")

@@ -2,9 +2,16 @@
 
 Made for small real models (SmolLM2-135M-Instruct answers 2-digit sums right about one
 time in five): success is neither 0 nor 1, so RL has something to improve, and more
-operands (the difficulty) make it rare, where BREAD's anchors matter. The expert trace is
-the running sum, one addition per line, then `The answer is \\boxed{N}.`; answers are
-checked like math answers (`verify_math`), counted only when stated.
+operands (the difficulty) make it rare, where BREAD's anchors matter. The expert trace does
+one addition per line, then `The answer is \\boxed{N}.`; answers are checked like math answers
+(`verify_math`), counted only when stated.
+
+Two trace styles (`trace`), both one step per addition, so BREAD's anchors fall at the same
+points: `pairs` (default) writes each addition alone, `93 + 88 = 181` then `181 + 99 = 280`;
+`rewrite` rewrites the whole sum with its first two operands added, `93 + 88 + 99 = 181 + 99`
+then `181 + 99 = 280`. A policy that answers in one line (`93 + 88 + 99 = ...`) reads a
+`rewrite` anchor as its own first line with the first addition done, and what is left is a
+shorter sum of the same kind; after a `pairs` anchor it must know to come back for the rest.
 """
 
 from __future__ import annotations
@@ -25,16 +32,21 @@ class ArithmeticTask(Task):
 
     INSTRUCTION = ' Add the numbers step by step, then write the sum as "The answer is ...".'
 
-    def __init__(self, digits: int = 2, subtract: bool = False, instruct: bool = False):
+    TRACES = ("pairs", "rewrite")
+
+    def __init__(self, digits: int = 2, subtract: bool = False, instruct: bool = False, trace: str = "pairs"):
         """`digits` per operand (1..6); `subtract` also draws `-` (results stay >= 0); `instruct`
-        appends how to state the answer to the question (a chat model otherwise rarely says it)."""
+        appends how to state the answer to the question (a chat model otherwise rarely says it);
+        `trace` is the expert trace's style (module docstring)."""
         if isinstance(digits, bool) or not isinstance(digits, int) or not 1 <= digits <= 6:
             raise ThinklingError(f"task 'arithmetic': digits must be an int in 1..6, got {digits!r}")
         if not isinstance(subtract, bool):
             raise ThinklingError(f"task 'arithmetic': subtract must be true or false, got {subtract!r}")
         if not isinstance(instruct, bool):
             raise ThinklingError(f"task 'arithmetic': instruct must be true or false, got {instruct!r}")
-        self.digits, self.subtract, self.instruct = digits, subtract, instruct
+        if trace not in self.TRACES:
+            raise ThinklingError(f"task 'arithmetic': trace must be one of {', '.join(self.TRACES)}, got {trace!r}")
+        self.digits, self.subtract, self.instruct, self.trace = digits, subtract, instruct, trace
 
     def problems(self, n, seed, difficulty=None):
         levels = difficulty_levels("arithmetic", difficulty, default=2, minimum=2)
@@ -46,18 +58,25 @@ class ArithmeticTask(Task):
         for i in range(check_count("arithmetic", n)):
             k = rng.choice(levels)
             value = rng.randint(low, high)
-            expr, steps = str(value), []
+            terms, values = [], [value]  # the operands after the first with their signs; the running sums
             for _ in range(k - 1):
                 operand = rng.randint(low, high)
                 sign = "-" if self.subtract and operand <= value and rng.random() < 0.5 else "+"
-                result = value - operand if sign == "-" else value + operand
-                steps.append(f"{value} {sign} {operand} = {result}")
-                expr += f" {sign} {operand}"
-                value = result
+                value = value - operand if sign == "-" else value + operand
+                terms.append(f" {sign} {operand}")
+                values.append(value)
+            expr = f"{values[0]}{''.join(terms)}"
+            steps = self._trace(values, terms)
             prompt = f"What is {expr}?" + (self.INSTRUCTION if self.instruct else "")
             problems.append(Problem(id=f"arith-{seed}-{i}", prompt=prompt, answer=str(value),
                                     steps=tuple(steps), difficulty=float(k), tags=("arithmetic", f"k={k}")))
         return problems
+
+    def _trace(self, values: list[int], terms: list[str]) -> list[str]:
+        """The expert steps from the running sums and the signed operands (module docstring)."""
+        if self.trace == "pairs":
+            return [f"{values[i]}{terms[i]} = {values[i + 1]}" for i in range(len(terms))]
+        return [f"{values[i]}{''.join(terms[i:])} = {values[i + 1]}{''.join(terms[i + 1:])}" for i in range(len(terms))]
 
     def verify(self, problem: Problem, completion: str) -> Verdict:
         """Right only when the answer is stated (`The answer is N` / `\\boxed{N}`): the last-number

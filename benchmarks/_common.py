@@ -173,6 +173,30 @@ def table(headers: list[str], rows: list[list]) -> str:
     return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells)])
 
 
+def decode_args(ap, batches: str, new_tokens: int) -> None:
+    """The arguments every decode benchmark takes (rollout.py, compiled_decode.py)."""
+    ap.add_argument("--model", default="smollm2-135m", help="alias or path of a Llama-family model")
+    ap.add_argument("--batches", default=batches)
+    ap.add_argument("--new-tokens", type=int, default=new_tokens)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadiest on a shared machine)")
+
+
+def time_sides(rec: "Recorder", sides: dict, prompts: list, batch: int, new_tokens: int, rep: int, params) -> None:
+    """One repeat of every decode side at `batch` rows, in an order that rotates with `rep`: tokens
+    per wall and per CPU second go to `rec` under (batch, side) and are printed as they come."""
+    for side in rotate(list(sides), rep):
+        with rec.measure(side) as m:
+            out = sides[side](prompts[:batch], params)
+        release_memory()
+        assert all(len(o) == new_tokens for o in out), "eos was not suppressed"
+        rec.add(str(batch), side, "tok/s", batch * new_tokens / m["seconds"])
+        rec.add(str(batch), side, "tok/cpu-s", batch * new_tokens / m["cpu_seconds"])
+        last = {metric: v[-1] for metric, v in rec.values[(str(batch), side)].items()}
+        print(f"  batch {batch:3d} rep {rep} {side:21s} {last['tok/s']:7.1f} tok/s "
+              f"({last['tok/cpu-s']:7.1f} per CPU second)", flush=True)
+
+
 def header(title: str, argv: list[str]):
     print(f"# {title}")
     print(f"command: python {' '.join(argv)}")

@@ -25,7 +25,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from _common import Recorder, footer, gemm_rate, header, llama_linear_shapes, release_memory, rotate, table
+from _common import Recorder, decode_args, footer, gemm_rate, header, llama_linear_shapes, table, time_sides
 from rollout import ban
 from torch import nn
 
@@ -172,12 +172,8 @@ class _StaticState:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="smollm2-135m", help="alias or path of a Llama-family model")
-    ap.add_argument("--batches", default="64,16")
-    ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
+    decode_args(ap, batches="64,16", new_tokens=64)
     ap.add_argument("--check-batch", type=int, default=16, help="rows of the greedy exactness check")
-    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-freeze", action="store_true",
                     help="weights as graph inputs (plain bf16 matmuls, one compile for every weight version)")
     args = ap.parse_args(argv)
@@ -221,16 +217,8 @@ def main(argv=None):
     for batch in batches:
         params = SamplingParams(max_new_tokens=args.new_tokens, temperature=1.0, logits_processor=ban(policy.eos_id))
         for rep in range(args.repeats):
-            for side in rotate(list(sides), rep):
-                with rec.measure(side) as m:
-                    out = sides[side].generate(prompts[:batch], params)
-                release_memory()
-                assert all(len(o) == args.new_tokens for o in out), "eos was not suppressed"
-                rec.add(str(batch), side, "tok/s", batch * args.new_tokens / m["seconds"])
-                rec.add(str(batch), side, "tok/cpu-s", batch * args.new_tokens / m["cpu_seconds"])
-                last = {metric: v[-1] for metric, v in rec.values[(str(batch), side)].items()}
-                print(f"  batch {batch:3d} rep {rep} {side:21s} {last['tok/s']:7.1f} tok/s "
-                      f"({last['tok/cpu-s']:7.1f} per CPU second)", flush=True)
+            time_sides(rec, {name: side.generate for name, side in sides.items()}, prompts, batch, args.new_tokens,
+                       rep, params)
             _, peak = gemm_rate([(config.hidden_size, config.intermediate_size)], 1024)
             rec.add(str(batch), "peak", "flop/s", peak)
     assert len(compiled.compile_log) == n_compiles, f"recompiled while timed: {compiled.compile_log[n_compiles:]}"

@@ -28,7 +28,7 @@ import copy
 import sys
 
 import torch
-from _common import Recorder, footer, gemm_rate, header, llama_linear_shapes, release_memory, rotate, table
+from _common import Recorder, decode_args, footer, gemm_rate, header, llama_linear_shapes, table, time_sides
 
 from thinkling.models.base import SamplingParams
 from thinkling.models.hf import HFPolicy
@@ -46,11 +46,7 @@ def ban(token: int):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="smollm2-135m", help="alias or path of a Llama-family model")
-    ap.add_argument("--batches", default="1,16,64")
-    ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadiest on a shared machine)")
+    decode_args(ap, batches="1,16,64", new_tokens=128)
     ap.add_argument("--with-hf-bf16", action="store_true")
     ap.add_argument("--sides", default=None, help="comma-separated subset of the sides to run (ratios need hf)")
     args = ap.parse_args(argv)
@@ -87,15 +83,7 @@ def main(argv=None):
     for batch in batches:
         params = SamplingParams(max_new_tokens=args.new_tokens, temperature=1.0, logits_processor=ban(policy.eos_id))
         for rep in range(args.repeats):
-            for side in rotate(list(sides), rep):
-                with rec.measure(side) as m:
-                    out = sides[side](prompts[:batch], params)
-                release_memory()
-                assert all(len(o) == args.new_tokens for o in out), "eos was not suppressed"
-                rec.add(str(batch), side, "tok/s", batch * args.new_tokens / m["seconds"])
-                rec.add(str(batch), side, "tok/cpu-s", batch * args.new_tokens / m["cpu_seconds"])
-                print(f"  batch {batch:3d} rep {rep} {side:12s} {rec.values[(str(batch), side)]['tok/s'][-1]:7.1f} tok/s "
-                      f"({rec.values[(str(batch), side)]['tok/cpu-s'][-1]:7.1f} per CPU second)", flush=True)
+            time_sides(rec, sides, prompts, batch, args.new_tokens, rep, params)
             sec, rate = gemm_rate(shapes, batch)
             _, peak = gemm_rate([(config.hidden_size, config.intermediate_size)], 1024)
             rec.add(str(batch), "gemm", "tok/s", batch / sec)

@@ -15,12 +15,11 @@ Two measurements on a saved `tiny_vlm` policy (a run folder or a policy folder):
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from thinkling.files import read_jsonl
 from thinkling.models import images as image_store
 from thinkling.models import load_policy
 from thinkling.models.base import SamplingParams
@@ -59,7 +58,7 @@ def scored_file(path: str, difficulty: list[int]) -> dict:
     """`score_descriptions` of the completions an eval or a run's samples file holds (held-out
     `mood` problems of seed 1 at `difficulty`, matched by id): no model needed, so any backend's
     completions are scored the same way."""
-    rows = [r for r in map(json.loads, Path(path).read_text().splitlines()) if "completion" in r]
+    rows = [r for _, r in read_jsonl(path) if "completion" in r]
     problems = {p.id: p for p in get_task("shapes").problems(len(rows), 1, difficulty)}
     return score_descriptions([problems[r["id"]] for r in rows], [r["completion"] for r in rows])
 

@@ -155,13 +155,18 @@ def _model_and_task_args(p, max_new_tokens: int) -> None:
                    help="allow a model folder / hub model to run its own Python code (off: never run it)")
 
 
+def _check_threads(threads: int | None) -> None:
+    """--threads, where a command takes it: unset (the command's default) or at least 1."""
+    if threads is not None and threads < 1:
+        raise ThinklingError(f"--threads must be >= 1, got {threads}")
+
+
 def _eval_config(args) -> EvalConfig:
     """The problems and decoding of `eval` / `sweep-stop`, validated (errors name the flag);
     --dtype and --threads are checked on the way."""
     if args.dtype not in (None, "float32", "bfloat16", "auto"):
         raise ThinklingError(f"--dtype must be float32, bfloat16 or auto, got '{args.dtype}'")
-    if args.threads is not None and args.threads < 1:
-        raise ThinklingError(f"--threads must be >= 1, got {args.threads}")
+    _check_threads(args.threads)
     if args.limit < 0:
         raise ThinklingError(f"--limit must be >= 0 (0 = all), got {args.limit}")
     cfg = EvalConfig(name=args.task, options=_parse_options(args.option), size=args.limit or None,
@@ -302,8 +307,7 @@ def _distill(args) -> None:
     from thinkling.tasks.jsonl import load_jsonl
     from thinkling.tasks.mathverify import MathTask
 
-    if args.threads is not None and args.threads < 1:
-        raise ThinklingError(f"--threads must be >= 1, got {args.threads}")
+    _check_threads(args.threads)
     problems = load_jsonl(args.input)
     task = get_task(args.task, **_parse_options(args.option)) if args.task else MathTask()
     local = [t for t in args.teacher if not t.startswith(("http://", "https://"))]
@@ -339,8 +343,7 @@ def _vlm_build(args) -> None:
 
     from thinkling.models.composite_vlm import build_composite
 
-    if args.threads < 1:
-        raise ThinklingError(f"--threads must be >= 1, got {args.threads}")
+    _check_threads(args.threads)
     flags = (("--encoder-steps", "steps", args.encoder_steps), ("--image-size", "image_size", args.image_size),
              ("--patch-size", "patch_size", args.patch_size), ("--seed", "seed", args.seed))
     for flag, key, value in flags:

@@ -6,7 +6,10 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from thinkling.errors import ThinklingError
@@ -51,6 +54,21 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)
         raise disk_error(path, e) from None
+
+
+@contextmanager
+def staged_folder(target: str | Path) -> Iterator[Path]:
+    """A folder written beside `target` and renamed to it when the block ends: a crash or an error
+    never leaves a half-written folder that looks finished (the temporary one is removed)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def disk_error(path, error: Exception) -> ThinklingError:

@@ -25,8 +25,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -36,7 +34,7 @@ import torch
 import transformers
 
 from thinkling.errors import ThinklingError
-from thinkling.files import atomic_write_text, read_json
+from thinkling.files import atomic_write_text, read_json, staged_folder
 from thinkling.models.registry import resolve_model
 from thinkling.tasks.shapes import CELLS, COLOURS, FORMS, ShapesTask
 
@@ -216,9 +214,7 @@ def build_composite(out: str | Path, *, lm: str = "smollm2-135m", encoder: str |
         vision, encoder_metrics = train_encoder(log=log, **(encoder_settings or {}))
     language_model = transformers.AutoModelForCausalLM.from_pretrained(lm_path, dtype=torch.float32)
     model, processor = assemble(vision, language_model, _tokenizer_with_image_token(lm_path))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    with staged_folder(target) as tmp:
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the model folder is an ordinary output
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
@@ -233,10 +229,6 @@ def build_composite(out: str | Path, *, lm: str = "smollm2-135m", encoder: str |
         meta = {"backend": "hf_vlm", "dtype": "float32", "chat_template": True, "system_prompt": None,
                 "trust_remote_code": False, "train_vision": False, "lora": None, "base": None}
         atomic_write_text(tmp / "policy.json", json.dumps(meta, indent=2) + "\n")
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return info
 
 

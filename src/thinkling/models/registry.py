@@ -13,15 +13,14 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-import shutil
 import socket
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlparse
 
 from thinkling.errors import ThinklingError
+from thinkling.files import staged_folder
 
 
 @dataclass(frozen=True)
@@ -96,14 +95,11 @@ def pull(alias: str) -> str:
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=entry.gguf_file)
     # Write next to the target and rename, so an interrupted pull never leaves
     # a half-written folder that looks cached.
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{alias}-", dir=target.parent))
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
+        with staged_folder(target) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
     except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
         if not _is_cached(alias):  # not a concurrent pull that won the rename
             raise
     return str(target)

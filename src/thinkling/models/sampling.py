@@ -9,6 +9,8 @@ Face models:
   prompt + anchor) is prefilled once and its state copied to its duplicates;
 - rows that finish are fed padding until a quarter of the batch has finished,
   then the state is compacted to the live rows (one gather, so done rarely);
+- with `params.early_stop`, a group of rows none of which can still succeed is stopped as if
+  finished (`GroupStop`);
 - `sample_tokens` draws every row's token in one call;
 - with a seed, row i's uniforms come from a counter-based hash of (seed, key of row i, step)
   (`keyed_uniforms`), so a completion does not depend on the rest of the batch: evaluation
@@ -17,12 +19,13 @@ Face models:
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
 
-from thinkling.models.base import Sample, SamplingParams
+from thinkling.models.base import EarlyStop, Sample, SamplingParams
 
 COMPACT_FRACTION = 0.25  # compact the batch once this share of its rows has finished
 
@@ -82,6 +85,7 @@ def decode(prompts: list[list[int]], params: SamplingParams, prefill: Prefill, *
     history = torch.full((len(todo), steps), pad_id, dtype=torch.long, device=device)
     history_logp = torch.zeros((len(todo), steps), dtype=torch.float32, device=device)
     alive = torch.ones(len(todo), dtype=torch.bool, device=device)
+    stop = None if params.early_stop is None else GroupStop(params.early_stop, len(prompts), device)
     for t in range(steps):
         if bool(alive.all()):
             tokens, logp = pick(logits, history[:, :t], slice(None))
@@ -91,6 +95,8 @@ def decode(prompts: list[list[int]], params: SamplingParams, prefill: Prefill, *
             tokens[live], logp[live] = pick(logits[live], history[live, :t], live)
         history[:, t], history_logp[:, t] = tokens, logp
         finished = alive & ((tokens == eos_id) | (budget <= t + 1))
+        if stop is not None:
+            finished |= stop.retire(history, t, origin, alive, finished)
         if bool(finished.any()):
             for r in finished.nonzero().squeeze(1).tolist():
                 out[int(origin[r])] = Sample(history[r, : t + 1].tolist(), history_logp[r, : t + 1].tolist())
@@ -105,6 +111,37 @@ def decode(prompts: list[list[int]], params: SamplingParams, prefill: Prefill, *
                     x[keep] for x in (origin, budget, history, history_logp, tokens, alive))
         logits = state.step(tokens)
     return out
+
+
+class GroupStop:
+    """`EarlyStop` inside `decode`: which rows are lost, and which groups have no row left."""
+
+    def __init__(self, rule: EarlyStop, n: int, device: torch.device):
+        self.rule, self.lost = rule, [False] * n
+        self.left = Counter(rule.groups)  # rows per group not known to be lost
+        self.group = torch.tensor(rule.groups, dtype=torch.long, device=device)
+        self.check_after = torch.tensor(sorted(rule.check_after), dtype=torch.long, device=device)
+        self.over = torch.zeros(max(rule.groups, default=-1) + 1, dtype=torch.bool, device=device)
+
+    def retire(self, history: torch.Tensor, t: int, origin: torch.Tensor, alive: torch.Tensor,
+               finished: torch.Tensor) -> torch.Tensor:
+        """The live, unfinished rows to stop after step `t` (all rows of groups now lost): asks
+        `lost` about rows that just finished and rows whose previous token was a line end."""
+        ask = finished.clone()
+        if t > 0 and len(self.check_after):
+            ask |= alive & torch.isin(history[:, t - 1], self.check_after)
+        newly = False
+        for r in ask.nonzero().squeeze(1).tolist():
+            i = int(origin[r])
+            if self.lost[i] or not self.rule.lost(i, history[r, : t + 1].tolist(), bool(finished[r])):
+                continue
+            self.lost[i], g = True, self.rule.groups[i]
+            self.left[g] -= 1
+            if self.left[g] == 0:
+                self.over[g], newly = True, True
+        if not newly:
+            return torch.zeros_like(finished)
+        return alive & ~finished & self.over[self.group[origin]]
 
 
 def keyed_uniforms(seed: int, keys: torch.Tensor, step: int) -> torch.Tensor:

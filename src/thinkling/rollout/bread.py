@@ -33,7 +33,7 @@ class _Search:
 
 def anchor_failed_groups(policy, task, failed: list[Group], group_size: int, params_for_round,
                          max_probes: int | None, memory: dict | None,
-                         early_stop: bool = True) -> tuple[list[Group], dict]:
+                         early_stop: bool = False) -> tuple[list[Group], dict]:
     """Replace each failed group by its shortest successful branch (or drop it).
 
     `params_for_round(r)` gives the sampling params of probe round r (its own seed).

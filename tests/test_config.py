@@ -14,6 +14,7 @@ def test_overrides_reach_nested_sections():
     ("rl.steps=abc", "rl.steps"),
     ("model=3", "model"),
     ("rl.bread.enabled=3", "rl.bread.enabled"),
+    ("rl.bread.early_stop=3", "rl.bread.early_stop"),
     ("sft.lr=fast", "sft.lr"),
 ])
 def test_bad_values_name_the_key(override, key):

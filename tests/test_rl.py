@@ -11,6 +11,7 @@ from thinkling.rollout.bread import anchor_failed_groups
 from thinkling.rollout.groups import Group, branch_prefix, sample_groups
 from thinkling.rollout.prompts import anchor_text, prompt_text
 from thinkling.tasks import get_task
+from thinkling.tasks.base import Problem, Task, Verdict
 from thinkling.train.rl import build_batch, minibatch_loss, resolve_knobs
 
 TINY = "model.tiny={d_model: 32, n_layers: 1, n_heads: 2, max_seq_len: 160}"
@@ -429,3 +430,89 @@ def test_tldr_rollouts_show_the_level_to_the_policy_and_reward_its_budget(tiny_p
     batch = build_batch(groups, torch.zeros(len(groups), 2), tiny_policy.pad_id)
     for row, g in zip(batch.ids[::2], groups):  # the update scores completions after the tagged prompt
         assert row[: len(g.prefix)].tolist() == g.prefix
+
+
+class _Letters(Task):
+    """'c' -> the letter eight times, line breaks ignored (as `test_learning.Repeat`); a completion is
+    lost once its letters stop spelling the answer, which `cannot_succeed` says after each line."""
+
+    name = "letters"
+    end_of_thinking = None
+
+    def problems(self, n=None, seed=0, difficulty=None):
+        return [Problem(f"letters-{c}", c, c * 8, steps=tuple(c * 8)) for c in "abcd"]
+
+    def verify(self, problem, completion):
+        letters = completion.replace("\n", "")[: len(problem.answer)]
+        return Verdict(letters == problem.answer, letters)
+
+    def format_ok(self, completion):
+        return True
+
+    def cannot_succeed(self, problem, partial):
+        letters = partial.replace("\n", "")[: len(problem.answer)]
+        return letters != problem.answer[: len(letters)]
+
+
+def test_bread_probe_early_stop_changes_nothing_but_the_cost():
+    """Stopping probe groups none of whose samples can succeed any more keeps every search's outcome
+    (the same anchors, the same kept groups to the last token and log-prob) and samples fewer tokens."""
+    from thinkling.models.base import SamplingParams
+    from thinkling.models.tiny import TinyConfig, TinyPolicy, TinyTransformer
+    from thinkling.models.tokenizer import CharTokenizer
+
+    tok = CharTokenizer("\nabcd")  # a small alphabet: a short suffix is guessable, a long one is not
+    config = TinyConfig.from_dict({"vocab_size": tok.vocab_size, "d_model": 32, "n_layers": 1, "n_heads": 2,
+                                   "max_seq_len": 64})
+    torch.manual_seed(0)
+    policy, task = TinyPolicy(TinyTransformer(config), tok), _Letters()
+    no_eos = lambda logits, history: logits.index_fill(1, torch.tensor([tok.eos_id]), -math.inf)  # all run 32 tokens
+    params = lambda r: SamplingParams(32, logits_processor=no_eos, seed=100 + r)
+    failed = [g for g in sample_groups(policy, task, [(p, None, 0) for p in task.problems()], 8, params(-1))
+              if not g.has_success]
+    assert len(failed) == 4
+
+    def search(early_stop: bool):
+        memory = {}
+        kept, stats = anchor_failed_groups(policy, task, failed, 8, params, None, memory, early_stop=early_stop)
+        return [(g.problem.id, g.anchor_steps, g.prefix, [(c.ids, c.logprobs, c.text, c.correct) for c in g.completions])
+                for g in kept], memory, stats
+
+    kept, memory, stats = search(early_stop=False)
+    kept_es, memory_es, stats_es = search(early_stop=True)
+    assert len(kept) >= 2 and stats["bread/probe_groups"] > len(kept)  # failed probes were there to stop
+    assert kept_es == kept and memory_es == memory
+    assert {k: v for k, v in stats_es.items() if k != "generated_tokens"} == \
+        {k: v for k, v in stats.items() if k != "generated_tokens"}
+    assert stats_es["generated_tokens"] < 0.85 * stats["generated_tokens"], (stats_es, stats)  # (0.79)
+
+
+def test_rl_bread_early_stop_key_trains_the_same_steps():
+    """`rl.bread.early_stop` reaches the probes of a real RL step: the same metrics and weights, fewer tokens."""
+    from thinkling.config import BreadConfig, RLConfig
+    from thinkling.models.tiny import TinyConfig, TinyPolicy, TinyTransformer
+    from thinkling.models.tokenizer import CharTokenizer
+    from thinkling.train.common import make_optimizer
+    from thinkling.train.rl import RLTrainer
+
+    def run(early_stop: bool):
+        tok = CharTokenizer("\nabcd")
+        torch.manual_seed(0)
+        policy = TinyPolicy(TinyTransformer(TinyConfig.from_dict({"vocab_size": tok.vocab_size, "d_model": 32,
+                                                                   "n_layers": 1, "n_heads": 2, "max_seq_len": 64})), tok)
+        task = _Letters()
+        rl = RLConfig(prompts_per_step=4, group_size=8, lr=1e-3, max_new_tokens=32, kl_to_start=False,
+                      bread=BreadConfig(enabled=True, early_stop=early_stop))
+        trainer = RLTrainer(policy, task, task.problems(), rl, resolve_knobs(rl), make_optimizer(policy.model, rl.lr,
+                                                                                                   rl.weight_decay), seed=0)
+        logged = [trainer.step(step, 3)[0] for step in range(3)]
+        return logged, torch.cat([p.detach().flatten() for p in policy.model.parameters()])
+
+    (plain, w_plain), (stopped, w_stopped) = run(False), run(True)
+    differ = lambda key: key.startswith(("time/", "mem/")) or key.endswith(("generated_tokens", "probe_tokens", "tokens_per_s"))
+    for a, b in zip(plain, stopped):
+        assert {k: v for k, v in a.items() if not differ(k)} == pytest.approx({k: v for k, v in b.items() if not differ(k)},
+                                                                                rel=1e-5, abs=1e-7)
+    assert sum(m["bread/probe_groups"] for m in plain) > 0
+    assert sum(m["bread/probe_tokens"] for m in stopped) < sum(m["bread/probe_tokens"] for m in plain)
+    assert torch.allclose(w_plain, w_stopped, rtol=0, atol=1e-6)

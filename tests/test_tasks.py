@@ -468,3 +468,38 @@ def test_chain_per_line_fixes_the_operations_on_each_line():
     for bad in ({"per_line": -1}, {"per_line": 1.5}, {"per_line": 2, "merge": 0.5}, {"per_line": 2, "trace": "rewrite"}):
         with pytest.raises(ThinklingError, match="per_line"):
             get_task("chain", **bad)
+
+
+def test_strict_chain_knows_a_partial_completion_is_lost_only_when_it_is():
+    """`cannot_succeed` may stop a sample early (BREAD probes): it must never say so of a prefix of a
+    completion that verifies, and it should say so once a wrong step line is followed by another line."""
+    import random
+
+    strict = get_task("chain", strict=True)
+    assert not get_task("chain").cannot_succeed(Problem("x", "40 +3", "43"), "40+3=44\n4")  # plain: answer only
+    p = Problem("x", "40 +3 -2", "41", ("40+3=43", "43-2=41"), 2.0)
+    assert not strict.cannot_succeed(p, "40+3=44\n")  # the wrong line could still be the answer line
+    assert not strict.cannot_succeed(p, "40+3=44\n<")  # ... or be replaced by a <check> line
+    assert strict.cannot_succeed(p, "40+3=44\n4")  # now it is a step line for good
+    assert strict.cannot_succeed(p, "40-2=38\n3")  # operations out of order
+    assert strict.cannot_succeed(p, "40+3=43\n43-2=41\n41+1=42\nA")  # more operations than the prompt has
+    assert not strict.cannot_succeed(p, "40+3=43\n43-2=41\nA:4")  # right so far
+    fixed = "40+3=44\n<plan>a</plan>\n<check>40+3=43</check>\n43-2=41\nA:41"
+    assert strict.verify(p, fixed).correct
+    assert not any(strict.cannot_succeed(p, fixed[:i]) for i in range(len(fixed) + 1))
+    # no prefix of a completion that verifies is ever called lost: targets (with plans and
+    # corrected slips) and random edits of them, some of which still verify
+    rng = random.Random(0)
+    alphabet = "0123456789+-=\n A:<>/checkplan "
+    seen = {"verified edits": 0, "lost": 0}
+    for task in (strict, get_task("chain", strict=True, template=True, self_correct=0.5)):
+        for q in task.problems(30, seed=5, difficulty=[1, 2, 3, 4]):
+            target = task.target(q)
+            for text in [target, target + "\n \n"] + ["".join(rng.choice(alphabet) if rng.random() < 0.05 else c
+                                                             for c in target) for _ in range(20)]:
+                if task.verify(q, text).correct:
+                    seen["verified edits"] += text != target and not text.startswith(target)
+                    assert not any(task.cannot_succeed(q, text[:i]) for i in range(len(text) + 1)), text
+                else:
+                    seen["lost"] += task.cannot_succeed(q, text)
+    assert seen["verified edits"] > 0 and seen["lost"] > 500, seen  # the property was put to the test

@@ -177,9 +177,11 @@ class BreadConfig:
     enabled: bool = False
     max_probes: int | None = None  # None = ceil(log2 n) + 1
     remember_anchors: bool = True  # start the next search below the last anchor
+    early_stop: bool = False  # stop sampling a probe group once none of its samples can succeed (same result)
 
     def validate(self, where: str = "rl.bread") -> None:
         _at_least(self, where, 1, "max_probes")
+        _check(where, "early_stop", isinstance(self.early_stop, bool), "true or false", self.early_stop)
 
 
 @dataclass

@@ -26,6 +26,22 @@ from thinkling.errors import ThinklingError
 LogitsProcessor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+@dataclass(frozen=True)
+class EarlyStop:
+    """Stop sampling a group of rows as soon as none of its rows can still succeed.
+
+    For samples that are thrown away unless one of their group succeeds (BREAD's probes):
+    finishing such a group buys nothing. `lost(prompt index, ids so far, finished)` must be
+    True only when that row can no longer succeed; the sampler asks it when a row finishes
+    and when a live row's previous token is one of `check_after` (line ends), and stops every
+    row of a group once all are lost (their samples then end where they were stopped).
+    """
+
+    groups: tuple[int, ...]  # the group of each prompt
+    lost: Callable[[int, list[int], bool], bool]
+    check_after: frozenset[int]
+
+
 @dataclass
 class SamplingParams:
     max_new_tokens: int = 64
@@ -36,6 +52,7 @@ class SamplingParams:
     # The random stream of prompt i is (seed, keys[i]) (default keys: 0, 1, 2, ...): a prompt's
     # completion depends on its key, not on which other prompts share the batch or on the batch size.
     keys: tuple[int, ...] | None = None
+    early_stop: EarlyStop | None = None  # backends without it sample every row to its end
 
     def validate(self) -> None:
         """One clear error for bad values, before any backend touches torch."""

@@ -9,6 +9,8 @@ Face models:
   prompt + anchor) is prefilled once and its state copied to its duplicates;
 - rows that finish are fed padding until a quarter of the batch has finished,
   then the state is compacted to the live rows (one gather, so done rarely);
+- with `params.early_stop`, a group of rows none of which can still succeed is stopped as if
+  finished (`GroupStop`);
 - `sample_tokens` draws every row's token in one call;
 - with a seed, row i's uniforms come from a counter-based hash of (seed, key of row i, step)
   (`keyed_uniforms`), so a completion does not depend on the rest of the batch: evaluation
@@ -22,7 +24,7 @@ from typing import Callable, Protocol
 import torch
 import torch.nn.functional as F
 
-from thinkling.models.base import Sample, SamplingParams
+from thinkling.models.base import EarlyStop, Sample, SamplingParams
 
 COMPACT_FRACTION = 0.25  # compact the batch once this share of its rows has finished
 
@@ -82,6 +84,7 @@ def decode(prompts: list[list[int]], params: SamplingParams, prefill: Prefill, *
     history = torch.full((len(todo), steps), pad_id, dtype=torch.long, device=device)
     history_logp = torch.zeros((len(todo), steps), dtype=torch.float32, device=device)
     alive = torch.ones(len(todo), dtype=torch.bool, device=device)
+    stop = None if params.early_stop is None else GroupStop(params.early_stop, len(prompts), device)
     for t in range(steps):
         if bool(alive.all()):
             tokens, logp = pick(logits, history[:, :t], slice(None))
@@ -91,6 +94,8 @@ def decode(prompts: list[list[int]], params: SamplingParams, prefill: Prefill, *
             tokens[live], logp[live] = pick(logits[live], history[live, :t], live)
         history[:, t], history_logp[:, t] = tokens, logp
         finished = alive & ((tokens == eos_id) | (budget <= t + 1))
+        if stop is not None:
+            finished |= stop.retire(history, t, origin, alive, finished)
         if bool(finished.any()):
             for r in finished.nonzero().squeeze(1).tolist():
                 out[int(origin[r])] = Sample(history[r, : t + 1].tolist(), history_logp[r, : t + 1].tolist())
@@ -105,6 +110,63 @@ def decode(prompts: list[list[int]], params: SamplingParams, prefill: Prefill, *
                     x[keep] for x in (origin, budget, history, history_logp, tokens, alive))
         logits = state.step(tokens)
     return out
+
+
+class GroupStop:
+    """`EarlyStop` inside `decode`: which groups have no row left that can succeed.
+
+    Being lost is for good, so a group needs one row that is not lost to stay (its witness):
+    only the witness is asked at its line ends; when it is lost the others are asked about
+    what they have so far, and one that is not lost becomes the witness. Every row is asked
+    once more when it finishes (a finished right row keeps its group for good). That asks
+    about one row per group and line instead of G, with the same outcome.
+    """
+
+    def __init__(self, rule: EarlyStop, n: int, device: torch.device):
+        self.rule, self.lost = rule, [False] * n
+        self.members: dict[int, list[int]] = {}
+        for i, g in enumerate(rule.groups):
+            self.members.setdefault(g, []).append(i)
+        self.witness = {g: rows[0] for g, rows in self.members.items()}  # None once the group is kept or over
+        self.group = torch.tensor(rule.groups, dtype=torch.long, device=device)
+        self.check_after = torch.tensor(sorted(rule.check_after), dtype=torch.long, device=device)
+        self.over = torch.zeros(max(rule.groups, default=-1) + 1, dtype=torch.bool, device=device)
+
+    def retire(self, history: torch.Tensor, t: int, origin: torch.Tensor, alive: torch.Tensor,
+               finished: torch.Tensor) -> torch.Tensor:
+        """The live, unfinished rows to stop after step `t`: all rows of groups now known lost."""
+        prompts = origin.tolist()
+        row_of = {i: r for r, i in enumerate(prompts)}
+        ask = finished.clone()
+        if t > 0 and len(self.check_after):
+            ask |= alive & torch.isin(history[:, t - 1], self.check_after)
+        newly = False
+        for r in ask.nonzero().squeeze(1).tolist():
+            i, done = prompts[r], bool(finished[r])
+            g = self.rule.groups[i]
+            if self.witness[g] is None or (i != self.witness[g] and not done):
+                continue
+            self.lost[i] = self.lost[i] or self.rule.lost(i, history[r, : t + 1].tolist(), done)
+            if not self.lost[i]:
+                if done:
+                    self.witness[g] = None  # finished right: the group is kept whatever the others do
+                continue
+            if i != self.witness[g]:
+                continue
+            self.witness[g] = next((j for j in self.members[g] if not self._lost_now(j, history, t, row_of, alive)),
+                                   None)
+            if self.witness[g] is None:
+                self.over[g], newly = True, True
+        if not newly:
+            return torch.zeros_like(finished)
+        return alive & ~finished & self.over[self.group[origin]]
+
+    def _lost_now(self, i: int, history: torch.Tensor, t: int, row_of: dict, alive: torch.Tensor) -> bool:
+        """Whether prompt i is lost: asked about what it has so far if it is still sampling
+        (a finished row was asked when it finished)."""
+        if not self.lost[i] and i in row_of and bool(alive[row_of[i]]):
+            self.lost[i] = self.rule.lost(i, history[row_of[i], : t + 1].tolist(), False)
+        return self.lost[i]
 
 
 def keyed_uniforms(seed: int, keys: torch.Tensor, step: int) -> torch.Tensor:

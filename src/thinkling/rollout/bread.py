@@ -32,13 +32,16 @@ class _Search:
 
 
 def anchor_failed_groups(policy, task, failed: list[Group], group_size: int, params_for_round,
-                         max_probes: int | None, memory: dict | None) -> tuple[list[Group], dict]:
+                         max_probes: int | None, memory: dict | None,
+                         early_stop: bool = False) -> tuple[list[Group], dict]:
     """Replace each failed group by its shortest successful branch (or drop it).
 
     `params_for_round(r)` gives the sampling params of probe round r (its own seed).
     `memory` maps problem id -> last anchor (updated in place) when anchors are remembered.
     Returns (branched groups, stats). Binary search assumes success is monotone in k,
     the premise of anchoring: more expert steps never make the rest harder.
+    A failed probe is discarded whole, so with `early_stop` a probe group stops being sampled
+    once none of its samples can succeed (`groups.lost_rows`); the outcome is the same.
     """
     searches = []
     dropped_no_trace = 0
@@ -61,7 +64,8 @@ def anchor_failed_groups(policy, task, failed: list[Group], group_size: int, par
             break
         requests = [(s.group.problem, s.group.level, s.probe_point()) for s in active]
         results = sample_groups(policy, task, requests, group_size, params_for_round(rounds),
-                                keys=[s.group.key for s in active])  # a probe's samples do not depend on the others
+                                keys=[s.group.key for s in active],  # a probe's samples do not depend on the others
+                                early_stop=early_stop)
         rounds += 1
         generated += sum(c.tokens for branch in results for c in branch.completions)
         for s, (_, _, k), branch in zip(active, requests, results):

@@ -98,6 +98,12 @@ class Task:
     def format_ok(self, completion: str) -> bool:
         return extract_final_answer(completion) is not None
 
+    def cannot_succeed(self, problem: Problem, partial: str) -> bool:
+        """True only when no continuation of the partial completion `partial` (the empty one
+        included) can verify as correct, so a sampler may stop it (BREAD's probe early stop).
+        Never True for a text that could still succeed; by default nothing is known lost."""
+        return False
+
     def set_scaffold(self, template=False, self_correct=0.0) -> None:
         """The `template` and `self_correct` options (tasks.templates), checked once."""
         if template is True and self.default_template is None:

@@ -23,19 +23,45 @@ def steps_are_right(problem: Problem, completion: str) -> bool:
     """Every line before the answer applies the prompt's next operation(s), in order, to the value
     before it and states the right result; together they use every operation once. A plan line is
     skipped and a `<check>` line stands for the step before it (`templates.solution_lines`)."""
+    right, used = _walk_steps(problem, solution_lines(completion))
+    return right and used == len(problem.prompt.split()) - 1
+
+
+def _walk_steps(problem: Problem, lines: list[str]) -> tuple[bool, int]:
+    """(every line right, prompt operations they used) of step lines checked in order from the start."""
     start, *ops = problem.prompt.split()
     value, used = int(start), 0
-    for line in solution_lines(completion):
+    for line in lines:
         m = _STEP.fullmatch(line.strip())
         if m is None or int(m.group(1)) != value:
-            return False
+            return False, used
         line_ops = re.findall(r"[+-]\d+", m.group(2))
         if line_ops != ops[used : used + len(line_ops)]:
-            return False
+            return False, used
         value, used = value + sum(int(o) for o in line_ops), used + len(line_ops)
         if int(m.group(3)) != value:
-            return False
-    return used == len(ops)
+            return False, used
+    return True, used
+
+
+def steps_already_wrong(problem: Problem, partial: str) -> bool:
+    """Whether no continuation of the partial completion `partial` (none included) can pass
+    `steps_are_right`: a step line that stays in every continuation's solution is wrong.
+
+    The lines before the last one with any text stay step lines whatever follows (only the last
+    line of a completion is its answer). Of those, the last step may still be replaced by a
+    `<check>` line (after plan lines), unless the line after it has begun with text that cannot
+    open a check or plan line."""
+    text = partial.lstrip()
+    lines = text.split("\n")
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=None)
+    if last is None:
+        return False
+    steps = solution_lines("\n".join(lines[: last + 1]))
+    head = lines[last].lstrip()
+    if any(head[: len(tag)] == tag[: len(head)] for tag in (CHECK_OPEN, PLAN_OPEN)):
+        steps = steps[:-1]  # its last step may still be replaced
+    return not _walk_steps(problem, steps)[0]
 
 
 def check_outcomes(completion: str, problem: Problem | None = None) -> Counter:
@@ -211,6 +237,10 @@ class ChainTask(Task):
         if not self.strict or not verdict.correct:
             return verdict
         return Verdict(steps_are_right(problem, completion), verdict.extracted)
+
+    def cannot_succeed(self, problem: Problem, partial: str) -> bool:
+        """Strict checking fails a completion at its first wrong step line (`steps_already_wrong`)."""
+        return self.strict and steps_already_wrong(problem, partial)
 
 
 @register_task("chain_verbose")

@@ -179,7 +179,7 @@ class RLTrainer:
         g = step_generator(self.seed, step)
         stats = dict.fromkeys(("groups_sampled", "groups_dropped_equal", "bread/anchored", "bread/failed_groups",
                                "bread/probe_groups", "bread/dropped_unsolved", "bread/dropped_no_trace",
-                               "generated_tokens"), 0)
+                               "bread/probe_tokens", "generated_tokens"), 0)
         probe_rounds = 0
         kept: list[Group] = []
         n_kept = 0  # over all processes
@@ -202,7 +202,7 @@ class RLTrainer:
                 branched, bstats = anchor_failed_groups(
                     self.rollouts, self.task, failed, c.group_size,
                     lambda r, rr=round_: self._params(step, 100 * rr + 1 + r), c.bread.max_probes,
-                    self.anchor_memory if c.bread.remember_anchors else None)
+                    self.anchor_memory if c.bread.remember_anchors else None, c.bread.early_stop)
                 if c.bread.remember_anchors:
                     self._share_anchors(branched)
                 stats["bread/failed_groups"] += len(failed)
@@ -210,6 +210,7 @@ class RLTrainer:
                 for k in ("bread/probe_groups", "bread/dropped_unsolved", "bread/dropped_no_trace"):
                     stats[k] += bstats[k]
                 stats["generated_tokens"] += bstats["generated_tokens"]  # all probes, including failed ones
+                stats["bread/probe_tokens"] += bstats["generated_tokens"]
                 # Probes run in lock-step: one process searching every group needs the most rounds any needed.
                 probe_rounds += int(dp.max(torch.tensor(bstats["bread/probe_rounds"])))
                 groups = sorted([grp for grp in groups if grp.has_success] + branched, key=lambda grp: grp.key)

@@ -8,7 +8,8 @@ counts right samples and groups with a success. It also shows a few continuation
 policy writes after the anchor.
 
 `.venv/bin/python experiments/anchor_probe.py --policy runs/smollm2/grpo-arithmetic [--problems 12]
-[--group 8] [--difficulty 3] [--anchors 0,1,2] [--traces pairs,rewrite]`
+[--group 8] [--difficulty 3] [--anchors 0,1,2] [--traces pairs,rewrite] [--midline]`
+(`--midline`: the task's `midline` steps, two per line, so k=1 is `93 + 88 + 99 =`.)
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ def extra(parser):
     parser.add_argument("--difficulty", type=int, default=3, help="number of operands")
     parser.add_argument("--anchors", default="0,1", help="anchor lengths k (expert steps), comma-separated")
     parser.add_argument("--traces", default="pairs,rewrite", help="trace styles, comma-separated")
+    parser.add_argument("--midline", action="store_true", help="cut trace lines after ' =' (task option)")
     parser.add_argument("--seed", type=int, default=11, help="problem seed (the recipes' training seed)")
 
 
@@ -40,7 +42,7 @@ def main():
     params = SamplingParams(max_new_tokens=48, temperature=0.7, seed=0)  # the 3-operand recipe's rollouts
     rows, results = [], {}
     for trace in args.traces.split(","):
-        task = get_task("arithmetic", instruct=True, trace=trace)
+        task = get_task("arithmetic", instruct=True, trace=trace, midline=args.midline)
         problems = task.problems(n, args.seed, [args.difficulty])
         for k in (int(a) for a in args.anchors.split(",")):
             groups = sample_groups(policy, task, [(p, None, k) for p in problems], args.group, params)
@@ -52,7 +54,7 @@ def main():
                                          "groups": n, "anchor": anchor_text(p, k), "continuations": shown}
             rows.append([trace, k, f"{right}/{n * args.group}", f"{solved}/{n}", repr(anchor_text(p, k)), repr(shown[0])])
             print(rows[-1], flush=True)
-    print(write_results(out, f"anchor probe: {args.policy}, {n} problems x G={args.group}, T=0.7",
+    print(write_results(out, f"anchor probe: {args.policy}{', midline steps' if args.midline else ''}, {n} problems x G={args.group}, T=0.7",
                         ["trace", "k", "right samples", "groups with a success", "anchor (problem 1)",
                          "a continuation"], rows, results))
 

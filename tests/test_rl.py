@@ -60,6 +60,51 @@ def test_bread_finds_the_shortest_successful_anchor(tiny_policy):
     assert g.anchor_tokens == len(policy.encode_text(anchor_text(g.problem, 5)))
 
 
+class RestOfTracePolicy:
+    """Wraps a tiny policy; after any anchor it writes the rest of the expert trace (right), with
+    none a wrong answer: every anchor length k >= 1 solves the problem."""
+
+    def __init__(self, base, task, problems):
+        self.base, self.targets = base, {prompt_text(p): task.target(p) for p in problems}
+        for name in ("encode_prompt", "encode_text", "decode", "eos_id", "pad_id", "model"):
+            setattr(self, name, getattr(base, name))
+
+    def sample(self, prompts, params):
+        from thinkling.models.base import Sample
+
+        out = []
+        for ids in prompts:
+            prompt, _, anchor = self.base.decode(ids).partition("\n")
+            target = self.targets[prompt + "\n"]
+            rest = target[len(anchor):] if anchor and target.startswith(anchor) else "The answer is 0."
+            out.append(Sample(self.base.encode_text(rest) + [self.base.eos_id]))
+        return out
+
+
+def test_midline_anchors_stop_after_the_equals_and_bread_trains_the_first_result(tiny_policy):
+    """With `arithmetic`'s `midline` steps the anchor of k steps is exactly the trace's first
+    characters, ending mid-line at odd k, and BREAD's shortest anchor is the question's own ` =`:
+    the branched continuation starts with the first partial sum."""
+    task = get_task("arithmetic", trace="rewrite", midline=True)
+    problems = task.problems(3, 0, 3)
+    p, target = problems[0], task.target(problems[0])
+    x, y, z = (int(t) for t in p.prompt[8:-1].split(" + "))
+    first, second = f"{x} + {y} + {z} = {x + y} + {z}\n", f"{x + y} + {z} = {x + y + z}\n"
+    assert [anchor_text(p, k) for k in range(5)] == [
+        "", f"{x} + {y} + {z} =", first, first + f"{x + y} + {z} =", first + second]
+    assert all(target.startswith(anchor_text(p, k)) for k in range(5))
+    policy = RestOfTracePolicy(tiny_policy, task, problems)
+    failed = sample_groups(policy, task, [(q, None, 0) for q in problems], 2, None)
+    assert not any(g.has_success for g in failed)
+    kept, stats = anchor_failed_groups(policy, task, failed, 2, lambda r: None, None, {})
+    assert [g.anchor_steps for g in kept] == [1, 1, 1] and stats["bread/probe_groups"] == 3 * 2  # k = 2, then 1
+    for g in kept:
+        assert policy.decode(g.prefix).endswith(f"{g.problem.prompt[8:-1]} =")
+        assert g.anchor_tokens == len(policy.encode_text(anchor_text(g.problem, 1)))
+        assert all(c.correct and c.text == task.target(g.problem) for c in g.completions)
+        assert policy.decode(g.completions[0].ids).startswith(f" {sum(map(int, g.problem.prompt[8:-1].split(' + ')[:2]))} + ")
+
+
 def test_bread_drops_problems_without_traces_or_unsolved(tiny_policy):
     task = get_task("chain")
     problems = task.problems(2, 0, 4)

@@ -441,6 +441,23 @@ def test_arithmetic_rewrite_trace_rewrites_the_whole_sum_one_addition_per_line()
         get_task("arithmetic", trace="running")
 
 
+def test_arithmetic_midline_cuts_each_line_after_its_equals_and_keeps_the_trace():
+    """`midline: true` makes two steps of each line, `a + b =` and ` s`, joined back exactly: the
+    same problems and SFT target, twice the steps, and a step end only after each result."""
+    for trace in ("pairs", "rewrite"):
+        whole, cut = get_task("arithmetic", trace=trace), get_task("arithmetic", trace=trace, midline=True)
+        for a, b in zip(whole.problems(30, seed=4, difficulty=[2, 3, 4]), cut.problems(30, seed=4, difficulty=[2, 3, 4])):
+            assert (a.prompt, a.answer, whole.target(a)) == (b.prompt, b.answer, cut.target(b))
+            assert len(b.steps) == 2 * len(a.steps) and b.step_ends == ("", "\n") * len(a.steps)
+            assert all(s.endswith(" =") for s in b.steps[::2]) and all(s.startswith(" ") for s in b.steps[1::2])
+            assert cut.verify(b, cut.target(b)).correct
+    (p,) = get_task("arithmetic", trace="rewrite", midline=True).problems(1, seed=0, difficulty=3)
+    x, y, z = (int(t) for t in p.prompt[8:-1].split(" + "))
+    assert p.steps == (f"{x} + {y} + {z} =", f" {x + y} + {z}", f"{x + y} + {z} =", f" {x + y + z}")
+    with pytest.raises(ThinklingError, match="midline must be true or false"):
+        get_task("arithmetic", midline="yes")
+
+
 def test_strict_chain_checks_the_work_not_only_the_answer():
     """Two slips that cancel give the right answer with wrong steps: only the strict verifier says so."""
     strict, plain = get_task("chain", strict=True), get_task("chain")

@@ -59,8 +59,9 @@ def prompt_ids(policy, problem: Problem, level: str | None = None) -> list[int]:
 
 
 def anchor_text(problem: Problem, k: int) -> str:
-    """The first k expert steps as a continuation of the prompt (BREAD anchors)."""
-    return "".join(f"{s}\n" for s in problem.steps[:k])
+    """The first k expert steps as a continuation of the prompt (BREAD anchors), each followed by
+    its end (a newline, or what `Problem.step_ends` says: an anchor may stop mid-line)."""
+    return "".join(s + problem.step_end(j) for j, s in enumerate(problem.steps[:k]))
 
 
 def check_fits(policy, problems: list[Problem], room: int, what: str) -> None:

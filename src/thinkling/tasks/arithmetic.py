@@ -12,6 +12,11 @@ points: `pairs` (default) writes each addition alone, `93 + 88 = 181` then `181 
 then `181 + 99 = 280`. A policy that answers in one line (`93 + 88 + 99 = ...`) reads a
 `rewrite` anchor as its own first line with the first addition done, and what is left is a
 shorter sum of the same kind; after a `pairs` anchor it must know to come back for the rest.
+
+`midline: true` cuts every line after its ` =` into two steps, `93 + 88 + 99 =` and
+` 181 + 99` (then a newline), so a BREAD anchor can stop where the policy's own first line
+asks for a result: the continuation is the first partial sum, the tokens an unanchored policy
+must write. The trace text (and so the SFT target) is unchanged; there are twice as many steps.
 """
 
 from __future__ import annotations
@@ -34,10 +39,11 @@ class ArithmeticTask(Task):
 
     TRACES = ("pairs", "rewrite")
 
-    def __init__(self, digits: int = 2, subtract: bool = False, instruct: bool = False, trace: str = "pairs"):
+    def __init__(self, digits: int = 2, subtract: bool = False, instruct: bool = False, trace: str = "pairs",
+                 midline: bool = False):
         """`digits` per operand (1..6); `subtract` also draws `-` (results stay >= 0); `instruct`
         appends how to state the answer to the question (a chat model otherwise rarely says it);
-        `trace` is the expert trace's style (module docstring)."""
+        `trace` is the expert trace's style, `midline` cuts its lines at ` =` (module docstring)."""
         if isinstance(digits, bool) or not isinstance(digits, int) or not 1 <= digits <= 6:
             raise ThinklingError(f"task 'arithmetic': digits must be an int in 1..6, got {digits!r}")
         if not isinstance(subtract, bool):
@@ -46,7 +52,9 @@ class ArithmeticTask(Task):
             raise ThinklingError(f"task 'arithmetic': instruct must be true or false, got {instruct!r}")
         if trace not in self.TRACES:
             raise ThinklingError(f"task 'arithmetic': trace must be one of {', '.join(self.TRACES)}, got {trace!r}")
-        self.digits, self.subtract, self.instruct, self.trace = digits, subtract, instruct, trace
+        if not isinstance(midline, bool):
+            raise ThinklingError(f"task 'arithmetic': midline must be true or false, got {midline!r}")
+        self.digits, self.subtract, self.instruct, self.trace, self.midline = digits, subtract, instruct, trace, midline
 
     def problems(self, n, seed, difficulty=None):
         levels = difficulty_levels("arithmetic", difficulty, default=2, minimum=2)
@@ -66,10 +74,11 @@ class ArithmeticTask(Task):
                 terms.append(f" {sign} {operand}")
                 values.append(value)
             expr = f"{values[0]}{''.join(terms)}"
-            steps = self._trace(values, terms)
+            lines = self._trace(values, terms)
+            steps, ends = _cut_at_equals(lines) if self.midline else (tuple(lines), ())
             prompt = f"What is {expr}?" + (self.INSTRUCTION if self.instruct else "")
-            problems.append(Problem(id=f"arith-{seed}-{i}", prompt=prompt, answer=str(value),
-                                    steps=tuple(steps), difficulty=float(k), tags=("arithmetic", f"k={k}")))
+            problems.append(Problem(id=f"arith-{seed}-{i}", prompt=prompt, answer=str(value), steps=steps,
+                                    difficulty=float(k), tags=("arithmetic", f"k={k}"), step_ends=ends))
         return problems
 
     def _trace(self, values: list[int], terms: list[str]) -> list[str]:
@@ -89,3 +98,13 @@ class ArithmeticTask(Task):
 
     def answer_line(self, problem: Problem) -> str:
         return f"The answer is \\boxed{{{problem.answer}}}."
+
+
+def _cut_at_equals(lines: list[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Each trace line as two steps, `a + b =` and ` s` (the result keeps its leading space, so the
+    anchor ends on the ` =` token a tokenizer makes anyway); returns (steps, step_ends)."""
+    steps = []
+    for line in lines:
+        left, right = line.split(" = ", 1)
+        steps += [f"{left} =", f" {right}"]
+    return tuple(steps), ("", "\n") * len(lines)

@@ -24,6 +24,9 @@ class Problem:
 
     `steps` is the expert solution split into steps (empty when there is none);
     BREAD uses them as anchors and SFT renders them as the target completion.
+    `step_ends` is the text after each step when it is not a newline (empty: a newline after
+    every step): a task that cuts a line into several steps (`arithmetic`'s `midline`) says so
+    here, so anchors and the SFT target join the steps back into the exact trace.
     `images` are PIL images (RGB) shown with the prompt; only a vision-language policy
     takes them (`rollout.prompts.prompt_ids`, `models.images`).
     """
@@ -36,6 +39,11 @@ class Problem:
     tags: tuple[str, ...] = ()
     images: tuple = field(default=(), hash=False)  # PIL images are unhashable; equality compares pixels
     meta: dict = field(default_factory=dict, compare=False, hash=False)
+    step_ends: tuple[str, ...] = ()
+
+    def step_end(self, j: int) -> str:
+        """The text after step j in the trace (`step_ends`, else a newline)."""
+        return self.step_ends[j] if self.step_ends else "\n"
 
 
 @dataclass(frozen=True)
@@ -123,7 +131,8 @@ class Task:
         """The SFT completion as typed spans: plan, steps, step boundaries, corrected slip, answer
         (`tasks.templates`); SFT weights the template's spans (`sft.template_weight`)."""
         slip = slip_for(problem.id, problem.steps, self.self_correct, self.wrong_value)
-        return render_spans(problem.steps, self.answer_line(problem), self.template, slip)
+        ends = tuple(problem.step_end(j) for j in range(len(problem.steps)))
+        return render_spans(problem.steps, self.answer_line(problem), self.template, slip, ends)
 
     def target(self, problem: Problem) -> str:
         """The SFT completion for a problem."""

@@ -147,9 +147,11 @@ def self_correct_option(task: str, value) -> float:
 
 
 def render_spans(steps, answer_line: str, template: SolutionTemplate | None = None,
-                 slip: tuple[int, str, str] | None = None) -> tuple[Span, ...]:
+                 slip: tuple[int, str, str] | None = None, ends=None) -> tuple[Span, ...]:
     """A trace as spans: the plan (with a template), each step and its closing newline (a step
     boundary when there is a template), then the answer line.
+
+    `ends[j]` replaces step j's newline (`Problem.step_ends`: steps cut mid-line).
 
     `slip = (j, wrong, right)`: step j first states `wrong` in place of its final `right` result,
     then a `<check>` line re-does the step with `right`.
@@ -163,7 +165,7 @@ def render_spans(steps, answer_line: str, template: SolutionTemplate | None = No
             spans += [Span(head), Span(wrong, "error"), Span("\n", boundary),
                       Span(f"{CHECK_OPEN}{step}{CHECK_CLOSE}", "check"), Span("\n", boundary)]
         else:
-            spans += [Span(step), Span("\n", boundary)]
+            spans += [Span(step), Span(ends[j] if ends else "\n", boundary)]
     spans.append(Span(answer_line))
     return tuple(spans)
 

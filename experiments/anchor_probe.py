@@ -4,8 +4,9 @@ BREAD learns only when some anchor short of the whole expert trace leaves the po
 can solve. This samples groups exactly as BREAD's probes do (`rollout.groups.sample_groups`: the
 prompt, then the first k expert steps, then the policy's own tokens; the whole text is verified)
 on `arithmetic` training problems, for each trace style (`pairs`, `rewrite`) and each k, and
-counts right samples and groups with a success. It also shows a few continuations: what the
-policy writes after the anchor.
+counts right samples and groups with a success, and samples whose continuation starts with the
+next expert step (does the policy write the step the anchor leaves it, e.g. the first partial
+sum?). It also shows a few continuations: what the policy writes after the anchor.
 
 `.venv/bin/python experiments/anchor_probe.py --policy runs/smollm2/grpo-arithmetic [--problems 12]
 [--group 8] [--difficulty 3] [--anchors 0,1,2] [--traces pairs,rewrite] [--midline]`
@@ -34,6 +35,13 @@ def extra(parser):
     parser.add_argument("--seed", type=int, default=11, help="problem seed (the recipes' training seed)")
 
 
+def follows_trace(problem, k: int, text: str) -> bool:
+    """Whether the continuation after the k-step anchor starts with expert step k+1 (spaces aside)."""
+    if k >= len(problem.steps):
+        return False
+    return text[len(anchor_text(problem, k)):].lstrip().startswith(problem.steps[k].strip())
+
+
 def main():
     args = experiment_args(__doc__.splitlines()[0], extra)
     out = output_dir("anchor_probe", args.out, args.quick)
@@ -48,14 +56,15 @@ def main():
             groups = sample_groups(policy, task, [(p, None, k) for p in problems], args.group, params)
             right = sum(c.correct for g in groups for c in g.completions)
             solved = sum(g.has_success for g in groups)
+            on_trace = sum(follows_trace(g.problem, k, c.text) for g in groups for c in g.completions)
             p, first = groups[0].problem, groups[0].completions[:3]
             shown = [c.text[len(anchor_text(p, k)):] for c in first]
             results[f"{trace} k={k}"] = {"right": right, "samples": n * args.group, "groups_solved": solved,
-                                         "groups": n, "anchor": anchor_text(p, k), "continuations": shown}
-            rows.append([trace, k, f"{right}/{n * args.group}", f"{solved}/{n}", repr(anchor_text(p, k)), repr(shown[0])])
+                                         "groups": n, "next_step_written": on_trace, "anchor": anchor_text(p, k), "continuations": shown}
+            rows.append([trace, k, f"{right}/{n * args.group}", f"{solved}/{n}", f"{on_trace}/{n * args.group}", repr(anchor_text(p, k)), repr(shown[0])])
             print(rows[-1], flush=True)
     print(write_results(out, f"anchor probe: {args.policy}{', midline steps' if args.midline else ''}, {n} problems x G={args.group}, T=0.7",
-                        ["trace", "k", "right samples", "groups with a success", "anchor (problem 1)",
+                        ["trace", "k", "right samples", "groups with a success", "next step written", "anchor (problem 1)",
                          "a continuation"], rows, results))
 
 

@@ -11,6 +11,8 @@ batch x new-tokens tokens. Sides:
   engine-bf16  the engine with bfloat16 weights and KV cache (rollout_dtype="bfloat16")
   hf-bf16      `generate` on a bfloat16 copy of the model (--with-hf-bf16; the fair
                baseline for engine-bf16)
+  llama.cpp    llama.cpp's `llama-batched-bench` on a BF16 GGUF of the same weights
+               (--llama-cpp BINARY --gguf FILE; how to build both: docs/performance.md)
 Ratios are the median tokens/s of a side over that of `hf`, measured in the same run. Each
 side is also timed in this process's CPU seconds (one torch thread: the work done), which other
 jobs on a shared machine disturb far less than the wall clock.
@@ -25,6 +27,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
+import resource
+import statistics
+import subprocess
 import sys
 
 import torch
@@ -44,12 +50,37 @@ def ban(token: int):
     return processor
 
 
+def llama_cpp(binary: str, gguf: str, threads: int, new_tokens: int):
+    """llama.cpp's batched decoding as a side: one `llama-batched-bench` process per call, each
+    row its own prompt (not shared) of the batch's median prompt length, `new_tokens` generated
+    per row. Wall seconds are the tool's own prefill + decode time (model load excluded); CPU
+    seconds are the child's (load included, a fraction of a second). It feeds random tokens
+    instead of sampling, so it does a little less work than the other sides."""
+    def run(prompts, params) -> dict:
+        rows, prompt_len = len(prompts), int(statistics.median(map(len, prompts)))
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        out = subprocess.run([binary, "-m", gguf, "-c", str(rows * (prompt_len + new_tokens)), "-b", "2048", "-ub", "512",
+                              "-npp", str(prompt_len), "-ntg", str(new_tokens), "-npl", str(rows),
+                              "-t", str(threads), "-tb", str(threads), "--output-format", "jsonl"],
+                             capture_output=True, text=True, check=True)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        result = json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
+        return {"seconds": result["t_pp"] + result["t_tg"],
+                "cpu_seconds": after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime}
+
+    return run
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     decode_args(ap, batches="1,16,64", new_tokens=128)
     ap.add_argument("--with-hf-bf16", action="store_true")
+    ap.add_argument("--llama-cpp", metavar="BINARY", help="llama-batched-bench, to add llama.cpp as a side")
+    ap.add_argument("--gguf", help="BF16 GGUF of the same model, for --llama-cpp")
     ap.add_argument("--sides", default=None, help="comma-separated subset of the sides to run (ratios need hf)")
     args = ap.parse_args(argv)
+    if bool(args.llama_cpp) != bool(args.gguf):
+        ap.error("--llama-cpp and --gguf go together")
     torch.set_num_threads(args.threads)
     header("rollout: generated tokens/s, engine vs transformers generate", ["benchmarks/rollout.py", *sys.argv[1:]])
 
@@ -65,6 +96,8 @@ def main(argv=None):
     if args.with_hf_bf16:
         hf16 = HFPolicy(copy.deepcopy(policy.model).to(torch.bfloat16), policy.tokenizer)
         sides["hf-bf16"] = hf16.generate_reference
+    if args.llama_cpp:
+        sides["llama.cpp"] = llama_cpp(args.llama_cpp, args.gguf, args.threads, args.new_tokens)
     if args.sides:
         sides = {k: v for k, v in sides.items() if k in args.sides.split(",")}
     batches = [int(b) for b in args.batches.split(",")]
@@ -109,7 +142,7 @@ def main(argv=None):
     for batch in batches:
         b = str(batch)
         gemm, peak = rec.median(b, "gemm", "tok/s"), rec.median(b, "peak", "flop/s")
-        for side in [s for s in sides if s.startswith("engine")]:
+        for side in [s for s in sides if s.startswith("engine") or s == "llama.cpp"]:
             med = rec.median(b, side, "tok/cpu-s")  # CPU time on both sides of the comparison
             rows.append([batch, side, f"{med:.1f}", f"{med * params_flops / 1e9:.1f}", f"{gemm:.1f}",
                          f"{100 * med / gemm:.0f}%", f"{peak / 1e9:.0f}", f"{100 * med * params_flops / peak:.0f}%"])

@@ -6,8 +6,10 @@ composite-tinyalign-shapes.yaml (TinyAlign) with `train.size` = 20 / 40 / 60 / 1
 training pictures, each under `/usr/bin/time -v` with its output in `<run folder>.log`; `--commands`
 prints them. This script reads the finished runs: the training-loss curve (`metrics.jsonl`, one
 8-trace batch every `log_every` steps), the first logged step whose loss is at or below each
-`--thresholds`, held-out greedy accuracy and format rate (`eval.json`), wall time, CPU time and
-peak RSS (the `time -v` log), and writes the table and one plot of the loss curves.
+`--thresholds`, held-out greedy accuracy and format rate (`eval.json`), what the model sees (the
+share of held-out shapes whose colour, form and cell its description names right,
+`vlm_perception.scored_file` on the final samples), wall time, CPU time and peak RSS (the `time -v`
+log), and writes the table and one plot of the loss curves.
 
 `PYTHONPATH=src python experiments/tinyalign_composite.py --commands`
 `PYTHONPATH=src python experiments/tinyalign_composite.py --plot docs/experiments/tinyalign-composite-loss.png`
@@ -19,6 +21,8 @@ import argparse
 import json
 import re
 from pathlib import Path
+
+from vlm_perception import scored_file
 
 from thinkling.eval.report import markdown_table
 from thinkling.files import read_json, read_jsonl
@@ -69,21 +73,23 @@ def collect(root: Path) -> list[dict]:
                 continue
             summary = read_json(folder / "eval.json")
             log = root / f"{method}-{share}.log"
+            seen = scored_file(str(max((folder / "samples").glob("step_*.jsonl"))), [1, 2, 3])
             rows.append({"method": method, "share": share, "pairs": POOL * share // 100, "curve": losses(folder),
-                         "accuracy": summary["accuracy"], "format_rate": summary["format_rate"],
+                         "accuracy": summary["accuracy"], "format_rate": summary["format_rate"], "seen": seen,
                          **(usage(log) if log.is_file() else {})})
     return rows
 
 
 def table(rows: list[dict], thresholds: list[float]) -> str:
     header = ["data", "method", "loss at step 60", *(f"steps to loss <= {t}" for t in thresholds),
-              "held-out accuracy", "format rate", "wall", "CPU", "peak RSS"]
+              "held-out accuracy", "format rate", "colour / form / cell right", "wall", "CPU", "peak RSS"]
     body = []
     for r in rows:
         reached = [steps_to(r["curve"], t) for t in thresholds]
         body.append([f"{r['share']} % ({r['pairs']})", r["method"], f"{r['curve'][-1][1]:.3f}",
                      *("not reached" if s is None else str(s) for s in reached), f"{r['accuracy']:.3f}",
-                     f"{r['format_rate']:.3f}", f"{r['wall'] / 60:.1f} min" if "wall" in r else "-",
+                     f"{r['format_rate']:.3f}", " / ".join(f"{r['seen'][k]:.3f}" for k in ("colour", "form", "cell")),
+                     f"{r['wall'] / 60:.1f} min" if "wall" in r else "-",
                      f"{r['cpu']:.0f} s" if "cpu" in r else "-", f"{r['rss']:.2f} GiB" if "rss" in r else "-"])
     return markdown_table(header, body)
 

@@ -14,7 +14,7 @@ from thinkling.models import images as image_store
 from thinkling.models import load_policy
 from thinkling.models.base import SamplingParams
 from thinkling.models.tiny_vlm import TinyVLMPolicy
-from thinkling.models.tinyalign import pair_source
+from thinkling.models.tinyalign import pair_source, prompt_keys
 from thinkling.rollout.prompts import prompt_ids, prompt_text
 from thinkling.tasks import get_task
 from thinkling.train.sft import build_memory, collate, sft_examples, sft_loss
@@ -89,7 +89,7 @@ def test_a_training_pair_never_retrieves_itself(aligned):
         entries = _memory_entries(prompt_ids(policy, p))
         assert own in bank.sources.tolist() and own not in bank.sources[entries].tolist()
         # without leaving it out, the pair itself would be the best match
-        image, text, _ = policy._pair_keys(handles, prompt_text(p))
+        image, text, _ = prompt_keys(handles, prompt_text(p))
         assert bank.sources[bank.search(bank.query_keys(image[None], text[None]), 1)[1][0, 0]] == own
 
 

@@ -48,6 +48,7 @@ class ModelConfig:
     dtype: str = "float32"  # float32 | bfloat16 | auto (hf weights; auto = bf16 only where it is native); tiny trains fp32
     lora: dict | None = None  # hf, hf_vlm (language model only): {r, alpha, dropout, target_modules}
     train_vision: bool = False  # hf_vlm full fine-tuning: train the vision encoder too (frozen by default)
+    tinyalign: dict | None = None  # hf_vlm: a TinyAlign connector {top_k, bank_size} (tiny_vlm: model.tiny.tinyalign)
     chat_template: bool = True
     system_prompt: str | None = None
     trust_remote_code: bool = False
@@ -62,6 +63,10 @@ class ModelConfig:
         _check(where, "train_vision", isinstance(self.train_vision, bool), "true or false", self.train_vision)
         _check(where, "train_vision", not self.train_vision or self.backend == "hf_vlm",
                "false unless model.backend is hf_vlm", self.train_vision)
+        _check(where, "tinyalign", self.tinyalign is None or self.backend == "hf_vlm",
+               "null unless model.backend is hf_vlm (a tiny VLM takes model.tiny.tinyalign)", self.tinyalign)
+        _check(where, "tinyalign", self.tinyalign is None or not self.init,
+               "null with model.init (a saved policy keeps its own TinyAlign connector, or none)", self.tinyalign)
         _check(where, "dtype", self.dtype in DTYPES, " or ".join(DTYPES), self.dtype)
         _check(where, "rollout_dtype", self.rollout_dtype in (None, "float32", "bfloat16"), "float32 or bfloat16",
                self.rollout_dtype)

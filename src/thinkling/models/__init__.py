@@ -85,7 +85,7 @@ def _build(cfg, seed: int) -> Policy:
 
         return HFVLMPolicy.load(cfg.name, dtype=cfg.dtype, lora=cfg.lora, trust_remote_code=cfg.trust_remote_code,
                                 chat_template=cfg.chat_template, system_prompt=cfg.system_prompt,
-                                train_vision=cfg.train_vision)
+                                train_vision=cfg.train_vision, tinyalign=cfg.tinyalign, seed=seed)
     raise ThinklingError(f"config key 'model.backend': unknown backend '{cfg.backend}' (tiny | tiny_vlm | hf | hf_vlm)")
 
 

@@ -19,6 +19,15 @@ Only completion tokens are trained: the trainers' loss masks cover completion to
 `models.logprobs` never scores a slot as a target. The vision tower is frozen by default (its
 features were aligned in pre-training; training it with a small RL batch mostly adds memory);
 LoRA goes on the language model only.
+
+TinyAlign (`model.tinyalign: {top_k, bank_size}`, `models.tinyalign`), as on the tiny VLM: a
+memory bank of the training pairs keyed on fixed pixel / text features is built when training
+starts (`build_memory`); `encode_prompt` retrieves the top_k entries nearest to (pictures, prompt
+text), leaving out the prompt's own entry, and writes them right after the last image's tokens as
+slots `n_image_tokens + entry` of that image. `model_inputs` turns each such slot into a text
+placeholder token whose input embedding `MemoryTokens` replaces by the entry's value through the
+second connector. Like image slots they are context, never a loss target. The second connector
+and the bank are saved beside the weights (with LoRA, beside the adapters).
 """
 
 from __future__ import annotations
@@ -26,14 +35,17 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 import transformers
+from torch import nn
 
 from thinkling.errors import ThinklingError
-from thinkling.files import atomic_write_text, read_json
+from thinkling.files import atomic_write_bytes, atomic_write_text, read_json
 from thinkling.models import images as image_store
 from thinkling.models.hf import (
     LLAMA_PROJECTIONS,
@@ -47,8 +59,20 @@ from thinkling.models.hf import (
     resolve_dtype,
 )
 from thinkling.models.registry import resolve_model
+from thinkling.models.tinyalign import (
+    BANK_FILE,
+    VALUE_DIM,
+    MemoryBank,
+    TinyAlignConfig,
+    build_bank,
+    load_bank,
+    memory_connector,
+    retrieve,
+)
 
 BACKEND = "hf_vlm"
+MEMORY_MODULE = "tinyalign_memory"  # TinyAlign's `MemoryTokens`, an attribute of the transformers model
+CONNECTOR_FILE = "tinyalign_connector.safetensors"
 # Where the families keep their vision encoder and their vision -> text connector.
 VISION_MODULES = ("vision_tower", "vision_model", "visual")
 CONNECTOR_MODULES = ("multi_modal_projector", "connector", "merger")
@@ -104,6 +128,49 @@ def freeze_vision(model: torch.nn.Module) -> None:
             encoder.get_submodule(connector).requires_grad_(True)
 
 
+class MemoryTokens(nn.Module):
+    """TinyAlign on a transformers VLM: the second connector (one retrieved value -> one LM-space
+    token) and the memory bank. `arm(ids, where, entries)` makes the input-embedding layer's next
+    call on exactly `ids` return, at positions `where`, the entries' tokens instead of the
+    placeholder's embedding.
+
+    Why a hook on the input embeddings rather than passing `inputs_embeds`: the model's own
+    forward still embeds the ids, merges its image features, and under `generate` handles left
+    padding, positions and its KV cache exactly as without TinyAlign (`generate` given embeddings
+    would also drop the prompt from its output). Only the call on the armed ids (the training
+    forward, or generation's prefill) is changed; decode steps embed one new token and pass through."""
+
+    def __init__(self, cfg: TinyAlignConfig, lm_dim: int):
+        super().__init__()
+        self.cfg = cfg
+        self.connector = memory_connector(VALUE_DIM, lm_dim, lm_dim)
+        self.bank: MemoryBank | None = None
+        self._armed: tuple | None = None
+
+    def arm(self, ids: torch.Tensor, where: tuple[torch.Tensor, torch.Tensor], entries: torch.Tensor) -> None:
+        if self.bank is None:
+            raise ThinklingError("model config 'tinyalign': this policy has no memory bank yet; it is built from "
+                                 "the training pairs when `thinkling sft` (or rl) starts")
+        if bool((entries >= len(self.bank)).any()):
+            raise ThinklingError(f"a prompt's TinyAlign memory slot names entry {int(entries.max())}, but the bank "
+                                 f"has {len(self.bank)} entries")
+        self._armed = (ids, where, entries)
+
+    def tokens(self, entries: torch.Tensor) -> torch.Tensor:
+        """`[N, D]`: bank entries' values through the second connector (the bank itself is fixed)."""
+        weight = self.connector[0].weight
+        return self.connector(self.bank.values[entries.cpu()].to(weight.device, weight.dtype))
+
+    def inject(self, module, args, output):
+        """Forward hook of the input embeddings: the armed call gets its memory tokens."""
+        armed = self._armed
+        if armed is None or not args or args[0].shape != armed[0].shape or not torch.equal(args[0], armed[0]):
+            return None
+        self._armed = None
+        _, where, entries = armed
+        return output.index_put(where, self.tokens(entries).to(output.dtype))
+
+
 class HFVLMPolicy(HFPolicy):
     """A transformers image-text-to-text model (optionally LoRA-wrapped) with its processor.
 
@@ -144,14 +211,19 @@ class HFVLMPolicy(HFPolicy):
     @classmethod
     def load(cls, name_or_path: str, *, dtype: str | None = None, lora: dict | None = None,
              trust_remote_code: bool = False, chat_template: bool | None = None, system_prompt: str | None = None,
-             train_vision: bool | None = None, device: str | None = None, **_: Any) -> HFVLMPolicy:
+             train_vision: bool | None = None, device: str | None = None, tinyalign: dict | None = None,
+             seed: int = 0, **_: Any) -> HFVLMPolicy:
         """Load a local folder, a hub id, or a folder written by `save` (its settings are the
-        defaults of arguments left at None)."""
+        defaults of arguments left at None). `tinyalign`: add a fresh TinyAlign connector
+        (`model.tinyalign`), initialised from `seed`; a saved TinyAlign policy brings its own."""
+        added = None if tinyalign is None else TinyAlignConfig.from_mapping(tinyalign)  # before any loading
         path = resolve_model(name_or_path)
         meta_file = Path(path) / "policy.json"
         meta = read_json(meta_file) if meta_file.is_file() else {}
         if meta and meta.get("backend") != BACKEND:
             raise ThinklingError(f"{meta_file}: backend is {meta.get('backend')!r}, not {BACKEND!r}")
+        if meta.get("tinyalign") and added is not None:
+            raise ThinklingError(f"{path} already holds a TinyAlign connector; load it without model.tinyalign")
         if meta.get("trust_remote_code") and not trust_remote_code:
             raise ThinklingError(f"{meta_file} asks to run the model's own code (trust_remote_code); if you trust "
                                  "it, set model.trust_remote_code: true in the recipe")
@@ -173,14 +245,19 @@ class HFVLMPolicy(HFPolicy):
                             chat_template=meta.get("chat_template", True) if chat_template is None else chat_template,
                             system_prompt=meta.get("system_prompt") if system_prompt is None else system_prompt,
                             source={"base": base, "trust_remote_code": trust_remote_code},
-                            train_vision=meta.get("train_vision", False) if train_vision is None else train_vision)
+                            train_vision=meta.get("train_vision", False) if train_vision is None else train_vision,
+                            tinyalign=added, seed=seed)
         if adapters:
             policy.lora = adapters
+        if meta.get("tinyalign"):
+            policy._load_memory(Path(path), TinyAlignConfig.from_mapping(meta["tinyalign"]))
         return policy
 
     @classmethod
-    def create(cls, model: torch.nn.Module, processor: Any, *, lora: dict | None = None, **kwargs: Any) -> HFVLMPolicy:
-        """A policy of an in-memory model, LoRA-wrapped (language model only) when `lora` is given."""
+    def create(cls, model: torch.nn.Module, processor: Any, *, lora: dict | None = None,
+               tinyalign: TinyAlignConfig | None = None, seed: int = 0, **kwargs: Any) -> HFVLMPolicy:
+        """A policy of an in-memory model, LoRA-wrapped (language model only) when `lora` is given,
+        with a fresh TinyAlign connector (initialised from `seed`) when `tinyalign` is given."""
         adapters = None
         if lora is not None:
             adapters = lora_config(lora, model)
@@ -188,7 +265,63 @@ class HFVLMPolicy(HFPolicy):
         model.eval()  # peft leaves its wrapper in train mode; trainers switch to train() themselves
         policy = cls(model, processor, **kwargs)
         policy.lora = adapters
+        if tinyalign is not None:
+            policy._add_memory(tinyalign, seed)
         return policy
+
+    # --------------------------------------------------------------- TinyAlign
+
+    @property
+    def memory(self) -> MemoryTokens | None:
+        """TinyAlign's second connector and bank, or None (a plain connector)."""
+        return getattr(_base_model(self.model), MEMORY_MODULE, None)
+
+    def _add_memory(self, cfg: TinyAlignConfig, seed: int) -> None:
+        """Attach a fresh `MemoryTokens` after LoRA wrapping (so it is trained in full, and comes
+        last in the parameters: a resumed run's optimizer state lines up) and hook it into the
+        input embeddings."""
+        base = _base_model(self.model)
+        text = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+        weight = base.get_input_embeddings().weight
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            memory = MemoryTokens(cfg, text.hidden_size)
+        base.add_module(MEMORY_MODULE, memory.to(weight.device, weight.dtype))
+        base.get_input_embeddings().register_forward_hook(memory.inject)
+
+    def _load_memory(self, folder: Path, cfg: TinyAlignConfig) -> None:
+        from safetensors.torch import load_file
+
+        self._add_memory(cfg, 0)
+        file = folder / CONNECTOR_FILE
+        try:
+            self.memory.connector.load_state_dict(load_file(str(file), device=str(self.device)))
+        except (OSError, RuntimeError) as e:
+            raise ThinklingError(f"{file}: cannot load the TinyAlign connector ({e})") from None
+        if (folder / BANK_FILE).is_file():
+            self.memory.bank = load_bank(folder / BANK_FILE)
+
+    def build_memory(self, pairs: list[tuple[tuple, str, str]]) -> bool:
+        """TinyAlign: build the memory bank from training pairs `(images, prompt text, target text)`
+        (`tinyalign.build_bank`), unless the policy already has one (a resumed run, or a policy
+        trained before): the bank belongs to the weights trained with it. Returns whether it built."""
+        memory = self.memory
+        if memory is None or memory.bank is not None:
+            return False
+        memory.bank = build_bank(pairs, memory.cfg)
+        return True
+
+    @contextmanager
+    def _without_memory(self):
+        """The transformers model without TinyAlign's module (saved in files of its own)."""
+        base, memory = _base_model(self.model), self.memory
+        if memory is not None:
+            delattr(base, MEMORY_MODULE)
+        try:
+            yield
+        finally:
+            if memory is not None:
+                base.add_module(MEMORY_MODULE, memory)
 
     def save(self, directory: str, *, merge: bool = False) -> None:
         """Weights (or only the LoRA adapters), processor and policy.json (written last, atomically:
@@ -196,16 +329,23 @@ class HFVLMPolicy(HFPolicy):
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         adapters = self.lora is not None and not merge
-        if adapters:
-            if not self.source.get("base"):
-                raise ThinklingError(f"cannot save LoRA adapters to {directory}: the base model has no path; "
-                                     "use save(..., merge=True)")
-            self.model.save_pretrained(out)
-        elif self.lora is not None:
-            copy.deepcopy(self.model).merge_and_unload().save_pretrained(out)
-        else:
-            self.model.save_pretrained(out)
+        if adapters and not self.source.get("base"):
+            raise ThinklingError(f"cannot save LoRA adapters to {directory}: the base model has no path; "
+                                 "use save(..., merge=True)")
+        with self._without_memory():
+            if adapters or self.lora is None:
+                self.model.save_pretrained(out)
+            else:
+                copy.deepcopy(self.model).merge_and_unload().save_pretrained(out)
         self.processor.save_pretrained(out)
+        memory = self.memory
+        if memory is not None:
+            from safetensors.torch import save
+
+            state = {k: v.detach().cpu().contiguous() for k, v in memory.connector.state_dict().items()}
+            atomic_write_bytes(out / CONNECTOR_FILE, save(state))
+            if memory.bank is not None:
+                memory.bank.save(out / BANK_FILE)
         meta = {
             "backend": BACKEND,
             "dtype": _dtype_name(self.model),
@@ -215,6 +355,7 @@ class HFVLMPolicy(HFPolicy):
             "train_vision": self.train_vision,
             "lora": self.lora if adapters else None,
             "base": _portable(self.source.get("base")) if adapters else None,
+            "tinyalign": asdict(memory.cfg) if memory is not None else None,
         }
         atomic_write_text(out / "policy.json", json.dumps(meta, indent=2) + "\n")
 
@@ -261,6 +402,11 @@ class HFVLMPolicy(HFPolicy):
         for k, (i, h) in enumerate(zip(positions, owners)):
             j = j + 1 if k and owners[k - 1] == h and j + 1 < self._n_tokens[h] else 0
             ids[i] = image_store.slot_id(h, j)
+        memory = self.memory
+        if memory is not None:  # TinyAlign: the retrieved entries, right after the last image token
+            last, n = handles[-1], self._n_tokens[handles[-1]]
+            entries = retrieve(memory.bank, memory.cfg.top_k, handles, prompt)
+            ids[positions[-1] + 1 : positions[-1] + 1] = [image_store.slot_id(last, n + e) for e in entries]
         return ids
 
     def _pictures(self, handles: Sequence[int]) -> list:
@@ -292,7 +438,17 @@ class HFVLMPolicy(HFPolicy):
         handle, j = image_store.split_slot(input_ids)
         starts = slots & (j == 0)
         rows = [handle[b][starts[b]].tolist() for b in range(input_ids.shape[0])]
+        n = torch.zeros_like(input_ids)  # image tokens of each slot's image; slots beyond are TinyAlign's
+        for h in torch.unique(handle[slots]).tolist():
+            n[slots & (handle == h)] = self._image_tokens(h)
+        memory = slots & (j >= n)
         ids = torch.where(slots, torch.full_like(input_ids, self.image_token_id), input_ids)
+        if bool(memory.any()):
+            if self.memory is None:
+                raise ThinklingError("a prompt holds TinyAlign memory slots, but this model has no TinyAlign "
+                                     "connector (model.tinyalign)")
+            ids = torch.where(memory, torch.full_like(ids, self.memory_placeholder), ids).to(self.device)
+            self.memory.arm(ids, tuple(w.to(self.device) for w in memory.nonzero(as_tuple=True)), (j - n)[memory])
         out = self.processor.image_processor(images=[self._pictures(r) for r in rows], return_tensors="pt")
         dtype = next(self.model.parameters()).dtype
         inputs = {k: (v.to(self.device, dtype) if v.is_floating_point() else v.to(self.device))
@@ -301,6 +457,13 @@ class HFVLMPolicy(HFPolicy):
             types = self.processor.create_mm_token_type_ids(ids.tolist())
             inputs["mm_token_type_ids"] = torch.tensor(types, dtype=torch.long, device=self.device)
         return {"input_ids": ids.to(self.device), **inputs}
+
+    @property
+    def memory_placeholder(self) -> int:
+        """The text token a TinyAlign memory slot is given before its embedding is replaced: the bos
+        (else eos) token, never the image token (the model would look for its features) nor padding."""
+        bos = self.tokenizer.bos_token_id
+        return int(bos) if bos is not None else self.eos_id
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep_from: int = 0) -> torch.Tensor:
         """Logits of positions `keep_from..T-1` of a right-padded batch whose ids may hold image

@@ -44,19 +44,17 @@ from thinkling.models import images as image_store
 from thinkling.models.base import SamplingParams
 from thinkling.models.tiny import TinyConfig, TinyPolicy, TinyTransformer
 from thinkling.models.tinyalign import (
-    IMAGE_DIM,
-    TEXT_BUCKETS,
+    BANK_FILE,
     VALUE_DIM,
     MemoryBank,
+    TinyAlignConfig,
+    build_bank,
     image_key,
+    load_bank,
     memory_connector,
-    pair_source,
-    pair_value,
-    text_key,
+    retrieve,
 )
 from thinkling.models.tokenizer import CharTokenizer
-
-BANK_FILE = "memory_bank.safetensors"
 
 
 @dataclass
@@ -87,26 +85,6 @@ class VisionConfig:
         return (self.image_size // self.patch_size) ** 2
 
 
-@dataclass
-class TinyAlignConfig:
-    """`model.tiny.tinyalign`: `top_k` retrieved entries (= extra tokens per prompt) from a bank of
-    at most `bank_size` training pairs (the first ones; None: every pair)."""
-
-    top_k: int = 4
-    bank_size: int | None = None
-
-    def __post_init__(self):
-        for name in ("top_k", "bank_size"):
-            v = getattr(self, name)
-            if (v is not None or name == "top_k") and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
-                raise ThinklingError(f"model config 'tinyalign.{name}': must be a positive integer (got {v!r})")
-        if self.top_k > 64:
-            raise ThinklingError(f"model config 'tinyalign.top_k': at most 64 retrieved tokens (got {self.top_k})")
-        if self.bank_size is not None and self.bank_size > image_store.SLOT_STRIDE // 2:
-            raise ThinklingError(f"model config 'tinyalign.bank_size': at most {image_store.SLOT_STRIDE // 2} "
-                                 f"pairs (got {self.bank_size})")
-
-
 def _section(d: dict, name: str, cls):
     """A dataclass from the mapping `d[name]`, unknown keys refused by name."""
     section = d.pop(name, {}) or {}
@@ -127,7 +105,7 @@ def vlm_config(d: dict, vocab_size: int) -> tuple[TinyConfig, VisionConfig, Tiny
     d = dict(d)
     vision = _section(d, "vision", VisionConfig)
     tinyalign = d.pop("tinyalign", None)  # absent or null: the plain connector
-    tinyalign = None if tinyalign is None else _section({"tinyalign": tinyalign}, "tinyalign", TinyAlignConfig)
+    tinyalign = None if tinyalign is None else TinyAlignConfig.from_mapping(tinyalign)
     return TinyConfig.from_dict({"vocab_size": vocab_size, **d}), vision, tinyalign
 
 
@@ -313,39 +291,18 @@ class TinyVLMPolicy(TinyPolicy):
             ids += [image_store.slot_id(handles[-1], self.model.n_image_tokens + e) for e in self.retrieve(handles, prompt)]
         return ids + self.tokenizer.encode(prompt)
 
-    def _pair_keys(self, handles: list[int], prompt: str):
-        """(image key: the mean over the pictures, text key, source id) of a prompt."""
-        image = torch.stack([self.model.image_key(h) for h in handles]).mean(0)
-        return image, text_key(prompt), pair_source([image_store.pixels(h) for h in handles], prompt)
-
     def retrieve(self, handles: list[int], prompt: str) -> list[int]:
         """TinyAlign: the bank entries nearest to (pictures, prompt), best first, the prompt's own left out."""
-        bank = self.model.bank
-        if bank is None:
-            raise ThinklingError("model config 'tinyalign': this policy has no memory bank yet; it is built from the "
-                                 "training pairs when `thinkling sft` (or rl) starts")
-        image, text, source = self._pair_keys(handles, prompt)
-        _, index = bank.search(bank.query_keys(image[None], text[None]), self.model.tinyalign.top_k,
-                               exclude=torch.tensor([source]))
-        return index[0].tolist()
+        return retrieve(self.model.bank, self.model.tinyalign.top_k, handles, prompt, self.model.image_key)
 
     def build_memory(self, pairs: list[tuple[tuple, str, str]]) -> bool:
         """TinyAlign: build the memory bank from training pairs `(images, prompt text, target text)`
-        (the first `bank_size`), unless the policy already has one (a resumed run, or a policy
-        trained before): the bank belongs to the weights trained with it. Returns whether it built.
-        Deterministic: the same pairs give the same bank, bit for bit."""
+        (`tinyalign.build_bank`), unless the policy already has one (a resumed run, or a policy
+        trained before): the bank belongs to the weights trained with it. Returns whether it built."""
         cfg = self.model.tinyalign
         if cfg is None or self.model.bank is not None:
             return False
-        pairs = [p for p in pairs if p[0]][: cfg.bank_size]
-        if len(pairs) <= cfg.top_k:
-            raise ThinklingError(f"model config 'tinyalign.top_k': {cfg.top_k}, but only {len(pairs)} training pairs "
-                                 "with pictures to build the memory bank from (need more than top_k)")
-        keys = [self._pair_keys([image_store.register(p) for p in pictures], prompt) for pictures, prompt, _ in pairs]
-        images, texts, sources = zip(*keys)
-        values = [pair_value(image, target) for image, (_, _, target) in zip(images, pairs)]
-        self.model.bank = MemoryBank.build(torch.stack(images), torch.stack(texts), torch.stack(values),
-                                           torch.tensor(sources), meta={"features": "thumbnail12+hashed-text128"})
+        self.model.bank = build_bank(pairs, cfg, self.model.image_key)
         return True
 
     def _budgets(self, prompts: list[list[int]], params: SamplingParams) -> list[int]:
@@ -384,9 +341,5 @@ class TinyVLMPolicy(TinyPolicy):
         policy = super().load(directory)
         file = Path(directory) / BANK_FILE
         if policy.model.tinyalign is not None and file.is_file():
-            bank = MemoryBank.load(file)
-            if bank.keys.shape[1] != IMAGE_DIM + TEXT_BUCKETS or bank.values.shape[1] != VALUE_DIM:
-                raise ThinklingError(f"{file}: keys / values of {bank.keys.shape[1]} / {bank.values.shape[1]} dims, "
-                                     "not this version's TinyAlign features")
-            policy.model.bank = bank
+            policy.model.bank = load_bank(file)
         return policy

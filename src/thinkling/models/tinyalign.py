@@ -35,7 +35,7 @@ retrieval for a prompt can be done once, when it is encoded.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +45,7 @@ from torch import nn
 
 from thinkling.errors import ThinklingError
 from thinkling.files import atomic_write_bytes
+from thinkling.models import images as image_store
 
 IGNORE_INDEX = -100  # the label of a position no loss is taken on (torch's cross-entropy default)
 IMAGE_WEIGHT, TEXT_WEIGHT = 0.4, 0.6
@@ -52,6 +53,39 @@ THUMBNAIL = 12  # an image key is its 12x12 RGB thumbnail (432 numbers)
 TEXT_BUCKETS = 128  # a text key is its words and lines hashed into 128 counts
 IMAGE_DIM = 3 * THUMBNAIL**2
 VALUE_DIM = IMAGE_DIM + TEXT_BUCKETS
+BANK_FILE = "memory_bank.safetensors"  # a TinyAlign policy's bank, saved next to its weights
+
+
+@dataclass
+class TinyAlignConfig:
+    """A recipe's TinyAlign settings (`model.tiny.tinyalign` of a tiny VLM, `model.tinyalign` of an
+    hf_vlm one): `top_k` retrieved entries (= extra tokens per prompt) from a bank of at most
+    `bank_size` training pairs (the first ones; None: every pair)."""
+
+    top_k: int = 4
+    bank_size: int | None = None
+
+    def __post_init__(self):
+        for name in ("top_k", "bank_size"):
+            v = getattr(self, name)
+            if (v is not None or name == "top_k") and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+                raise ThinklingError(f"model config 'tinyalign.{name}': must be a positive integer (got {v!r})")
+        if self.top_k > 64:
+            raise ThinklingError(f"model config 'tinyalign.top_k': at most 64 retrieved tokens (got {self.top_k})")
+        if self.bank_size is not None and self.bank_size > image_store.SLOT_STRIDE // 2:
+            raise ThinklingError(f"model config 'tinyalign.bank_size': at most {image_store.SLOT_STRIDE // 2} "
+                                 f"pairs (got {self.bank_size})")
+
+    @classmethod
+    def from_mapping(cls, section) -> TinyAlignConfig:
+        """The settings of a recipe's `tinyalign` mapping, unknown keys refused by name."""
+        if not isinstance(section, dict):
+            raise ThinklingError("model config 'tinyalign': must be a mapping")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(section) - known)
+        if unknown:
+            raise ThinklingError(f"model config 'tinyalign': unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
+        return cls(**section)
 
 
 def image_key(array: np.ndarray) -> torch.Tensor:
@@ -92,6 +126,48 @@ def pair_source(arrays: list[np.ndarray], prompt: str) -> int:
     for a in arrays:
         h.update(repr(a.shape).encode() + a.tobytes())
     return int.from_bytes(h.digest(), "little") >> 1
+
+
+def prompt_keys(handles: list[int], prompt: str, key_of=None):
+    """(image key: the mean over the prompt's pictures `handles` (`models.images`), text key, source
+    id) of a prompt. `key_of(handle)`: a caller's cached `image_key` of a stored picture."""
+    key_of = key_of or (lambda h: image_key(image_store.pixels(h)))
+    image = torch.stack([key_of(h) for h in handles]).mean(0)
+    return image, text_key(prompt), pair_source([image_store.pixels(h) for h in handles], prompt)
+
+
+def retrieve(bank: MemoryBank | None, top_k: int, handles: list[int], prompt: str, key_of=None) -> list[int]:
+    """The `top_k` bank entries nearest to (pictures, prompt), best first, the prompt's own left out."""
+    if bank is None:
+        raise ThinklingError("model config 'tinyalign': this policy has no memory bank yet; it is built from the "
+                             "training pairs when `thinkling sft` (or rl) starts")
+    image, text, source = prompt_keys(handles, prompt, key_of)
+    _, index = bank.search(bank.query_keys(image[None], text[None]), top_k, exclude=torch.tensor([source]))
+    return index[0].tolist()
+
+
+def build_bank(pairs: list[tuple], cfg: TinyAlignConfig, key_of=None) -> MemoryBank:
+    """The memory bank of training pairs `(pictures, prompt text, target text)` with pictures (the
+    first `cfg.bank_size`): keys from pictures + prompt, values from pictures + target.
+    Deterministic: the same pairs give the same bank, bit for bit."""
+    pairs = [p for p in pairs if p[0]][: cfg.bank_size]
+    if len(pairs) <= cfg.top_k:
+        raise ThinklingError(f"model config 'tinyalign.top_k': {cfg.top_k}, but only {len(pairs)} training pairs "
+                             "with pictures to build the memory bank from (need more than top_k)")
+    keys = [prompt_keys([image_store.register(p) for p in pictures], prompt, key_of) for pictures, prompt, _ in pairs]
+    images, texts, sources = zip(*keys)
+    values = [pair_value(image, target) for image, (_, _, target) in zip(images, pairs)]
+    return MemoryBank.build(torch.stack(images), torch.stack(texts), torch.stack(values), torch.tensor(sources),
+                            meta={"features": "thumbnail12+hashed-text128"})
+
+
+def load_bank(path: Path) -> MemoryBank:
+    """A saved bank of this version's fixed pair features, or one error naming the file."""
+    bank = MemoryBank.load(path)
+    if bank.keys.shape[1] != IMAGE_DIM + TEXT_BUCKETS or bank.values.shape[1] != VALUE_DIM:
+        raise ThinklingError(f"{path}: keys / values of {bank.keys.shape[1]} / {bank.values.shape[1]} dims, "
+                             "not this version's TinyAlign features")
+    return bank
 
 
 def memory_connector(value_dim: int, hidden: int, lm_dim: int) -> nn.Sequential:

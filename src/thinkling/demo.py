@@ -3,9 +3,8 @@ BREAD from the same checkpoint on long (8-step) ones with a strict reward (every
 right), same budget and seeds, and a report comparing them.
 
 Recipes live in `recipes/quickstart/`; the demo wires their folders together and shortens the
-SFT (`DEMO_SFT`: 1,200 steps instead of 1,500) and the RL runs (`DEMO_BUDGET`: 50 steps instead
-of 100). The SFT, alone on the machine, runs in length-sorted micro-batches and on two threads
-when no other job keeps a core busy.
+RL runs (`DEMO_BUDGET`: 50 steps instead of 100). The SFT, alone on the machine, runs in
+length-sorted micro-batches and on two threads when no other job keeps a core busy.
 """
 
 from __future__ import annotations
@@ -25,13 +24,9 @@ from thinkling.files import atomic_write_text
 from thinkling.progress import console
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "quickstart"
-# Applied before the user's overrides. The SFT runs 1,200 of the recipe's 1,500 steps, with its cosine
-# schedule ending there, to keep the demo under 10 minutes on 2 cores; measured (one thread, seed 0):
-# 8-step greedy 0.77 (0.87 at 1,500), and from it 50 RL steps took pass@1 0.056 -> 0.380 (GRPO) and
-# -> 0.299 (BREAD), greedy 0.71 -> 0.79 / 0.81. Shorter is unsafe: at 900 the model sat just before
-# the drop in loss where it learns the steps, and a change in float summation order alone
-# (micro-batches, two threads) took its 8-step greedy accuracy from 0.72 to 0.125.
-DEMO_SFT = ("sft.steps=1200",)
+# Applied before the user's overrides. The SFT keeps the recipe's 1,500 steps: at 900 the model sat
+# just before the drop in loss where it learns the steps, and a change in float summation order
+# alone (micro-batches, two threads) took its 8-step greedy accuracy from 0.72 to 0.125.
 DEMO_BUDGET = ("rl.steps=50",)
 
 
@@ -84,7 +79,7 @@ def run_demo(out: str = "runs/demo", overrides: list[str] = (), resume: bool = F
     if not (sft_final / "policy.json").exists():
         console.rule("1/2  SFT on 1-8-step chain problems from imperfect demonstrations")
         t = time.time()
-        sft_cfg = load_recipe(_recipe("sft.yaml"), [*DEMO_SFT, f"output_dir={sft_dir}", *sft_speed(os.cpu_count(), busy_cores()), *overrides])
+        sft_cfg = load_recipe(_recipe("sft.yaml"), [f"output_dir={sft_dir}", *sft_speed(os.cpu_count(), busy_cores()), *overrides])
         jobs.run_sft(sft_cfg, resume=sft_dir.exists())
         timings["sft"] = time.time() - t
     todo = [(name, folder) for name, folder in (("grpo", grpo_dir), ("bread", bread_dir))

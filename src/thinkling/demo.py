@@ -26,7 +26,9 @@ from thinkling.progress import console
 RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "quickstart"
 # Applied before the user's overrides. The SFT keeps the recipe's 1,500 steps: at 900 the model sat
 # just before the drop in loss where it learns the steps, and a change in float summation order
-# alone (micro-batches, two threads) took its 8-step greedy accuracy from 0.72 to 0.125.
+# alone (micro-batches, two threads) took its 8-step greedy accuracy from 0.72 to 0.125. A
+# 1,200-step SFT (schedule ending there) did not save enough either: 613 s for the whole demo, and
+# a weaker start (8-step greedy 0.44, pass@1 0.01) from which both RL runs gained less.
 DEMO_BUDGET = ("rl.steps=50",)
 
 

@@ -14,6 +14,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("PIL")
+from sft_resume import straight_and_resumed  # noqa: E402
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers  # noqa: E402
 
 from thinkling.cli import main  # noqa: E402
@@ -164,8 +165,6 @@ def test_grpo_step_on_an_image_prompt(built):
 def test_sft_cli_resume_gives_the_same_adapters_and_connector(built, tmp_path, capsys):
     """`thinkling sft` on the composite: 2 steps == 1 step, crash, resume, 1 more; the connector
     trained beside the adapters is in the checkpoint and comes back on resume."""
-    import shutil
-
     out, _ = built
     recipe = tmp_path / "sft.yaml"
     recipe.write_text(f"""seed: 0
@@ -175,14 +174,8 @@ train: {{name: shapes, options: {{question: mood}}, size: 8, difficulty: [1, 2],
 eval: {{name: shapes, options: {{question: mood}}, size: 2, difficulty: [1], seed: 1, max_new_tokens: 4}}
 sft: {{steps: 2, batch_size: 2, lr: 1.0e-2, warmup_steps: 0, save_every: 1}}
 """)
-    for run in ("a", "b"):
-        assert main(["sft", str(recipe), f"output_dir={tmp_path / run}"]) == 0, capsys.readouterr().err
-    b = tmp_path / "b"
-    shutil.rmtree(b / "checkpoints" / "step_000002")
-    shutil.rmtree(b / "final")
-    (b / "checkpoints" / "latest").write_text("step_000001")
-    assert main(["sft", str(recipe), f"output_dir={b}", "--resume"]) == 0, capsys.readouterr().err
-    wa, wb = load_policy(tmp_path / "a").model.state_dict(), load_policy(b).model.state_dict()
+    a, b = straight_and_resumed(recipe, tmp_path, capsys)
+    wa, wb = load_policy(a).model.state_dict(), load_policy(b).model.state_dict()
     assert wa.keys() == wb.keys() and all(torch.equal(wa[n], wb[n]) for n in wa)
     base = HFVLMPolicy.load(str(out)).model.state_dict()
     trained = [n for n in wa if "multi_modal_projector.modules_to_save" in n]

@@ -6,7 +6,6 @@ resume. A tiny random LLaVA built here (`test_hf_vlm.make_vlm`, no download)."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("PIL")
 from safetensors import safe_open  # noqa: E402
+from sft_resume import straight_and_resumed  # noqa: E402
 from test_hf_vlm import make_vlm  # noqa: E402
 
 from thinkling.cli import main  # noqa: E402
@@ -180,14 +180,8 @@ def test_killed_and_resumed_sft_ends_identical(llava, tmp_path, capsys):
     """2 steps straight == 1 step, a crash, a resume from the step-1 checkpoint, 1 more: adapters,
     connector, TinyAlign's connector and bank all equal."""
     recipe = _recipe(tmp_path, llava)
-    for run in ("a", "b"):
-        assert main(["sft", str(recipe), f"output_dir={tmp_path / run}"]) == 0, capsys.readouterr().err
-    b = tmp_path / "b"
-    shutil.rmtree(b / "checkpoints" / "step_000002")
-    shutil.rmtree(b / "final")
-    (b / "checkpoints" / "latest").write_text("step_000001")
-    assert main(["sft", str(recipe), f"output_dir={b}", "--resume"]) == 0, capsys.readouterr().err
-    pa, pb = load_policy(tmp_path / "a"), load_policy(b)
+    a, b = straight_and_resumed(recipe, tmp_path, capsys)
+    pa, pb = load_policy(a), load_policy(b)
     wa, wb = pa.model.state_dict(), pb.model.state_dict()
     assert any(k.startswith(f"base_model.model.{MEMORY_MODULE}.") for k in wa)
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)

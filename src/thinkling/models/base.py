@@ -12,17 +12,30 @@ Conventions:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Callable, Protocol, runtime_checkable
 
 import torch
 
 from thinkling.errors import ThinklingError
 
+
 # (next-token logits [B, V], completion ids generated so far [B, t]) -> new logits [B, V].
 # Rows are the sequences still being generated; `t` is the same for every row
 # (rows that already stopped are not passed). Used for temperature-scaled
 # stopping and budget forcing, which need the history.
+def config_from_mapping(cls, section, name: str):
+    """The config dataclass `cls` from a recipe's mapping at `model config '<name>'`, unknown keys
+    refused by name (the sub-sections of a model config: a tiny VLM's `vision`, `tinyalign`)."""
+    if not isinstance(section, dict):
+        raise ThinklingError(f"model config '{name}': must be a mapping")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(section) - known)
+    if unknown:
+        raise ThinklingError(f"model config '{name}': unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
+    return cls(**section)
+
+
 LogitsProcessor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 

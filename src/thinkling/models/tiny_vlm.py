@@ -41,7 +41,7 @@ from torch import nn
 
 from thinkling.errors import ThinklingError
 from thinkling.models import images as image_store
-from thinkling.models.base import SamplingParams
+from thinkling.models.base import SamplingParams, config_from_mapping
 from thinkling.models.tiny import TinyConfig, TinyPolicy, TinyTransformer
 from thinkling.models.tinyalign import (
     BANK_FILE,
@@ -85,25 +85,13 @@ class VisionConfig:
         return (self.image_size // self.patch_size) ** 2
 
 
-def _section(d: dict, name: str, cls):
-    """A dataclass from the mapping `d[name]`, unknown keys refused by name."""
-    section = d.pop(name, {}) or {}
-    if not isinstance(section, dict):
-        raise ThinklingError(f"model config '{name}': must be a mapping")
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(section) - known)
-    if unknown:
-        raise ThinklingError(f"model config '{name}': unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
-    return cls(**section)
-
-
 def vlm_config(d: dict, vocab_size: int) -> tuple[TinyConfig, VisionConfig, TinyAlignConfig | None]:
     """`model.tiny` of a `tiny_vlm` recipe: the TinyConfig keys, plus `vision: {VisionConfig keys}`
     and, for a TinyAlign connector, `tinyalign: {TinyAlignConfig keys}`."""
     if not isinstance(d, dict):
         raise ThinklingError(f"model config: expected a mapping (got {type(d).__name__})")
     d = dict(d)
-    vision = _section(d, "vision", VisionConfig)
+    vision = config_from_mapping(VisionConfig, d.pop("vision", {}) or {}, "vision")
     tinyalign = d.pop("tinyalign", None)  # absent or null: the plain connector
     tinyalign = None if tinyalign is None else TinyAlignConfig.from_mapping(tinyalign)
     return TinyConfig.from_dict({"vocab_size": vocab_size, **d}), vision, tinyalign

@@ -35,7 +35,7 @@ retrieval for a prompt can be done once, when it is encoded.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +46,7 @@ from torch import nn
 from thinkling.errors import ThinklingError
 from thinkling.files import atomic_write_bytes
 from thinkling.models import images as image_store
+from thinkling.models.base import config_from_mapping
 
 IGNORE_INDEX = -100  # the label of a position no loss is taken on (torch's cross-entropy default)
 IMAGE_WEIGHT, TEXT_WEIGHT = 0.4, 0.6
@@ -79,13 +80,7 @@ class TinyAlignConfig:
     @classmethod
     def from_mapping(cls, section) -> TinyAlignConfig:
         """The settings of a recipe's `tinyalign` mapping, unknown keys refused by name."""
-        if not isinstance(section, dict):
-            raise ThinklingError("model config 'tinyalign': must be a mapping")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(section) - known)
-        if unknown:
-            raise ThinklingError(f"model config 'tinyalign': unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
-        return cls(**section)
+        return config_from_mapping(cls, section, "tinyalign")
 
 
 def image_key(array: np.ndarray) -> torch.Tensor:

@@ -135,13 +135,16 @@ class GroupStop:
     def retire(self, history: torch.Tensor, t: int, origin: torch.Tensor, alive: torch.Tensor,
                finished: torch.Tensor) -> torch.Tensor:
         """The live, unfinished rows to stop after step `t`: all rows of groups now known lost."""
-        prompts = origin.tolist()
-        row_of = {i: r for r, i in enumerate(prompts)}
         ask = finished.clone()
         if t > 0 and len(self.check_after):
             ask |= alive & torch.isin(history[:, t - 1], self.check_after)
+        asked = ask.nonzero().squeeze(1).tolist()
+        if not asked:  # most decode steps: no row finished or ended a line
+            return torch.zeros_like(finished)
+        prompts = origin.tolist()
+        row_of = {i: r for r, i in enumerate(prompts)}
         newly = False
-        for r in ask.nonzero().squeeze(1).tolist():
+        for r in asked:
             i, done = prompts[r], bool(finished[r])
             g = self.rule.groups[i]
             if self.witness[g] is None or (i != self.witness[g] and not done):

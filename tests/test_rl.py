@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+from test_learning import Repeat
 
 from thinkling.config import load_recipe
 from thinkling.errors import ThinklingError
@@ -11,7 +12,7 @@ from thinkling.rollout.bread import anchor_failed_groups
 from thinkling.rollout.groups import Group, branch_prefix, sample_groups
 from thinkling.rollout.prompts import anchor_text, prompt_text
 from thinkling.tasks import get_task
-from thinkling.tasks.base import Problem, Task, Verdict
+from thinkling.tasks.base import Problem
 from thinkling.train.rl import build_batch, minibatch_loss, resolve_knobs
 
 TINY = "model.tiny={d_model: 32, n_layers: 1, n_heads: 2, max_seq_len: 160}"
@@ -280,7 +281,6 @@ def test_tldr_run_logs_per_level_length_and_accuracy(tmp_path):
 
 def test_level_metrics_average_over_each_levels_completions():
     from thinkling.rollout.scoring import Completion
-    from thinkling.tasks.base import Problem
     from thinkling.train.rl import level_metrics
 
     def grp(level, *comps):
@@ -477,22 +477,9 @@ def test_tldr_rollouts_show_the_level_to_the_policy_and_reward_its_budget(tiny_p
         assert row[: len(g.prefix)].tolist() == g.prefix
 
 
-class _Letters(Task):
-    """'c' -> the letter eight times, line breaks ignored (as `test_learning.Repeat`); a completion is
-    lost once its letters stop spelling the answer, which `cannot_succeed` says after each line."""
-
-    name = "letters"
-    end_of_thinking = None
-
-    def problems(self, n=None, seed=0, difficulty=None):
-        return [Problem(f"letters-{c}", c, c * 8, steps=tuple(c * 8)) for c in "abcd"]
-
-    def verify(self, problem, completion):
-        letters = completion.replace("\n", "")[: len(problem.answer)]
-        return Verdict(letters == problem.answer, letters)
-
-    def format_ok(self, completion):
-        return True
+class _Letters(Repeat):
+    """`test_learning.Repeat`, whose completion is lost once its letters stop spelling the answer,
+    which `cannot_succeed` says after each line."""
 
     def cannot_succeed(self, problem, partial):
         letters = partial.replace("\n", "")[: len(problem.answer)]
@@ -513,7 +500,7 @@ def test_bread_probe_early_stop_changes_nothing_but_the_cost():
     policy, task = TinyPolicy(TinyTransformer(config), tok), _Letters()
     no_eos = lambda logits, history: logits.index_fill(1, torch.tensor([tok.eos_id]), -math.inf)  # all run 32 tokens
     params = lambda r: SamplingParams(32, logits_processor=no_eos, seed=100 + r)
-    failed = [g for g in sample_groups(policy, task, [(p, None, 0) for p in task.problems()], 8, params(-1))
+    failed = [g for g in sample_groups(policy, task, [(p, None, 0) for p in task.problems(None, 0)], 8, params(-1))
               if not g.has_success]
     assert len(failed) == 4
 
@@ -548,7 +535,7 @@ def test_rl_bread_early_stop_key_trains_the_same_steps():
         task = _Letters()
         rl = RLConfig(prompts_per_step=4, group_size=8, lr=1e-3, max_new_tokens=32, kl_to_start=False,
                       bread=BreadConfig(enabled=True, early_stop=early_stop))
-        trainer = RLTrainer(policy, task, task.problems(), rl, resolve_knobs(rl), make_optimizer(policy.model, rl.lr,
+        trainer = RLTrainer(policy, task, task.problems(None, 0), rl, resolve_knobs(rl), make_optimizer(policy.model, rl.lr,
                                                                                                    rl.weight_decay), seed=0)
         logged = [trainer.step(step, 3)[0] for step in range(3)]
         return logged, torch.cat([p.detach().flatten() for p in policy.model.parameters()])

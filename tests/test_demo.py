@@ -1,6 +1,7 @@
 """The quick-start wiring end to end, shrunk to seconds: SFT -> GRPO and BREAD side by side -> report."""
 
 import json
+import os
 
 import pytest
 
@@ -34,11 +35,12 @@ def test_a_bad_override_fails_before_any_training(tmp_path):
     assert not (tmp_path / "demo" / "sft").exists()
 
 
-def test_the_sft_stage_runs_a_replica_per_core_on_one_thread_each():
+def test_the_sft_stage_takes_both_cores_only_where_there_are_two():
     from thinkling.config import load_recipe
-    from thinkling.demo import SFT_SPEED, _recipe, sft_processes
+    from thinkling.demo import _recipe, busy_cores, sft_speed
 
-    assert [sft_processes(n) for n in (None, 1, 2, 8)] == [1, 1, 2, 2]
-    cfg = load_recipe(_recipe("sft.yaml"), ["output_dir=x", *SFT_SPEED])
-    assert cfg.threads == 1 and cfg.sft.micro_batch_size == 16
-    assert cfg.sft.batch_size % 2 == 0  # two replicas take equal shards
+    assert "threads=2" not in sft_speed(1, 0.0) and "threads=2" in sft_speed(2, 0.3)
+    assert "threads=2" not in sft_speed(2, 1.0)  # a busy machine: two threads would wait on each other
+    assert 0.0 <= busy_cores(0.05) <= (os.cpu_count() or 1) + 0.01
+    cfg = load_recipe(_recipe("sft.yaml"), ["output_dir=x", *sft_speed(2, 0.0)])
+    assert cfg.threads == 2 and cfg.sft.micro_batch_size == 16

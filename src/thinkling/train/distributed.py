@@ -34,7 +34,6 @@ remembered anchors (`gather`), see docs/scale.md.
 from __future__ import annotations
 
 import os
-import socket
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -247,34 +246,3 @@ class ReplicaRun(RunDir):
 
     def save_checkpoint(self, step, policy, optimizer, state):
         return None
-
-
-def launch_local(fn, args: tuple, processes: int) -> None:
-    """Run `fn(*args)` in `processes` fresh processes that form one data-parallel world on this
-    host, as `torchrun --nproc-per-node N` would: each finds its rank and the rendezvous in its
-    environment (`DataParallel.from_env`). Why: on a small model one thread per replica wastes no
-    time on threads waiting for each other, and a replica per core keeps going when another job
-    takes a core, where two threads of one process crawl. Returns when all are done; an error in
-    any of them is raised here as one ThinklingError."""
-    try:
-        torch.multiprocessing.spawn(_local_rank, args=(processes, free_port(), fn, args), nprocs=processes, join=True)
-    except torch.multiprocessing.ProcessRaisedException as e:
-        prefix = f"{ThinklingError.__module__}.{ThinklingError.__name__}: "
-        lines = [line[len(prefix):] for line in str(e).splitlines() if line.startswith(prefix)]
-        raise ThinklingError(lines[-1] if lines else f"a data-parallel process failed: {str(e).strip().splitlines()[-1]}") from None
-    except torch.multiprocessing.ProcessExitedException as e:
-        raise ThinklingError(f"a data-parallel process exited with code {e.exit_code}") from None
-
-
-def free_port() -> int:
-    """A free TCP port on this host for a rendezvous (released before use, as torchrun does)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _local_rank(rank: int, processes: int, port: int, fn, args: tuple) -> None:
-    """One process of `launch_local`: the environment torchrun would give it, then the job."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(processes),
-                      LOCAL_WORLD_SIZE=str(processes), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    fn(*args)

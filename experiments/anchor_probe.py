@@ -9,7 +9,7 @@ next expert step (does the policy write the step the anchor leaves it, e.g. the 
 sum?). It also shows a few continuations: what the policy writes after the anchor.
 
 `.venv/bin/python experiments/anchor_probe.py --policy runs/smollm2/grpo-arithmetic [--problems 12]
-[--group 8] [--difficulty 3] [--anchors 0,1,2] [--traces pairs,rewrite] [--midline]`
+[--group 8] [--difficulty 3] [--anchors 0,1,2] [--traces pairs,rewrite] [--midline] [--max-new-tokens 48]`
 (`--midline`: the task's `midline` steps, two per line, so k=1 is `93 + 88 + 99 =`.)
 """
 
@@ -33,6 +33,8 @@ def extra(parser):
     parser.add_argument("--traces", default="pairs,rewrite", help="trace styles, comma-separated")
     parser.add_argument("--midline", action="store_true", help="cut trace lines after ' =' (task option)")
     parser.add_argument("--seed", type=int, default=11, help="problem seed (the recipes' training seed)")
+    parser.add_argument("--max-new-tokens", type=int, default=48,
+                        help="rollout length (48: the 3-operand recipe's; a 4-operand rewrite trace needs ~75)")
 
 
 def follows_trace(problem, k: int, text: str) -> bool:
@@ -47,7 +49,7 @@ def main():
     out = output_dir("anchor_probe", args.out, args.quick)
     n = 2 if args.quick else args.problems
     policy = load_policy(args.policy)
-    params = SamplingParams(max_new_tokens=48, temperature=0.7, seed=0)  # the 3-operand recipe's rollouts
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.7, seed=0)
     rows, results = [], {}
     for trace in args.traces.split(","):
         task = get_task("arithmetic", instruct=True, trace=trace, midline=args.midline)

@@ -20,10 +20,6 @@ import torch
 from thinkling.errors import ThinklingError
 
 
-# (next-token logits [B, V], completion ids generated so far [B, t]) -> new logits [B, V].
-# Rows are the sequences still being generated; `t` is the same for every row
-# (rows that already stopped are not passed). Used for temperature-scaled
-# stopping and budget forcing, which need the history.
 def config_from_mapping(cls, section, name: str):
     """The config dataclass `cls` from a recipe's mapping at `model config '<name>'`, unknown keys
     refused by name (the sub-sections of a model config: a tiny VLM's `vision`, `tinyalign`)."""
@@ -36,6 +32,10 @@ def config_from_mapping(cls, section, name: str):
     return cls(**section)
 
 
+# (next-token logits [B, V], completion ids generated so far [B, t]) -> new logits [B, V].
+# Rows are the sequences still being generated; `t` is the same for every row
+# (rows that already stopped are not passed). Used for temperature-scaled
+# stopping and budget forcing, which need the history.
 LogitsProcessor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 

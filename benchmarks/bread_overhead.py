@@ -5,6 +5,8 @@
     python benchmarks/bread_overhead.py --init runs/demo/sft/final --difficulty 8 --max-new-tokens 80  # the demo's
     python benchmarks/bread_overhead.py --init runs/demo/sft/final --difficulty 8 --max-new-tokens 80 --strict \
         --sides grpo,bread,bread-early-stop --steps 20   # the demo's, with its strict verifier
+    python benchmarks/bread_overhead.py --init runs/demo/sft/final --difficulty 8 --max-new-tokens 80 --strict \
+        --sides grpo,bread --steps 10 --share-prompt     # ... and its shared-prompt update
 
 The setting: a tiny character transformer after a light SFT (`--init`, default
 runs/experiments/light-sft/final; when missing, recipes/experiments/light-sft.yaml
@@ -116,6 +118,9 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for tiny models)")
     ap.add_argument("--strict", action="store_true", help="strict chain verifier (every step line checked), as the "
                     "demo's RL recipes use; without it only the answer is checked and early stop cannot act")
+    ap.add_argument("--share-prompt", action="store_true",
+                    help="rl.share_prompt on every side (the update runs each prompt + anchor once), as the quick-start "
+                         "recipes train")
     ap.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated subset of {', '.join(SIDES)}")
     args = ap.parse_args(argv)
     names = args.sides.split(",")
@@ -131,13 +136,14 @@ def main(argv=None):
     task = get_task("chain", strict=args.strict)
     problems = task.problems(2000, seed=2, difficulty=[args.difficulty])
     print(f"init={init} task=chain strict={args.strict} difficulty={args.difficulty} prompts={args.prompts} "
-          f"G={args.group} max_new_tokens={args.max_new_tokens} steps={args.steps} (+{args.warmup} warm-up)\n")
+          f"G={args.group} max_new_tokens={args.max_new_tokens} steps={args.steps} (+{args.warmup} warm-up) "
+          f"share_prompt={args.share_prompt}\n")
 
     def trainer(name: str) -> RLTrainer:
         policy = TinyPolicy.load(init)
         rl = RLConfig(algorithm="grpo", prompts_per_step=args.prompts, group_size=args.group, lr=1e-4,
                       max_new_tokens=args.max_new_tokens, rewards={"accuracy": 1.0, "format": 0.0},
-                      bread=BreadConfig(enabled=name.startswith("bread"), remember_anchors=True,
+                      share_prompt=args.share_prompt, bread=BreadConfig(enabled=name.startswith("bread"), remember_anchors=True,
                                         early_stop=name == "bread-early-stop"))
         optimizer = make_optimizer(policy.model, rl.lr, rl.weight_decay)
         reuse = "no-reuse" not in name

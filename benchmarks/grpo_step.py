@@ -5,6 +5,7 @@
     python benchmarks/grpo_step.py --with-bf16-rollouts # add thinkling with bf16 rollouts (fp32 update)
     python benchmarks/grpo_step.py --with-bf16          # add thinkling with bf16 rollouts and a bf16-autocast update
     python benchmarks/grpo_step.py --bf16               # both sides in bf16 mixed precision
+    python benchmarks/grpo_step.py --bf16 --with-shared-prompt   # + thinkling with rl.share_prompt
 
 One configuration for both: the same fp32 model and chat-template prompts,
 P prompts x G completions per step, max completion length, μ = 1 (one update
@@ -92,13 +93,14 @@ def tiny_model_dir(tokenizer_from: str) -> str:
     return path
 
 
-def thinkling_trainer(path: str, task, problems, args, rollout_dtype: str, bf16_update: bool = False):
-    """`model.rollout_dtype` and `rl.bf16` of a recipe, set directly."""
+def thinkling_trainer(path: str, task, problems, args, rollout_dtype: str, bf16_update: bool = False,
+                      share_prompt: bool = False):
+    """`model.rollout_dtype`, `rl.bf16` and `rl.share_prompt` of a recipe, set directly."""
     policy = HFPolicy.load(path, dtype="float32", device="cpu")
     policy.rollout_dtype = rollout_dtype
     rl = RLConfig(algorithm="grpo", prompts_per_step=args.prompts, group_size=args.group, ppo_epochs=1, beta=0.0,
                   lr=args.lr, max_new_tokens=args.max_new_tokens, temperature=1.0, top_p=1.0, grad_clip=1.0,
-                  rewards={"accuracy": 1.0, "format": 0.0}, bf16=bf16_update)
+                  rewards={"accuracy": 1.0, "format": 0.0}, bf16=bf16_update, share_prompt=share_prompt)
     optimizer = make_optimizer(policy.model, rl.lr, rl.weight_decay)
     return BenchTrainer(policy, task, problems, rl, resolve_knobs(rl), optimizer, seed=0)
 
@@ -148,6 +150,8 @@ def main(argv=None):
     ap.add_argument("--bf16", action="store_true",
                     help="both sides in bf16 mixed precision (fp32 weights): TRL bf16=True; thinkling bf16 rollouts "
                          "and its update under bf16 autocast")
+    ap.add_argument("--with-shared-prompt", action="store_true",
+                    help="add the main thinkling side with rl.share_prompt (each prompt runs once in the update)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     header("GRPO step: thinkling vs TRL GRPOTrainer", ["benchmarks/grpo_step.py", *sys.argv[1:]])
@@ -166,6 +170,9 @@ def main(argv=None):
         ours["thinkling-bf16-rollouts"] = thinkling_trainer(path, task, problems, args, "bfloat16")
     if args.with_bf16 and not args.bf16:
         ours["thinkling-bf16"] = thinkling_trainer(path, task, problems, args, "bfloat16", bf16_update=True)
+    if args.with_shared_prompt:
+        ours["thinkling-shared-prompt"] = thinkling_trainer(path, task, problems, args, "bfloat16" if args.bf16 else "float32",
+                                                            bf16_update=args.bf16, share_prompt=True)
     sides = ["trl", *ours]
     total = args.warmup + args.steps
     rec = Recorder()

@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="quick-start: SFT -> GRPO vs BREAD on hard chain problems -> report")
     demo.add_argument("--out", default="runs/demo", help="folder for the three runs and the report")
     demo.add_argument("--resume", action="store_true")
-    demo.add_argument("overrides", nargs="*", help="dotted overrides for all three recipes (after rl.steps=50)")
+    demo.add_argument("overrides", nargs="*", help="dotted overrides for all three recipes (after rl.steps=40)")
 
     ev = sub.add_parser("eval", help="evaluate a saved policy or a model alias on a task/benchmark")
     _model_and_task_args(ev, max_new_tokens=64)

@@ -3,7 +3,7 @@ BREAD from the same checkpoint on long (8-step) ones with a strict reward (every
 right), same budget and seeds, and a report comparing them.
 
 Recipes live in `recipes/quickstart/`; the demo wires their folders together and shortens the
-RL runs (`DEMO_BUDGET`: 50 steps instead of 100). The SFT, alone on the machine, runs in
+RL runs (`DEMO_BUDGET`: 40 steps instead of 100). The SFT, alone on the machine, runs in
 length-sorted micro-batches and on two threads when no other job keeps a core busy.
 """
 
@@ -29,7 +29,7 @@ RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "quickstart"
 # alone (micro-batches, two threads) took its 8-step greedy accuracy from 0.72 to 0.125. A
 # 1,200-step SFT (schedule ending there) did not save enough either: 613 s for the whole demo, and
 # a weaker start (8-step greedy 0.44, pass@1 0.01) from which both RL runs gained less.
-DEMO_BUDGET = ("rl.steps=50",)
+DEMO_BUDGET = ("rl.steps=40",)
 
 
 def sft_speed(cpus: int | None, busy: float) -> list[str]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
 
 import torch
@@ -135,11 +134,10 @@ def _step(rank: int, world: int, port: int) -> None:
 def measure() -> None:
     import torch.multiprocessing as mp
 
+    from thinkling.train.distributed import free_port
+
     _step(0, 1, 0)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_step, args=(2, port), nprocs=2, join=True)
+    mp.spawn(_step, args=(2, free_port()), nprocs=2, join=True)
 
 
 if __name__ == "__main__":

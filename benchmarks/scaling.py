@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import sys
 import time
@@ -35,6 +34,7 @@ from _common import Recorder, header, rotate, table
 from thinkling.config import BreadConfig, RLConfig
 from thinkling.tasks.base import Verdict
 from thinkling.tasks.chain import ChainTask
+from thinkling.train.distributed import free_port
 
 TINY = {"d_model": 96, "n_layers": 3, "n_heads": 4, "max_seq_len": 192}  # recipes/quickstart/sft.yaml's model
 SIDES = {"1 process": 1, "2 processes": 2}
@@ -74,12 +74,6 @@ def worker(rank: int, world: int, port: int, args, commands, results) -> None:
         results.put((rank, time.perf_counter() - t0, metrics))
     if dp.enabled:
         torch.distributed.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main(argv=None):

@@ -102,11 +102,9 @@ def test_distill_keeps_only_traces_that_verify(tmp_path, tiny_policy, endpoint):
 
 
 def test_unreachable_teacher_is_one_line_and_writes_nothing(tmp_path, capsys):
-    import socket
+    from thinkling.train.distributed import free_port
 
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # a port nothing listens on
     questions = tmp_path / "q.jsonl"
     questions.write_text('{"question": "1 +1", "answer": "2"}\n')
     out = tmp_path / "cot.jsonl"

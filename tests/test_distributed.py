@@ -5,7 +5,6 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,19 +14,13 @@ import torch
 import torch.multiprocessing as mp
 
 from thinkling.config import SFTConfig
-from thinkling.train.distributed import DataParallel
+from thinkling.train.distributed import DataParallel, free_port
 
 TINY = {"d_model": 32, "n_layers": 2, "n_heads": 2, "max_seq_len": 96}
 # batch 7: shards of 4 and 3 examples with different token counts, the case where averaging
 # two per-shard means (plain DDP) would differ from the full-batch mean.
 # grad_clip off: clipping rescales gradients and would hide a wrong scale of the summed gradient.
 CFG = SFTConfig(steps=3, batch_size=7, lr=3e-3, warmup_steps=1, grad_clip=1e6, log_every=1, save_every=100)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _train(data_parallel=None):
@@ -61,7 +54,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 
 def test_two_processes_equal_one_process_on_the_full_batch(tmp_path):
     out = str(tmp_path / "result")
-    mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), out), nprocs=2, join=True)
     single_losses, single_grads, single_weights = _train()
     for rank in (0, 1):
         losses, grads, weights = torch.load(f"{out}.{rank}", weights_only=False)
@@ -98,7 +91,7 @@ def test_torchrun_cli_sft_writes_one_run_folder(tmp_path):
                  "eval.size=4", "eval.difficulty=1", "sft.steps=2", "sft.batch_size=6", "sft.log_every=1",
                  "eval.max_new_tokens=8"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
            "-m", "thinkling.cli", "sft", "recipes/chain-sft.yaml", *overrides]
     done = subprocess.run(cmd, cwd=Path(__file__).parents[1], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

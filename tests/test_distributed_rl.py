@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch.multiprocessing as mp
 from thinkling.config import BreadConfig, RLConfig, load_recipe
 from thinkling.tasks.base import Verdict
 from thinkling.tasks.chain import ChainTask
-from thinkling.train.distributed import DataParallel
+from thinkling.train.distributed import DataParallel, free_port
 
 TINY = {"d_model": 32, "n_layers": 2, "n_heads": 2, "max_seq_len": 128}
 # 5 prompts: shards of 3 and 2 groups. grad_clip off: clipping would hide a wrong gradient scale.
@@ -48,12 +47,6 @@ class LengthLottery(ChainTask):
 
     def verify(self, problem, completion):
         return Verdict(correct=sum(map(ord, completion)) % 3 == 0, extracted=None)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _train(case: str, data_parallel=None):
@@ -99,7 +92,7 @@ def _train_worker(rank: int, world: int, port: int, out: str) -> None:
 def two_process_results(tmp_path_factory):
     """Every case trained once by two processes (one spawn for all: starting processes is the slow part)."""
     out = str(tmp_path_factory.mktemp("dp_rl") / "result")
-    mp.spawn(_train_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    mp.spawn(_train_worker, args=(2, free_port(), out), nprocs=2, join=True)
     return [torch.load(f"{out}.{rank}", weights_only=False) for rank in (0, 1)]
 
 
@@ -201,11 +194,11 @@ def test_two_process_run_stopped_and_resumed_equals_an_uninterrupted_one(tmp_pat
 
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     runs = [(str(a), False, None, True), (str(b), False, 2, False), (str(c), False, 2, False)]
-    mp.spawn(_job_worker, args=(2, _free_port(), runs), nprocs=2, join=True)
+    mp.spawn(_job_worker, args=(2, free_port(), runs), nprocs=2, join=True)
     assert (a / "final" / "policy.json").exists() and (a / "eval.json").exists()  # written by process 0
     for run in (b, c):
         assert (run / "checkpoints" / "latest").read_text() == "step_000002" and not (run / "final").exists()
-    mp.spawn(_job_worker, args=(2, _free_port(), [(str(b), True, None, False)]), nprocs=2, join=True)
+    mp.spawn(_job_worker, args=(2, free_port(), [(str(b), True, None, False)]), nprocs=2, join=True)
     monkeypatch.chdir(Path(__file__).parents[1])
     _job(c, resume=True, finish=False)  # the same checkpoint resumed by one process
 

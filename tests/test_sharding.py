@@ -13,10 +13,11 @@ import torch
 import torch.multiprocessing as mp
 
 transformers = pytest.importorskip("transformers")
-from test_distributed_rl import LengthLottery, _free_port, _init  # noqa: E402  (tests/ is on sys.path)
+from test_distributed_rl import LengthLottery, _init  # noqa: E402  (tests/ is on sys.path)
 from test_hf_policy import make_model, make_tokenizer  # noqa: E402
 
 from thinkling.config import RLConfig, SFTConfig  # noqa: E402
+from thinkling.train.distributed import free_port  # noqa: E402
 
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj", "up_proj"]}
 # 5 examples / prompts per step: shards of 3 and 2; micro-batches of 2 rows: 2 passes against 1
@@ -109,7 +110,7 @@ def sharded(tmp_path_factory):
     base = str(tmp / "base")
     HFPolicy(make_model(), make_tokenizer()).save(base)
     out, run_dir = str(tmp / "result.pt"), str(tmp / "run")
-    mp.spawn(_worker, args=(2, _free_port(), base, out, run_dir), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), base, out, run_dir), nprocs=2, join=True)
     return base, run_dir, torch.load(out, weights_only=False)
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -21,6 +20,7 @@ from thinkling.config import RLConfig
 from thinkling.errors import ThinklingError
 from thinkling.models.tiny import TinyPolicy
 from thinkling.models.vllm_server import PolicyEngine, ServerClient, make_server
+from thinkling.train.distributed import free_port
 
 TINY = {"d_model": 32, "n_layers": 2, "n_heads": 2, "max_seq_len": 128}
 ROOT = Path(__file__).parents[1]
@@ -100,12 +100,6 @@ def test_the_client_says_what_the_server_refused(server):
         client.sync_weights({"not.a.weight": torch.zeros(2)})
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "thinkling.cli", *args], cwd=cwd, env=env, capture_output=True,
@@ -115,7 +109,7 @@ def _cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
 def test_an_unreachable_server_is_one_line_and_writes_nothing(tmp_path):
     out = tmp_path / "run"
     done = _cli("rl", "recipes/quickstart/grpo.yaml", f"output_dir={out}", "rl.rollout_backend=vllm-server",
-                f"rl.vllm_url=http://127.0.0.1:{_free_port()}")
+                f"rl.vllm_url=http://127.0.0.1:{free_port()}")
     assert done.returncode == 2, done.stderr[-2000:]
     lines = [x for x in (done.stdout + done.stderr).splitlines() if x.strip()]
     assert len(lines) == 1 and "no generation server answers" in lines[0] and "rl.vllm_url" in lines[0], lines
@@ -137,7 +131,7 @@ def test_vllm_serve_without_vllm_is_one_line():
         pytest.skip("vLLM is installed here")
     except ImportError:
         pass
-    done = _cli("vllm-serve", "smollm2-135m", "--port", str(_free_port()))
+    done = _cli("vllm-serve", "smollm2-135m", "--port", str(free_port()))
     assert done.returncode == 2
     lines = [x for x in (done.stdout + done.stderr).splitlines() if x.strip()]
     assert len(lines) == 1 and "vllm" in lines[0].lower(), lines

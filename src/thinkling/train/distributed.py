@@ -34,6 +34,7 @@ remembered anchors (`gather`), see docs/scale.md.
 from __future__ import annotations
 
 import os
+import socket
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -246,3 +247,11 @@ class ReplicaRun(RunDir):
 
     def save_checkpoint(self, step, policy, optimizer, state):
         return None
+
+
+def free_port() -> int:
+    """A free TCP port on this host for a rendezvous (MASTER_PORT) or a test server: bound, then
+    released before use, as torchrun picks one."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -188,7 +188,7 @@ class _ShiftedHead:
         x = torch.cat([hidden, hidden.new_zeros(hidden.shape[0], 1)], dim=1).to(torch.bfloat16)
         top = self.linear(x).amax(dim=-1, keepdim=True)
         x[:, -1:] = -top
-        logits = self.linear(x).float() + top.float()
+        logits = self.linear(x) + top.float()  # promotes to float32 in the same pass
         return logits if self.bias is None else logits + self.bias
 
 
@@ -250,6 +250,23 @@ def _rms(x: torch.Tensor, norm: tuple[torch.Tensor, float]) -> torch.Tensor:
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+def _decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
+                      scale: float) -> torch.Tensor:
+    """One query per row `q [B, H, 1, d]` over `keys, values [B, KV, L, d]` (grouped-query when KV < H);
+    returns `[B, H, d]`.
+
+    Query head h reads key head h // (H / KV) (transformers' `repeat_kv` order), so the H / KV
+    query heads of a key head are folded into the query-length axis and attend with one plain
+    SDPA call per key head: the same sums as `enable_gqa=True`, which on the CPU costs ~5x more
+    in bf16 at decode shapes (SmolLM2-135M, batch 64: 3.6 vs 0.7 ms a layer). With one query per
+    row there is nothing causal to mask; `mask [B, 1, 1, L]` hides padding slots from every head.
+    """
+    B, H, _, d = q.shape
+    KV = keys.shape[1]
+    a = F.scaled_dot_product_attention(q.reshape(B, KV, H // KV, d), keys, values, attn_mask=mask, scale=scale)
+    return a.reshape(B, H, d)
 
 
 class RolloutEngine:
@@ -321,11 +338,13 @@ class RolloutEngine:
             q = _rotate(q.transpose(1, 2).float(), cos, sin).to(self.dtype)
             kv[i, 0, :, :, start:end] = _rotate(k.transpose(1, 2).float(), cos, sin)
             kv[i, 1, :, :, start:end] = v.transpose(1, 2)
-            a = F.scaled_dot_product_attention(
-                q, kv[i, 0, :, :, :end], kv[i, 1, :, :, :end], attn_mask=mask, is_causal=causal,
-                scale=w.scale, enable_gqa=KV != H,
-            )
-            x = x + layer.o(a.transpose(1, 2).reshape(B, T, H * hd)).float()
+            keys, values = kv[i, 0, :, :, :end], kv[i, 1, :, :, :end]
+            if T == 1:  # decode: the query heads that share a key head become its queries (see `_decode_attention`)
+                a = _decode_attention(q, keys, values, mask, w.scale).reshape(B, T, H * hd)
+            else:
+                a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal, scale=w.scale,
+                                                   enable_gqa=KV != H).transpose(1, 2).reshape(B, T, H * hd)
+            x = x + layer.o(a).float()
             h = _rms(x, layer.mlp_norm).to(self.dtype)
             x = x + layer.down(F.silu(layer.gate(h)) * layer.up(h)).float()
         return _rms(x[:, -1], w.norm)

@@ -213,41 +213,44 @@ def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float, genera
         if not with_logprobs:
             return tokens
         return tokens, torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None]).squeeze(1)
-    probs = torch.softmax(logits if temperature == 1 else logits / temperature, dim=-1)
+    z = logits if temperature == 1 else logits / temperature
     order = None
     if top_p < 1:
-        probs, order = probs.sort(dim=-1, descending=True)
-        probs[(probs.cumsum(dim=-1) - probs) >= top_p] = 0
+        weights, order = torch.softmax(z, dim=-1).sort(dim=-1, descending=True)
+        weights[(weights.cumsum(dim=-1) - weights) >= top_p] = 0
+    else:  # exp(z - max z): softmax without its division, whose sum the CDF inversion computes anyway
+        weights = (z - z.amax(dim=-1, keepdim=True)).exp_()
     if uniforms is None:
-        uniforms = torch.rand(probs.shape[0], dtype=torch.float64, generator=generator, device=probs.device)
-    picked = _invert_cdf(probs, uniforms.to(probs.device)[:, None])
+        uniforms = torch.rand(weights.shape[0], dtype=torch.float64, generator=generator, device=weights.device)
+    picked, total = _invert_cdf(weights, uniforms.to(weights.device)[:, None])
     tokens = picked if order is None else order.gather(1, picked[:, None]).squeeze(1)
     if not with_logprobs:
         return tokens
-    mass = probs.sum(dim=-1) if top_p < 1 else 1.0  # the nucleus is renormalised
-    return tokens, (probs.gather(1, picked[:, None]).squeeze(1) / mass).log()
+    return tokens, (weights.gather(1, picked[:, None]).squeeze(1).double().log() - total.log()).float()
 
 
-def _invert_cdf(probs: torch.Tensor, u: torch.Tensor, block: int = 256) -> torch.Tensor:
-    """The token whose CDF interval holds `u * total mass`, per row.
+def _invert_cdf(weights: torch.Tensor, u: torch.Tensor, block: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """The token whose CDF interval holds `u * total`, per row of non-negative `weights [B, V]`,
+    and the total (float64 `[B]`).
 
-    Two levels, in float64: pick the block of `block` tokens from the cumulative
-    block masses, then the token inside it. A float64 cumsum over the whole
-    vocabulary costs ~10x more (it is sequential); a float32 one would shift
-    rare tokens' probabilities by ~1e-5.
+    Two levels: pick the block of `block` tokens from the cumulative block masses (float64),
+    then the token inside it (float64). A float64 cumsum over the whole vocabulary costs ~10x
+    more (it is sequential), and so does summing the blocks in float64 (a float32 sum of 256
+    terms is within ~1e-7 of it, the rounding the float32 weights already carry); a float32
+    cumsum over the vocabulary would shift rare tokens' probabilities by ~1e-5.
     """
-    B, V = probs.shape
-    blocks = F.pad(probs, (0, -V % block)).view(B, -1, block)
-    mass = blocks.sum(dim=-1, dtype=torch.float64)
+    B, V = weights.shape
+    blocks = (weights if V % block == 0 else F.pad(weights, (0, -V % block))).view(B, -1, block)
+    mass = blocks.sum(dim=-1).double()
     ends = mass.cumsum(dim=-1)
     target = u * ends[:, -1:]
     b = torch.searchsorted(ends, target, right=True).clamp(max=ends.shape[1] - 1)
     start = ends.gather(1, b) - mass.gather(1, b)
-    inside = blocks[torch.arange(B, device=probs.device), b.squeeze(1)].double().cumsum(dim=-1) + start
+    inside = blocks[torch.arange(B, device=weights.device), b.squeeze(1)].double().cumsum(dim=-1) + start
     i = torch.searchsorted(inside, target, right=True).clamp(max=block - 1)
     tokens = (b * block + i).squeeze(1)
-    # float rounding at an interval edge can land on a zero-probability token: take the mode instead
-    bad = (tokens >= V) | (probs.gather(1, tokens.clamp(max=V - 1)[:, None]).squeeze(1) == 0)
+    # float rounding at an interval edge can land on a zero-weight token: take the mode instead
+    bad = (tokens >= V) | (weights.gather(1, tokens.clamp(max=V - 1)[:, None]).squeeze(1) == 0)
     if bool(bad.any()):
-        tokens[bad] = probs[bad].argmax(dim=-1)
-    return tokens
+        tokens[bad] = weights[bad].argmax(dim=-1)
+    return tokens, ends[:, -1]

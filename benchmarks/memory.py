@@ -195,7 +195,7 @@ def snapshot(ph: Phases, name: str) -> dict:
 # ---------------------------------------------------------------------- SFT
 def run_sft(args):
     from thinkling.config import SFTConfig
-    from thinkling.tasks.base import get_task
+    from thinkling.tasks import get_task
     from thinkling.train import sft as sft_mod
     from thinkling.train.common import make_optimizer
 
@@ -208,7 +208,7 @@ def run_sft(args):
     instrument_common(ph, optimizer)
 
     task = get_task("gsm8k", skip=200)
-    problems = task.generate(64, 0, None)
+    problems = task.problems(64, seed=0)
     examples = [e for e in sft_mod.sft_examples(policy, task, problems)]
     fixed = []  # every example exactly seq_len real tokens: append the next example's tokens as targets
     for i, e in enumerate(examples):
@@ -271,7 +271,7 @@ def _trainable(policy) -> str:
 def run_rl(args):
     from thinkling.config import RLConfig
     from thinkling.models.base import SamplingParams
-    from thinkling.tasks.base import get_task
+    from thinkling.tasks import get_task
     from thinkling.train import rl as rl_mod
     from thinkling.train.common import make_optimizer
 
@@ -284,7 +284,7 @@ def run_rl(args):
     with ph.phase("load"):
         optimizer = make_optimizer(policy.model, rl.lr, rl.weight_decay)
     task = get_task("gsm8k", skip=200)
-    problems = task.generate(200, 0, None)
+    problems = task.problems(200, seed=0)
     eos = policy.eos_id
 
     def ban_eos(logits, history):

@@ -202,6 +202,13 @@ def main(argv=None):
     print(table(["side", "s/step (median)", "min–max", "CPU s/step", "generate s", "probes s", "probes CPU s",
                  "update s", "tokens/step", "probe tokens", "probe groups", "BREAD overhead vs grpo",
                  "same, CPU time"], rows))
+    for name in sides:  # what a run of these steps costs: early steps probe most, so medians alone mislead
+        if name.startswith("bread"):
+            cpu, base_cpu = (sum(rec.values[("step", n)]["cpu"]) for n in (name, base_of(name)))
+            wall, base_wall = (sum(rec.values[("step", n)]["total"]) for n in (name, base_of(name)))
+            print(f"all {args.steps} measured steps: {name} {cpu:.1f} CPU-s ({wall:.1f} s), {base_of(name)} "
+                  f"{base_cpu:.1f} CPU-s ({base_wall:.1f} s): BREAD overhead {100 * (cpu - base_cpu) / base_cpu:+.0f}% "
+                  f"in CPU time ({100 * (wall - base_wall) / base_wall:+.0f}% wall)")
     if "bread-no-reuse" in sides and "bread" in sides:
         reuse = rec.median("step", "bread-no-reuse", "total") / rec.median("step", "bread", "total")
         print(f"prefix reuse makes a BREAD step {reuse:.2f}x faster "

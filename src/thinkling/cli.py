@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from pathlib import Path
 
@@ -217,13 +218,31 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides += extra
     try:
-        return _dispatch(args) or 0
+        code = _dispatch(args) or 0
+        _leave_if_replica(code)
+        return code
     except ThinklingError as e:
         print(f"thinkling: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # jobs re-raise it with a message saying what was kept
         print(f"thinkling: {e or 'interrupted (the latest checkpoint is kept; rerun with --resume)'}", file=sys.stderr)
         return 130
+
+
+def _leave_if_replica(code: int) -> None:
+    """A data-parallel process other than 0 ends here, past the C++ destructors: left to them,
+    gloo's threads sometimes outlive the interpreter and the process aborts ("terminate called
+    without an active exception", about one launch in ten here), which the launcher reports as
+    a failed run. Such a process writes no files (`train.distributed.ReplicaRun`)."""
+    if int(os.environ.get("RANK", "0")) == 0 or "torch" not in sys.modules:
+        return
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def _dispatch(args) -> int:

@@ -234,12 +234,13 @@ def _leave_if_replica(code: int) -> None:
     gloo's threads sometimes outlive the interpreter and the process aborts ("terminate called
     without an active exception", about one launch in ten here), which the launcher reports as
     a failed run. Such a process writes no files (`train.distributed.ReplicaRun`)."""
-    if int(os.environ.get("RANK", "0")) == 0 or "torch" not in sys.modules:
+    if "torch" not in sys.modules:  # no job ran (torch is imported by the verbs that train)
         return
     import torch
 
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        dist.destroy_process_group()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

@@ -63,9 +63,9 @@ def adam_step_norm(optimizer: torch.optim.Optimizer) -> float:
             if not state or "exp_avg" not in state:
                 continue
             t = float(state["step"])
-            m_hat = state["exp_avg"] / (1 - beta1**t)
-            v_hat = state["exp_avg_sq"] / (1 - beta2**t)
-            total += to_float((group["lr"] * m_hat / (v_hat.sqrt() + group["eps"])).pow(2).sum())
+            for m, v in pieces(state["exp_avg"], state["exp_avg_sq"]):
+                m_hat, v_hat = m / (1 - beta1**t), v / (1 - beta2**t)
+                total += to_float((group["lr"] * m_hat / (v_hat.sqrt() + group["eps"])).pow(2).sum())
     return total**0.5
 
 
@@ -77,7 +77,21 @@ def clip_gradients(model: torch.nn.Module, max_norm: float) -> float:
 
 def weight_norm(model: torch.nn.Module) -> float:
     """‖θ‖ over the trainable weights (all shards of a sharded model)."""
-    return sum(to_float(p.detach().pow(2).sum()) for p in model.parameters() if p.requires_grad) ** 0.5
+    return sum(to_float(x.pow(2).sum()) for p in model.parameters() if p.requires_grad
+               for (x,) in pieces(p.detach())) ** 0.5
+
+
+PIECE = 2**20  # elements: a temporary this size is reused from the heap, a model-sized one is fresh pages
+
+
+def pieces(*tensors: torch.Tensor):
+    """Aligned flat pieces of same-shaped tensors, for elementwise statistics whose temporaries
+    would otherwise be as large as a parameter (SmolLM2's embedding: 113 MB each, page-faulted
+    anew every step). A sharded (DTensor) parameter comes whole."""
+    if any(type(t) is not torch.Tensor for t in tensors):
+        yield tensors
+        return
+    yield from zip(*(t.reshape(-1).split(PIECE) for t in tensors))
 
 
 def peak_rss_gb() -> float:

@@ -38,6 +38,19 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+    """Softmax attention of one query per row `q [B, H, 1, d]` as two batched matmuls.
+
+    What SDPA computes, to float rounding (~1e-7 here). Why: SDPA's CPU kernel has a fixed cost
+    per (row, head) that at small head sizes and one query exceeds the products themselves; a
+    decode step of the tiny model spent half its time there.
+    """
+    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(q.shape[-1] ** -0.5)
+    if attn_mask is not None:
+        scores.masked_fill_(~attn_mask, float("-inf"))
+    return torch.matmul(scores.softmax(dim=-1), v)
+
+
 @dataclass
 class KVCache:
     """Preallocated attention state for incremental decoding.
@@ -82,6 +95,8 @@ class CausalSelfAttention(nn.Module):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
         """Attention output `[B, H, T, d]`; a None mask means plain causal (or all keys for one query)."""
+        if q.shape[2] == 1 and q.device.type == "cpu":
+            return decode_attention(q, k, v, attn_mask)
         causal = attn_mask is None and q.shape[2] > 1
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal)
 

@@ -206,9 +206,12 @@ def main(argv=None):
         if name.startswith("bread"):
             cpu, base_cpu = (sum(rec.values[("step", n)]["cpu"]) for n in (name, base_of(name)))
             wall, base_wall = (sum(rec.values[("step", n)]["total"]) for n in (name, base_of(name)))
+            probe_cpu = sum(rec.values[("step", name)]["probe_cpu"])
             print(f"all {args.steps} measured steps: {name} {cpu:.1f} CPU-s ({wall:.1f} s), {base_of(name)} "
                   f"{base_cpu:.1f} CPU-s ({base_wall:.1f} s): BREAD overhead {100 * (cpu - base_cpu) / base_cpu:+.0f}% "
-                  f"in CPU time ({100 * (wall - base_wall) / base_wall:+.0f}% wall)")
+                  f"in CPU time ({100 * (wall - base_wall) / base_wall:+.0f}% wall); its probes alone "
+                  f"{probe_cpu:.1f} CPU-s = {100 * probe_cpu / base_cpu:.0f}% of the {base_of(name)} side's CPU time "
+                  f"(the rest: the update on the branched groups, and the two runs' models drifting apart)")
     if "bread-no-reuse" in sides and "bread" in sides:
         reuse = rec.median("step", "bread-no-reuse", "total") / rec.median("step", "bread", "total")
         print(f"prefix reuse makes a BREAD step {reuse:.2f}x faster "

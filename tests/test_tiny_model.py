@@ -261,3 +261,28 @@ def test_cache_select_keeps_the_filled_slots_of_the_chosen_rows(policy, prompts)
     want = model.hidden(step, cache=KVCache([{n: t[rows] for n, t in la.items()} for la in cache.layers],
                                             cache.mask[rows], cache.length))
     assert torch.equal(model.hidden(step, cache=picked), want)
+
+
+def test_cache_branch_shares_the_prompt_slots_and_decodes_as_copies(policy, prompts):
+    """`KVCache.branch` (the sampler's G rows of a prompt read its slots once) gives the same
+    hidden states as copying the prompt's slots to every row (`select`), before and after a
+    compaction that drops and reorders rows (the prompts' query blocks then have gaps)."""
+    from thinkling.models.base import pad_batch
+
+    model = policy.model
+    ids, valid = pad_batch([p[:n] for p, n in zip(prompts[:3], (5, 2, 4))], policy.pad_id, left=True)
+    cache = model.new_cache(3, ids.shape[1] + 4)
+    model.hidden(ids, attention_mask=valid, cache=cache)
+    rows = torch.tensor([0, 0, 1, 1, 2, 2])
+    shared, copied = cache.branch(rows, 4), cache.select(rows)
+    assert shared.prefix is not None and shared.prefix.dense and shared.capacity == 4
+    positions = valid.sum(1)[rows]
+    for t, keep in enumerate((None, torch.tensor([5, 0, 3, 2]), None)):
+        if keep is not None:
+            shared, copied, positions = shared.select(keep), copied.select(keep), positions[keep]
+            assert not shared.prefix.dense
+        step = torch.arange(len(positions))[:, None] % 7 + 3 + t
+        want = model.hidden(step, position_ids=positions[:, None], cache=copied)
+        got = model.hidden(step, position_ids=positions[:, None], cache=shared)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        positions = positions + 1

@@ -11,12 +11,17 @@ name and passes its `options`. A variant usually overrides one hook:
 - `new_state(...)`: extra per-row decoding state next to "k" and "v" (e.g. the
   last kernel-1 inputs of a convolution), stored batch-first so the sampler can
   copy and drop rows without knowing what it holds.
+
+Decoding G rows from one prompt reads the prompt's keys once for all of them
+(`SharedPrefix`), scoring them as `attend` does; a variant that overrides
+`attend` decodes from copies of the prompt's slots instead.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from functools import partial
+from typing import Any, Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -52,17 +57,75 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mas
 
 
 @dataclass
+class SharedPrefix:
+    """Keys and values of prompts that several cache rows continue, held once per prompt.
+
+    `layers[i]` = layer i's (k, v) `[U, H, P, d]` for U distinct prompts, `mask [U, P]` their
+    real slots; row b continues prompt `owner[b]`. Why: the G rollouts of a prompt attend to
+    the same prompt keys; read once for all G queries, their memory traffic (most of a tiny
+    model's decode step) falls G-fold.
+    """
+
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+    mask: torch.Tensor
+    owner: torch.Tensor
+
+    def __post_init__(self):
+        # Row b is query `place[b]` of the prompts' [U, width] block of queries.
+        same = self.owner[:, None] == self.owner[None, :]
+        slot = torch.tril(same, diagonal=-1).sum(dim=1)  # earlier rows of the same prompt
+        self.width = int(slot.max()) + 1 if len(slot) else 1
+        self.place = self.owner * self.width + slot
+        self.dense = len(self.mask) * self.width == len(self.owner) and bool(
+            (self.place == torch.arange(len(self.owner), device=self.owner.device)).all())
+
+    def select(self, rows: torch.Tensor) -> SharedPrefix:
+        return SharedPrefix(self.layers, self.mask, self.owner.index_select(0, rows))
+
+    def layer(self, i: int) -> Callable:
+        """Layer i's `attention(q, k, v, attn_mask)`."""
+        return partial(self.attention, i)
+
+    def _group(self, x: torch.Tensor) -> torch.Tensor:
+        """Rows `[B, H, n]` -> the prompts' query blocks `[U, H, width, n]` (zeros where no row)."""
+        if not self.dense:
+            x = x.new_zeros(len(self.mask) * self.width, *x.shape[1:]).index_copy_(0, self.place, x)
+        return x.view(len(self.mask), self.width, *x.shape[1:]).transpose(1, 2)
+
+    def _ungroup(self, x: torch.Tensor) -> torch.Tensor:
+        """`_group`'s inverse: `[U, H, width, n]` -> `[B, H, n]`."""
+        x = x.transpose(1, 2).reshape(-1, *x.shape[1:2], x.shape[-1])
+        return x if self.dense else x.index_select(0, self.place)
+
+    def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  attn_mask: torch.Tensor | None) -> torch.Tensor:
+        """`decode_attention` of `q [B, H, 1, d]` over this prefix followed by the rows' own keys
+        `k, v [B, H, L, d]`; `attn_mask [B, 1, 1, P + L]`. One softmax over all keys."""
+        pk, pv = self.layers[layer]
+        shared = self._ungroup(torch.matmul(self._group(q[:, :, 0]), pk.transpose(-1, -2)))
+        scores = torch.cat((shared[:, :, None], torch.matmul(q, k.transpose(-1, -2))), dim=-1)
+        scores.mul_(q.shape[-1] ** -0.5)
+        if attn_mask is not None:
+            scores.masked_fill_(~attn_mask, float("-inf"))
+        p_shared, p_own = scores.softmax(dim=-1).split((pk.shape[2], k.shape[2]), dim=-1)
+        out = self._ungroup(torch.matmul(self._group(p_shared[:, :, 0]), pv))
+        return torch.matmul(p_own, v).add_(out[:, :, None])
+
+
+@dataclass
 class KVCache:
     """Preallocated attention state for incremental decoding.
 
     `layers[i]` is layer i's state (at least "k" and "v" `[B, H, capacity, d]`);
     `mask [B, capacity]` is True on slots that hold a real token; `length` slots
     are filled, the same number for every row (rows are left-padded instead).
+    With `prefix`, every row's slots continue its shared prompt (`SharedPrefix`).
     """
 
     layers: list[dict[str, torch.Tensor]]
     mask: torch.Tensor
     length: int = 0
+    prefix: SharedPrefix | None = None
 
     @property
     def capacity(self) -> int:
@@ -71,7 +134,22 @@ class KVCache:
     def select(self, rows: torch.Tensor) -> KVCache:
         """A cache of the given rows (repeat a row to share a prefix, omit it to drop it)."""
         layers = [{name: t.index_select(0, rows) for name, t in layer.items()} for layer in self.layers]
-        return KVCache(layers, self.mask.index_select(0, rows), self.length)
+        prefix = None if self.prefix is None else self.prefix.select(rows)
+        return KVCache(layers, self.mask.index_select(0, rows), self.length, prefix)
+
+    def branch(self, rows: torch.Tensor, capacity: int) -> KVCache:
+        """A cache of `rows` continuing this one's filled slots, which become their shared prefix
+        (held once), with `capacity` slots of their own. For caches without a prefix."""
+        shared = SharedPrefix([(layer["k"][:, :, : self.length], layer["v"][:, :, : self.length])
+                               for layer in self.layers], self.mask[:, : self.length], rows)
+        layers = []
+        for layer in self.layers:
+            own = {name: t.index_select(0, rows) for name, t in layer.items() if name not in ("k", "v")}
+            for name in ("k", "v"):
+                t = layer[name]
+                own[name] = t.new_zeros(len(rows), t.shape[1], capacity, t.shape[3])
+            layers.append(own)
+        return KVCache(layers, self.mask.new_zeros(len(rows), capacity), 0, shared)
 
 
 class CausalSelfAttention(nn.Module):
@@ -108,11 +186,14 @@ class CausalSelfAttention(nn.Module):
         attn_mask: torch.Tensor | None,
         state: dict[str, torch.Tensor] | None = None,
         start: int = 0,
+        shared: Callable | None = None,
     ) -> torch.Tensor:
         """Attend from the T inputs `x` to themselves and, with `state`, to the `start` cached slots before them.
 
         `attn_mask [B, 1, T, start+T]` (True = may attend) is None only when every
         key is a real token and the plain causal mask is right (start == 0 or T == 1).
+        `shared` (a `SharedPrefix.layer`, one query per row): the cached slots continue a shared
+        prompt's, which come first in `attn_mask`.
         """
         B, T, D = x.shape
         q, k, v = (t.reshape(B, T, self.n_heads, self.head_dim).transpose(1, 2) for t in self.qkv(x, positions, state))
@@ -121,7 +202,7 @@ class CausalSelfAttention(nn.Module):
             state["k"][:, :, start : start + T] = k
             state["v"][:, :, start : start + T] = v
             k, v = state["k"][:, :, : start + T], state["v"][:, :, : start + T]
-        y = self.attend(q, k, v, attn_mask)
+        y = self.attend(q, k, v, attn_mask) if shared is None else shared(q, k, v, attn_mask)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, D))
 
 
@@ -227,10 +308,10 @@ class ConvolutionAugmentedAttention(CausalSelfAttention):
             {n: nn.Parameter(torch.ones(d_model, kernel_size)) for n in self.PROJECTIONS if enabled[n]}
         )
 
-    def forward(self, x, rope, positions, attn_mask, state=None, start=0):
+    def forward(self, x, rope, positions, attn_mask, state=None, start=0, shared=None):
         if not self.rope:  # angle 0 everywhere: the convolutions are the only source of order
             rope = (torch.ones_like(rope[0]), torch.zeros_like(rope[1]))
-        return super().forward(x, rope, positions, attn_mask, state, start)
+        return super().forward(x, rope, positions, attn_mask, state, start, shared)
 
     def new_state(self, batch, capacity, dtype, device):
         state = super().new_state(batch, capacity, dtype, device)

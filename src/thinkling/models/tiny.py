@@ -21,6 +21,7 @@ from torch import nn
 from thinkling.errors import ThinklingError
 from thinkling.files import read_json
 from thinkling.models.attention import (
+    CausalSelfAttention,
     KVCache,
     build_attention,
     check_attention,
@@ -105,11 +106,11 @@ class Block(nn.Module):
         self.mlp_norm = nn.RMSNorm(config.d_model, eps=1e-6)
         self.mlp = MLP(config.d_model, config.d_ff, config.mlp)
 
-    def forward(self, x, rope, positions, attn_mask, token_mask, state, start):
+    def forward(self, x, rope, positions, attn_mask, token_mask, state, start, shared=None):
         h = self.attn_norm(x)
         if token_mask is not None:  # variants that mix neighbouring inputs must see zeros at padding
             h = h * token_mask
-        x = x + self.attn(h, rope, positions, attn_mask, state, start)
+        x = x + self.attn(h, rope, positions, attn_mask, state, start, shared)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -150,6 +151,12 @@ class TinyTransformer(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())  # a tied matrix is counted once
 
+    @property
+    def shares_prompt_keys(self) -> bool:
+        """Whether decoding may read a shared prompt's keys once for all its rows (`KVCache.branch`):
+        not when an attention variant scores keys its own way (`attend`)."""
+        return all(type(block.attn).attend is CausalSelfAttention.attend for block in self.blocks)
+
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         w = self.embed.weight
         layers = [blk.attn.new_state(batch, capacity, w.dtype, w.device) for blk in self.blocks]
@@ -184,27 +191,34 @@ class TinyTransformer(nn.Module):
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         B, T = x.shape[:2]
         valid = None if attention_mask is None else attention_mask.bool()
-        start, keys = 0, valid
+        start, keys, before = 0, valid, 0  # before: the shared prompt's slots ahead of the cache's own
+        prefix = None if cache is None else cache.prefix
         if cache is not None:
             start = cache.length
             if start + T > cache.capacity:
                 raise ThinklingError(f"model: KV cache of {cache.capacity} slots cannot take {T} more after {start}")
             cache.mask[:, start : start + T] = True if valid is None else valid
             keys = cache.mask[:, : start + T]
+            if prefix is not None:
+                if T != 1:
+                    raise ThinklingError("model: a KV cache with a shared prefix takes one token per row at a time")
+                before = prefix.mask.shape[1]
+                keys = torch.cat((prefix.mask.index_select(0, prefix.owner), keys), dim=1)
         if position_ids is None:
             if keys is None:
                 position_ids = torch.arange(T, device=x.device).expand(B, T)
             else:
-                position_ids = (keys.long().cumsum(1) - 1).clamp(min=0)[:, start:]
+                position_ids = (keys.long().cumsum(1) - 1).clamp(min=0)[:, before + start :]
         if int(position_ids.max()) >= self.config.max_seq_len:
             raise ThinklingError(f"model: sequence is longer than max_seq_len={self.config.max_seq_len}")
-        plain = keys is None or ((start == 0 or T == 1) and bool(keys.all()))
-        attn_mask = None if plain else _attention_mask(keys, start, T)
+        plain = keys is None or ((before + start == 0 or T == 1) and bool(keys.all()))
+        attn_mask = None if plain else _attention_mask(keys, before + start, T)
         token_mask = None if valid is None or bool(valid.all()) else valid[..., None].to(x.dtype)
         rope = tuple(t[position_ids].unsqueeze(1).to(x.dtype) for t in (self.rope_cos, self.rope_sin))
         for i, block in enumerate(self.blocks):
             state = None if cache is None else cache.layers[i]
-            x = block(x, rope, position_ids, attn_mask, token_mask, state, start)
+            shared = None if prefix is None else prefix.layer(i)
+            x = block(x, rope, position_ids, attn_mask, token_mask, state, start, shared)
         if cache is not None:
             cache.length = start + T
         return self.norm(x)
@@ -220,7 +234,13 @@ class _TinyDecodeState:
         self.model, self.cache, self.next_pos, self.limit = model, cache, next_pos, limit
 
     def select(self, rows: torch.Tensor) -> _TinyDecodeState:
-        return _TinyDecodeState(self.model, self.cache.select(rows), self.next_pos[rows], self.limit)
+        """After the prefill, the prompts' slots become the rows' shared prefix (`KVCache.branch`)."""
+        cache = self.cache
+        if cache.prefix is None and cache.length > 0 and self.model.shares_prompt_keys:
+            cache = cache.branch(rows, cache.capacity - cache.length)
+        else:
+            cache = cache.select(rows)
+        return _TinyDecodeState(self.model, cache, self.next_pos[rows], self.limit)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         logits = self.model(tokens[:, None], position_ids=self.next_pos[:, None], cache=self.cache)[:, -1]

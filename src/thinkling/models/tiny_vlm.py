@@ -137,7 +137,7 @@ class VisionEncoder(nn.Module):
 
 class TinyVLM(nn.Module):
     """Vision encoder + connector + `TinyTransformer`. It answers the calls `TinyPolicy` makes
-    of its model (`hidden`, `forward`, `new_cache`, `embed`, `lm_head`, `config`), replacing
+    of its model (`hidden`, `forward`, `new_cache`, `embed`, `lm_head`, `config`, `shares_prompt_keys`), replacing
     image slot ids by the image's projected patch features, so the tiny policy's sampler, KV
     cache and prefix sharing work unchanged."""
 
@@ -173,6 +173,10 @@ class TinyVLM(nn.Module):
     @property
     def lm_head(self) -> nn.Linear:
         return self.lm.lm_head
+
+    @property
+    def shares_prompt_keys(self) -> bool:
+        return self.lm.shares_prompt_keys
 
     @property
     def n_image_tokens(self) -> int:

@@ -434,6 +434,23 @@ def test_adam_step_norm_is_the_size_of_the_step(tiny_policy):
         assert abs(adam_step_norm(optimizer) - delta) < 1e-4 * delta
 
 
+def test_norms_by_pieces_equal_the_whole_tensor_norms(tiny_policy, monkeypatch):
+    """The logged step and weight norms go through parameters in pieces (no parameter-sized
+    temporaries); pieces of 7 elements give the norms of whole tensors."""
+    import thinkling.train.common as common
+
+    model = tiny_policy.model
+    optimizer = common.make_optimizer(model, 1e-3, 0.0)
+    model(torch.tensor([[1, 5, 9, 12]])).pow(2).mean().backward()
+    optimizer.step()
+    whole = common.adam_step_norm(optimizer), common.weight_norm(model)
+    monkeypatch.setattr(common, "PIECE", 7)
+    assert [tuple(len(t) for t in x) for x in common.pieces(torch.zeros(3, 5), torch.ones(3, 5))] == [(7, 7), (7, 7), (1, 1)]
+    assert common.adam_step_norm(optimizer) == pytest.approx(whole[0], rel=1e-6)
+    assert common.weight_norm(model) == pytest.approx(whole[1], rel=1e-6)
+    assert whole[1] == pytest.approx(float(torch.cat([p.detach().flatten() for p in model.parameters()]).norm()), rel=1e-6)
+
+
 def test_tldr_rollouts_show_the_level_to_the_policy_and_reward_its_budget(tiny_policy):
     """TLDR levels can only separate if the policy sees its level: every RL prompt carries the
     group's `[level]` tag (what is sampled AND what the update conditions on), and the reward

@@ -76,6 +76,7 @@ class SharedPrefix:
         slot = torch.tril(same, diagonal=-1).sum(dim=1)  # earlier rows of the same prompt
         self.width = int(slot.max()) + 1 if len(slot) else 1
         self.place = self.owner * self.width + slot
+        self.row_mask = self.mask.index_select(0, self.owner)  # [B, P]: each row's real prompt slots
         self.dense = len(self.mask) * self.width == len(self.owner) and bool(
             (self.place == torch.arange(len(self.owner), device=self.owner.device)).all())
 

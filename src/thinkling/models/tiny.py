@@ -203,7 +203,7 @@ class TinyTransformer(nn.Module):
                 if T != 1:
                     raise ThinklingError("model: a KV cache with a shared prefix takes one token per row at a time")
                 before = prefix.mask.shape[1]
-                keys = torch.cat((prefix.mask.index_select(0, prefix.owner), keys), dim=1)
+                keys = torch.cat((prefix.row_mask, keys), dim=1)
         if position_ids is None:
             if keys is None:
                 position_ids = torch.arange(T, device=x.device).expand(B, T)

@@ -50,10 +50,15 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mas
     per (row, head) that at small head sizes and one query exceeds the products themselves; a
     decode step of the tiny model spent half its time there.
     """
-    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(q.shape[-1] ** -0.5)
+    return torch.matmul(_attention_weights(torch.matmul(q, k.transpose(-1, -2)), q.shape[-1], attn_mask), v)
+
+
+def _attention_weights(scores: torch.Tensor, head_dim: int, attn_mask: torch.Tensor | None) -> torch.Tensor:
+    """softmax(scores / √d) over the keys `attn_mask` allows (all when None); scales `scores` in place."""
+    scores.mul_(head_dim**-0.5)
     if attn_mask is not None:
         scores.masked_fill_(~attn_mask, float("-inf"))
-    return torch.matmul(scores.softmax(dim=-1), v)
+    return scores.softmax(dim=-1)
 
 
 @dataclass
@@ -105,10 +110,7 @@ class SharedPrefix:
         pk, pv = self.layers[layer]
         shared = self._ungroup(torch.matmul(self._group(q[:, :, 0]), pk.transpose(-1, -2)))
         scores = torch.cat((shared[:, :, None], torch.matmul(q, k.transpose(-1, -2))), dim=-1)
-        scores.mul_(q.shape[-1] ** -0.5)
-        if attn_mask is not None:
-            scores.masked_fill_(~attn_mask, float("-inf"))
-        p_shared, p_own = scores.softmax(dim=-1).split((pk.shape[2], k.shape[2]), dim=-1)
+        p_shared, p_own = _attention_weights(scores, q.shape[-1], attn_mask).split((pk.shape[2], k.shape[2]), dim=-1)
         out = self._ungroup(torch.matmul(self._group(p_shared[:, :, 0]), pv))
         return torch.matmul(p_own, v).add_(out[:, :, None])
 

@@ -72,7 +72,7 @@ class _HeadLogprobs(torch.autograd.Function):
         with torch.autocast(device, enabled=False):
             logits = _ChunkLogits(hidden, weight, bias, dtype, chunk)
             spare = torch.empty_like(logits.buffer)
-            for s, z in logits.chunks():
+            for s, _, z in logits.chunks():
                 rows = slice(s, s + len(z))
                 logp[rows] = z.gather(1, targets[rows, None]).squeeze(1)
                 top = z.amax(dim=-1)  # logsumexp as torch computes it: log Σ exp(z - max) + max
@@ -97,7 +97,7 @@ class _HeadLogprobs(torch.autograd.Function):
             logits = _ChunkLogits(hidden, weight, bias, ctx.dtype, ctx.chunk)
             spare = torch.empty_like(logits.buffer)
             arange = torch.arange(len(logits.buffer), device=hidden.device)
-            for s, z in logits.chunks():
+            for s, h, z in logits.chunks():
                 rows = slice(s, s + len(z))
                 g = grad_logp[rows, None]
                 logp = z.sub_(lse[rows, None])
@@ -112,7 +112,7 @@ class _HeadLogprobs(torch.autograd.Function):
                 if need_h:
                     grad_hidden[rows] = grad_z @ logits.weight
                 if need_w:
-                    gw = torch.mm(grad_z.t(), logits.rows(s), out=gw)
+                    gw = torch.mm(grad_z.t(), h, out=gw)
                     w_grad = gw.to(weight.dtype, copy=True) if w_grad is None else w_grad.add_(gw)
                 if need_b:
                     gb = grad_z.sum(dim=0).to(bias.dtype)
@@ -138,13 +138,11 @@ class _ChunkLogits:
         """`x` (a chunk of logits' shape, float32) in the matmul dtype."""
         return x if self._low is self.buffer else self._low[: len(x)].copy_(x)
 
-    def rows(self, s: int) -> torch.Tensor:
-        return self.hidden[s : s + self.chunk].to(self.dtype)
-
     def chunks(self):
-        """(first row, float32 logits `[rows, V]`) per chunk; each view is overwritten by the next."""
+        """(first row, the rows' inputs in the matmul dtype, their float32 logits `[rows, V]`) per
+        chunk; the logits view is overwritten by the next chunk's."""
         for s in range(0, self.hidden.shape[0], self.chunk):
-            h = self.rows(s)
+            h = self.hidden[s : s + self.chunk].to(self.dtype)
             out = self._low[: len(h)]
             if self.bias is None:
                 torch.mm(h, self.weight.t(), out=out)
@@ -153,7 +151,7 @@ class _ChunkLogits:
             z = self.buffer[: len(h)]
             if self._low is not self.buffer:
                 z.copy_(out)
-            yield s, z
+            yield s, h, z
 
 
 def head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,

@@ -24,7 +24,7 @@ import transformers
 
 from thinkling.errors import ThinklingError
 from thinkling.files import read_json
-from thinkling.models import vllm_backend
+from thinkling.models import hf_attention, vllm_backend
 from thinkling.models.base import LogitsProcessor, Sample, SamplingParams, pad_batch
 from thinkling.models.hf_engine import RolloutEngine, unsupported_reason
 from thinkling.models.registry import gguf_load_kwargs, load_from_hub, resolve_model
@@ -165,6 +165,7 @@ class HFPolicy:
         "trust_remote_code"}): LoRA adapters are saved without their base, so
         `load` needs to find it again."""
         self.model = model
+        hf_attention.use_for(_base_model(model))
         self.tokenizer = tokenizer
         self.chat_template = chat_template
         self.system_prompt = system_prompt

@@ -63,9 +63,12 @@ def adam_step_norm(optimizer: torch.optim.Optimizer) -> float:
             if not state or "exp_avg" not in state:
                 continue
             t = float(state["step"])
+            # lr·m̂/(√v̂ + ε) = (lr / (1 - β1^t)) · m / (√v / √(1 - β2^t) + ε): the scalar once, outside
+            sq = 0.0
             for m, v in pieces(state["exp_avg"], state["exp_avg_sq"]):
-                m_hat, v_hat = m / (1 - beta1**t), v / (1 - beta2**t)
-                total += to_float((group["lr"] * m_hat / (v_hat.sqrt() + group["eps"])).pow(2).sum())
+                step = m / v.sqrt().mul_((1 - beta2**t) ** -0.5).add_(group["eps"])
+                sq += to_float(step.pow_(2).sum())
+            total += sq * (group["lr"] / (1 - beta1**t)) ** 2
     return total**0.5
 
 

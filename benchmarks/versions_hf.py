@@ -1,4 +1,5 @@
-"""Workload of benchmarks/versions.py: SmolLM2-135M bf16 rollouts, batch 64, 32 new tokens (tokens per CPU second)."""
+"""Workload of benchmarks/versions.py: SmolLM2-135M bf16 rollouts, 32 new tokens, batch 64 and the GRPO step's
+batch of 16 (4 prompts x G=4) (tokens per CPU second)."""
 
 import time
 
@@ -20,3 +21,7 @@ policy.generate(prompts[:4], SamplingParams(max_new_tokens=2, seed=0))
 for r in range(2):
     c = time.process_time(); out = policy.generate(prompts, params); c = time.process_time() - c
     print(f"RESULT bf16-b64-rep{r} {64 * 32 / c:.2f} {hash(tuple(map(tuple, out)))}", flush=True)
+grpo = [p for p in prompts[:4] for _ in range(4)]  # the GRPO step's batch: 4 prompts x G=4
+for r in range(2):
+    c = time.process_time(); out = policy.generate(grpo, params); c = time.process_time() - c
+    print(f"RESULT bf16-b16-rep{r} {16 * 32 / c:.2f} {hash(tuple(map(tuple, out)))}", flush=True)

@@ -7,6 +7,8 @@
         --sides grpo,bread,bread-early-stop --steps 20   # the demo's, with its strict verifier
     python benchmarks/bread_overhead.py --init runs/demo/sft/final --difficulty 8 --max-new-tokens 80 --strict \
         --sides grpo,bread --steps 10 --share-prompt     # ... and its shared-prompt update
+    python benchmarks/bread_overhead.py --init runs/demo/sft/final --difficulty 8 --max-new-tokens 80 --strict \
+        --sides grpo,bread --steps 40 --share-prompt --micro-batch 32   # the demo's whole RL run, as it trains
 
 The setting: a tiny character transformer after a light SFT (`--init`, default
 runs/experiments/light-sft/final; when missing, recipes/experiments/light-sft.yaml
@@ -121,6 +123,8 @@ def main(argv=None):
     ap.add_argument("--share-prompt", action="store_true",
                     help="rl.share_prompt on every side (the update runs each prompt + anchor once), as the quick-start "
                          "recipes train")
+    ap.add_argument("--micro-batch", type=int, default=None,
+                    help="rl.micro_batch_size on every side (rows per forward/backward pass of the update)")
     ap.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated subset of {', '.join(SIDES)}")
     args = ap.parse_args(argv)
     names = args.sides.split(",")
@@ -137,13 +141,13 @@ def main(argv=None):
     problems = task.problems(2000, seed=2, difficulty=[args.difficulty])
     print(f"init={init} task=chain strict={args.strict} difficulty={args.difficulty} prompts={args.prompts} "
           f"G={args.group} max_new_tokens={args.max_new_tokens} steps={args.steps} (+{args.warmup} warm-up) "
-          f"share_prompt={args.share_prompt}\n")
+          f"share_prompt={args.share_prompt} micro_batch={args.micro_batch}\n")
 
     def trainer(name: str) -> RLTrainer:
         policy = TinyPolicy.load(init)
         rl = RLConfig(algorithm="grpo", prompts_per_step=args.prompts, group_size=args.group, lr=1e-4,
                       max_new_tokens=args.max_new_tokens, rewards={"accuracy": 1.0, "format": 0.0},
-                      share_prompt=args.share_prompt, bread=BreadConfig(enabled=name.startswith("bread"), remember_anchors=True,
+                      share_prompt=args.share_prompt, micro_batch_size=args.micro_batch, bread=BreadConfig(enabled=name.startswith("bread"), remember_anchors=True,
                                         early_stop=name == "bread-early-stop"))
         optimizer = make_optimizer(policy.model, rl.lr, rl.weight_decay)
         reuse = "no-reuse" not in name

@@ -29,8 +29,9 @@ MAX_SCORES = 1 << 22
 def explicit_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
                        scaling: float) -> torch.Tensor:
     """softmax(q kᵀ · scaling + mask) v for `query [B, H, T, d]`, `key, value [B, KV, S, d]` (H a
-    multiple of KV), `mask` bool `[B or 1, 1, T, S]` (True: may attend) or None for causal (T = S). Returns `[B, H, T, d]` in the value dtype. A query with no key
-    allowed gets equal weights (finite, like transformers' eager path), not NaN."""
+    multiple of KV), `mask` bool `[B or 1, 1, T, S]` (True: may attend) or None for causal (T = S).
+    Returns `[B, H, T, d]` in the value dtype. A query with no key allowed gets equal weights
+    (finite, like transformers' eager path), not NaN: it is a padding position, which no loss reads."""
     B, H, T, d = query.shape
     KV, S = key.shape[1], key.shape[2]
     rep = H // KV
@@ -47,15 +48,18 @@ def explicit_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
 
 
 def _explicit_applies(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
-                      dropout: float, kwargs: dict) -> bool:
+                      causal: bool, dropout: float, kwargs: dict) -> bool:
     # Under CPU autocast, Llama's rotary embedding hands over float32 queries and keys, bf16 values.
     low = (torch.bfloat16, torch.float16)
     B, H, T, _ = query.shape
-    return (query.device.type == "cpu" and (value.dtype in low or torch.is_autocast_enabled("cpu")) and dropout == 0.0
-            and T > 1 and H % key.shape[1] == 0 and B * H * T * key.shape[2] <= MAX_SCORES
-            and (mask is None or (mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1] == 1))
-            and kwargs.get("softcap") is None and kwargs.get("position_bias") is None
-            and kwargs.get("s_aux") is None and kwargs.get("sinks") is None)
+    S = key.shape[2]
+    if mask is None:
+        shape_ok = causal and T == S
+    else:
+        shape_ok = mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1] == 1
+    return (shape_ok and query.device.type == "cpu" and (value.dtype in low or torch.is_autocast_enabled("cpu"))
+            and dropout == 0.0 and T > 1 and H % key.shape[1] == 0 and B * H * T * S <= MAX_SCORES
+            and all(kwargs.get(name) is None for name in ("softcap", "position_bias", "s_aux", "sinks")))
 
 
 def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -65,8 +69,7 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     if attention_mask is not None and attention_mask.dim() == 4:
         attention_mask = attention_mask[:, :, :, : key.shape[2]]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    if not _explicit_applies(query, key, value, attention_mask, dropout, kwargs) or (
-            attention_mask is None and not (causal and query.shape[2] == key.shape[2])):
+    if not _explicit_applies(query, key, value, attention_mask, causal, dropout, kwargs):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5

@@ -3,7 +3,7 @@
 transformers' "sdpa" path copies each key head for its query heads when a padding mask is
 present (every RL update has one), and SDPA's CPU flash kernel is slow backwards at the update's
 small shapes: on SmolLM2-135M's update (16 rows x 64 queries x ~100 keys, 9 query heads over 3
-key heads) its forward + backward took twice as long as two batched matmuls and a softmax
+key heads) its forward + backward took 1.8-1.9x as long as two batched matmuls and a softmax
 (`benchmarks/attention_update.py`). So below a size where the scores fit comfortably in memory,
 `attention_forward` computes them explicitly: query heads folded onto their key head (no copies),
 scores in float32 as the flash kernel keeps them, probabilities rounded to the value dtype for the

@@ -183,7 +183,8 @@ def main(argv=None):
     policy = HFPolicy.load(args.model, device="cpu")
     kw = dict(eos_id=policy.eos_id, pad_id=policy.pad_id, dtype=torch.bfloat16)
     sides = {"engine-bf16": RolloutEngine(policy.model, **kw),
-             "engine-bf16-compiled": CompiledEngine(policy.model, freeze=not args.no_freeze, **kw)}
+             # unpacked weights: inductor takes the plain bf16 ones (and prepacks them itself when freezing)
+             "engine-bf16-compiled": CompiledEngine(policy.model, freeze=not args.no_freeze, pack=False, **kw)}
     compiled = sides["engine-bf16-compiled"]
     batches = [int(b) for b in args.batches.split(",")]
     problems = get_task("chain").problems(max(batches + [args.check_batch]), seed=0, difficulty=[3, 4, 5, 6])

@@ -122,12 +122,13 @@ class _Linear:
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, pack: bool):
-        self.weight, self.bias, self.packed = weight, bias, None
+        self.weight, self.bias, self.packed, self.dtype = weight, bias, None, weight.dtype
         if pack and weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and can_pack():
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)  # batch hint 1 suits any batch
+            self.weight = None  # the packed copy is all a call reads: no second bf16 copy of the model
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.weight.dtype)
+        x = x.to(self.dtype)
         if self.packed is None:
             return F.linear(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")

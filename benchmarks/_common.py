@@ -103,6 +103,20 @@ def rotate(sides: list, rep: int) -> list:
     return sides[k:] + sides[:k]
 
 
+def time_calls(sides: dict, repeats: int, calls: int, clock=time.perf_counter) -> dict[str, list[float]]:
+    """Seconds per call of each side's no-argument function: `calls` calls per timing, `repeats`
+    timings, the sides' order rotating every repeat (`clock`: wall by default, `time.process_time`
+    for CPU time)."""
+    times = {s: [] for s in sides}
+    for rep in range(repeats):
+        for s in rotate(list(sides), rep):
+            t0 = clock()
+            for _ in range(calls):
+                sides[s]()
+            times[s].append((clock() - t0) / calls)
+    return times
+
+
 def cpu() -> str:
     """The CPU model and the matrix extensions torch's bf16 kernels can use."""
     try:

@@ -21,9 +21,10 @@ import argparse
 import statistics
 import sys
 import time
+from functools import partial
 
 import torch
-from _common import gemm_rate, header, rotate, table
+from _common import gemm_rate, header, table, time_calls
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from thinkling.models.hf_attention import attention_forward
@@ -82,13 +83,9 @@ def main(argv=None):
             got[0], exact_out = got[0][real], exact[0][real]  # outputs of queries that see a key
             err[s] = " / ".join(f"{float((a.float() - b).abs().mean() / b.abs().mean()):.1e}"
                                 for a, b in zip(got, [exact_out, *exact[1:]]))
-        times = {s: [] for s in sides}
-        for rep in range(args.repeats):
-            for s in rotate(list(sides), rep):
-                t0 = time.process_time()
-                for _ in range(args.calls):
-                    _run(sides[s], *inputs)
-                times[s].append((time.process_time() - t0) / args.calls * 1e3)
+        times = time_calls({s: partial(_run, fn, *inputs) for s, fn in sides.items()}, args.repeats, args.calls,
+                           clock=time.process_time)
+        times = {s: [t * 1e3 for t in ts] for s, ts in times.items()}
         flops = 12 * B * H * T * (P + T) * D  # two products forward, four backward
         base = statistics.median(times["sdpa"])
         for s in sides:

@@ -18,11 +18,10 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
-from _common import header, rotate, table
+from _common import header, table, time_calls
 
 CASES = [  # name, rows B, heads H, kv heads, head dim, filled cache slots L, dtype
     ("tiny demo GRPO batch", 128, 4, 4, 24, 150, torch.float32),
@@ -61,13 +60,7 @@ def main(argv=None):
         sides = {"sdpa": lambda: sdpa(q, k, v, scale), "matmul": lambda: matmul(q, k, v, scale)}
         ref = sides["sdpa"]().float()
         err = {s: (f().float() - ref).abs().max().item() for s, f in sides.items()}
-        times = {s: [] for s in sides}
-        for rep in range(args.repeats):
-            for s in rotate(list(sides), rep):
-                t0 = time.perf_counter()
-                for _ in range(args.calls):
-                    sides[s]()
-                times[s].append((time.perf_counter() - t0) / args.calls * 1e6)
+        times = {s: [t * 1e6 for t in ts] for s, ts in time_calls(sides, args.repeats, args.calls).items()}
         base = statistics.median(times["sdpa"])
         for s in sides:
             med = statistics.median(times[s])

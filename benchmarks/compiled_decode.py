@@ -133,8 +133,12 @@ class CompiledEngine(RolloutEngine):
         cap = -(-(width + steps) // self.bucket) * self.bucket
         state, logits = super()._prefill(prompts, cap - width)
         cos, sin = state.w.rotary(torch.zeros(1), torch.arange(cap)[None])
-        state.kv[..., width:, :] = 0  # masked slots are still read: 0 x NaN garbage would be NaN
-        caches = [state.kv[i, j].clone() for i in range(state.kv.shape[0]) for j in range(2)]
+        key_cache, value_cache = state.kv
+        for cache in state.kv:
+            cache[..., width:, :] = 0  # masked slots are still read: 0 x NaN garbage would be NaN
+        # this step keeps its keys in the engine's dtype (the eager engine caches them in float32)
+        caches = [c for i in range(len(key_cache))
+                  for c in (key_cache[i].to(self.dtype, copy=True), value_cache[i].clone())]
         return _StaticState(state, caches, cos[0].float(), sin[0].float()), logits
 
 

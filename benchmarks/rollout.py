@@ -13,6 +13,9 @@ batch x new-tokens tokens. Sides:
                baseline for engine-bf16)
   llama.cpp    llama.cpp's `llama-batched-bench` on a BF16 GGUF of the same weights
                (--llama-cpp BINARY --gguf FILE; how to build both: docs/performance.md)
+  openvino     OpenVINO GenAI's continuous-batching pipeline on an fp16 IR of the same weights,
+               run in bf16 (--openvino PYTHON --ov-model DIR: an interpreter with openvino-genai
+               and the exported model; how to make both: benchmarks/openvino_side.py)
 Ratios are the median tokens/s of a side over that of `hf`, measured in the same run. Each
 side is also timed in this process's CPU seconds (one torch thread: the work done), which other
 jobs on a shared machine disturb far less than the wall clock.
@@ -28,6 +31,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -71,16 +75,40 @@ def llama_cpp(binary: str, gguf: str, threads: int, new_tokens: int):
     return run
 
 
+def openvino(python: str, model_dir: str, threads: int, new_tokens: int):
+    """OpenVINO GenAI as a side: one `benchmarks/openvino_side.py` child process per call (its own
+    interpreter), every row its own prompt of the batch's median prompt length (random token
+    ids), `new_tokens` sampled per row at temperature 1 with eos ignored. Wall and CPU seconds are
+    the child's own for the generate call (reading and compiling the model excluded)."""
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "openvino_side.py")
+
+    def run(prompts, params) -> dict:
+        out = subprocess.run([python, script, "--model-dir", model_dir, "--rows", str(len(prompts)),
+                              "--prompt-tokens", str(int(statistics.median(map(len, prompts)))),
+                              "--new-tokens", str(new_tokens), "--threads", str(threads)],
+                             capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        if result["generated"] != len(prompts) * new_tokens:
+            raise RuntimeError(f"openvino generated {result['generated']} tokens, not {len(prompts) * new_tokens}")
+        return {"seconds": result["seconds"], "cpu_seconds": result["cpu_seconds"]}
+
+    return run
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     decode_args(ap, batches="1,16,64", new_tokens=128)
     ap.add_argument("--with-hf-bf16", action="store_true")
     ap.add_argument("--llama-cpp", metavar="BINARY", help="llama-batched-bench, to add llama.cpp as a side")
     ap.add_argument("--gguf", help="BF16 GGUF of the same model, for --llama-cpp")
+    ap.add_argument("--openvino", metavar="PYTHON", help="a Python with openvino-genai, to add OpenVINO as a side")
+    ap.add_argument("--ov-model", help="OpenVINO IR directory of the same model, for --openvino")
     ap.add_argument("--sides", default=None, help="comma-separated subset of the sides to run (ratios need hf)")
     args = ap.parse_args(argv)
     if bool(args.llama_cpp) != bool(args.gguf):
         ap.error("--llama-cpp and --gguf go together")
+    if bool(args.openvino) != bool(args.ov_model):
+        ap.error("--openvino and --ov-model go together")
     torch.set_num_threads(args.threads)
     header("rollout: generated tokens/s, engine vs transformers generate", ["benchmarks/rollout.py", *sys.argv[1:]])
 
@@ -98,6 +126,8 @@ def main(argv=None):
         sides["hf-bf16"] = hf16.generate_reference
     if args.llama_cpp:
         sides["llama.cpp"] = llama_cpp(args.llama_cpp, args.gguf, args.threads, args.new_tokens)
+    if args.openvino:
+        sides["openvino"] = openvino(args.openvino, args.ov_model, args.threads, args.new_tokens)
     if args.sides:
         sides = {k: v for k, v in sides.items() if k in args.sides.split(",")}
     batches = [int(b) for b in args.batches.split(",")]
@@ -142,7 +172,7 @@ def main(argv=None):
     for batch in batches:
         b = str(batch)
         gemm, peak = rec.median(b, "gemm", "tok/s"), rec.median(b, "peak", "flop/s")
-        for side in [s for s in sides if s.startswith("engine") or s == "llama.cpp"]:
+        for side in [s for s in sides if s.startswith("engine") or s in ("llama.cpp", "openvino")]:
             med = rec.median(b, side, "tok/cpu-s")  # CPU time on both sides of the comparison
             rows.append([batch, side, f"{med:.1f}", f"{med * params_flops / 1e9:.1f}", f"{gemm:.1f}",
                          f"{100 * med / gemm:.0f}%", f"{peak / 1e9:.0f}", f"{100 * med * params_flops / peak:.0f}%"])

@@ -1,6 +1,7 @@
-"""Workload of benchmarks/versions.py: SmolLM2-135M bf16 rollouts, 32 new tokens, batch 64 and the GRPO step's
-batch of 16 (4 prompts x G=4) (tokens per CPU second)."""
+"""Workload of benchmarks/versions.py: SmolLM2-135M bf16 rollouts, 32 new tokens (or $NEW_TOKENS), batch 64 and
+the GRPO step's batch of 16 (4 prompts x G=4) (tokens per CPU second)."""
 
+import os
 import time
 
 import torch
@@ -16,12 +17,13 @@ policy.rollout_dtype = "bfloat16"
 prompts = [policy.encode_prompt(prompt_text(p)) for p in get_task("chain").problems(64, seed=0, difficulty=[3, 4, 5, 6])]
 def ban(logits, history):
     logits[:, policy.eos_id] = -float("inf"); return logits
-params = SamplingParams(max_new_tokens=32, temperature=1.0, seed=0, logits_processor=ban)
+new_tokens = int(os.environ.get("NEW_TOKENS", 32))
+params = SamplingParams(max_new_tokens=new_tokens, temperature=1.0, seed=0, logits_processor=ban)
 policy.generate(prompts[:4], SamplingParams(max_new_tokens=2, seed=0))
 for r in range(2):
     c = time.process_time(); out = policy.generate(prompts, params); c = time.process_time() - c
-    print(f"RESULT bf16-b64-rep{r} {64 * 32 / c:.2f} {hash(tuple(map(tuple, out)))}", flush=True)
+    print(f"RESULT bf16-b64-rep{r} {64 * new_tokens / c:.2f} {hash(tuple(map(tuple, out)))}", flush=True)
 grpo = [p for p in prompts[:4] for _ in range(4)]  # the GRPO step's batch: 4 prompts x G=4
 for r in range(2):
     c = time.process_time(); out = policy.generate(grpo, params); c = time.process_time() - c
-    print(f"RESULT bf16-b16-rep{r} {16 * 32 / c:.2f} {hash(tuple(map(tuple, out)))}", flush=True)
+    print(f"RESULT bf16-b16-rep{r} {16 * new_tokens / c:.2f} {hash(tuple(map(tuple, out)))}", flush=True)

@@ -5,10 +5,11 @@
 `sampling.decode` (shared prompts prefilled once, finished rows dropped, one
 sampling call per step); this module is the model side. Why it is faster on a CPU:
 
-- The KV cache is one preallocated tensor `[layers, 2, rows, kv_heads,
-  capacity, head_dim]`: a decode step writes one slot in place (no
-  concatenation) and attends over a view of the filled slots; no attention mask
-  is built at all when the prompts have equal lengths.
+- The KV cache is two preallocated tensors `[layers, rows, kv_heads,
+  capacity, head_dim]` (keys in float32, values in the engine's dtype): a
+  decode step writes one slot in place (no concatenation) and attends over a
+  view of the filled slots; no attention mask is built at all when the prompts
+  have equal lengths.
 - The forward pass is written here over the model's own weights (in float32
   the parameters themselves, no copy). With `dtype=torch.bfloat16` the weights
   are cast to bf16 and prepacked for oneDNN, while the residual stream, norms,
@@ -255,29 +256,35 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 def _decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
                       scale: float) -> torch.Tensor:
-    """One query per row `q [B, H, 1, d]` over `keys, values [B, KV, L, d]` (grouped-query when KV < H);
-    returns `[B, H, d]`.
+    """One query per row `q [B, H, 1, d]` (float32) over `keys [B, KV, L, d]` (float32) and
+    `values [B, KV, L, d]` (the cache dtype), grouped-query when KV < H; returns `[B, H, d]`.
 
     Query head h reads key head h // (H / KV) (transformers' `repeat_kv` order), so the H / KV
-    query heads of a key head are folded into the query-length axis and attend with one plain
-    SDPA call per key head: the same sums as `enable_gqa=True`, which on the CPU costs ~5x more
-    in bf16 at decode shapes (SmolLM2-135M, batch 64: 3.6 vs 0.7 ms a layer). With one query per
+    query heads of a key head are folded into the query axis and every (row, key head) is one
+    small matrix product. Scores and softmax are float32 (keys are cached in float32, so nothing
+    is rounded before the softmax); the probabilities are rounded to the values' dtype for the
+    second product, as flash attention does. At SmolLM2-135M's shapes in bf16 this is 1.1-1.7x
+    faster than one SDPA call per key head (whose CPU kernel pays a fixed cost per (row, key head))
+    and ~20 % closer to float32 attention (`benchmarks/decode_attention.py`). With one query per
     row there is nothing causal to mask; `mask [B, 1, 1, L]` hides padding slots from every head.
     """
     B, H, _, d = q.shape
     KV = keys.shape[1]
-    a = F.scaled_dot_product_attention(q.reshape(B, KV, H // KV, d), keys, values, attn_mask=mask, scale=scale)
-    return a.reshape(B, H, d)
+    scores = torch.matmul(q.reshape(B, KV, H // KV, d), keys.transpose(-1, -2)).mul_(scale)
+    if mask is not None:
+        scores.masked_fill_(~mask, -float("inf"))
+    probs = torch.softmax(scores, dim=-1).to(values.dtype)
+    return torch.matmul(probs, values).reshape(B, H, d)
 
 
 class RolloutEngine:
     """Batched sampling from a Llama-family transformers model (see the module docstring).
 
-    `dtype` is the weight/KV-cache dtype of decoding (float32 reproduces the
-    fp32 model; bfloat16 is faster and approximate). `head_dtype` is that of
+    `dtype` is the dtype of decoding's weights and value cache (float32
+    reproduces the fp32 model; bfloat16 is faster and approximate). `head_dtype` is that of
     the LM head (default: `dtype`; a bf16 head is offset-compensated, see
-    `_ShiftedHead`). The residual stream, norms, RoPE, logits and sampling are
-    float32 whatever the dtype.
+    `_ShiftedHead`). The residual stream, norms, RoPE, queries, cached keys,
+    attention scores, logits and sampling are float32 whatever the dtype.
     `share_prefixes=False` prefills every row and `pack=False` uses plain
     `F.linear` (both for tests and benchmarks).
     """
@@ -321,11 +328,13 @@ class RolloutEngine:
 
     # ------------------------------------------------------------- forward
     def _forward(self, w: _Weights, ids, positions, kv, start: int, mask) -> torch.Tensor:
-        """Run `ids [B, T]` at `positions [B, T]`, writing their keys/values into cache slots
-        `start..start+T`; attend over slots `< start+T` (`mask [B, 1, T|1, start+T]` of allowed
-        keys, or None for plain causal). Returns the final-normed last hidden state `[B, D]`."""
+        """Run `ids [B, T]` at `positions [B, T]`, writing their keys and values into slots
+        `start..start+T` of the caches `kv = (keys, values)`; attend over slots `< start+T`
+        (`mask [B, 1, T|1, start+T]` of allowed keys, or None for plain causal). Returns the
+        final-normed last hidden state `[B, D]`."""
         B, T = ids.shape
         H, KV, hd = w.n_heads, w.n_kv, w.head_dim
+        key_cache, value_cache = kv
         x = F.embedding(ids, w.embed).float()
         cos, sin = w.rotary(x, positions)
         cos, sin = cos.float()[:, None], sin.float()[:, None]
@@ -336,15 +345,16 @@ class RolloutEngine:
             q, k, v = layer.q(h).view(B, T, H, hd), layer.k(h).view(B, T, KV, hd), layer.v(h).view(B, T, KV, hd)
             if layer.q_norm is not None:
                 q, k = _rms(q.float(), layer.q_norm), _rms(k.float(), layer.k_norm)
-            q = _rotate(q.transpose(1, 2).float(), cos, sin).to(self.dtype)
-            kv[i, 0, :, :, start:end] = _rotate(k.transpose(1, 2).float(), cos, sin)
-            kv[i, 1, :, :, start:end] = v.transpose(1, 2)
-            keys, values = kv[i, 0, :, :, :end], kv[i, 1, :, :, :end]
+            q = _rotate(q.transpose(1, 2).float(), cos, sin)
+            key_cache[i, :, :, start:end] = _rotate(k.transpose(1, 2).float(), cos, sin)
+            value_cache[i, :, :, start:end] = v.transpose(1, 2)
+            keys, values = key_cache[i, :, :, :end], value_cache[i, :, :, :end]
             if T == 1:  # decode: the query heads that share a key head become its queries (see `_decode_attention`)
                 a = _decode_attention(q, keys, values, mask, w.scale).reshape(B, T, H * hd)
-            else:
-                a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal, scale=w.scale,
-                                                   enable_gqa=KV != H).transpose(1, 2).reshape(B, T, H * hd)
+            else:  # prefill, in float32 (the values as cached, so decoding reads the same numbers)
+                a = F.scaled_dot_product_attention(q, keys, values.float(), attn_mask=mask, is_causal=causal,
+                                                   scale=w.scale, enable_gqa=KV != H)
+                a = a.transpose(1, 2).reshape(B, T, H * hd)
             x = x + layer.o(a).float()
             h = _rms(x, layer.mlp_norm).to(self.dtype)
             x = x + layer.down(F.silu(layer.gate(h)) * layer.up(h)).float()
@@ -379,8 +389,9 @@ class RolloutEngine:
         if not bool(valid.all()):  # causal over real keys; a padding query sees itself so its softmax is defined
             causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
             mask = ((causal & valid[:, None, :]) | torch.eye(width, dtype=torch.bool, device=device))[:, None]
-        kv = torch.empty((len(w.layers), 2, len(prompts), w.n_kv, width + steps, w.head_dim), dtype=self.dtype,
-                         device=device)
+        shape = (len(w.layers), len(prompts), w.n_kv, width + steps, w.head_dim)
+        kv = (torch.empty(shape, dtype=torch.float32, device=device),  # keys: scores are float32 (`_decode_attention`)
+              torch.empty(shape, dtype=self.dtype, device=device))
         hidden = self._forward(w, ids, positions, kv, 0, mask)
         keys = torch.ones((len(prompts), width + steps), dtype=torch.bool, device=device)
         keys[:, :width] = valid
@@ -398,8 +409,11 @@ class _EngineState:
 
     def select(self, rows: torch.Tensor) -> _EngineState:
         """The state of `rows`, copying only the cache slots written so far."""
-        kv = self.kv.new_empty((self.kv.shape[0], self.kv.shape[1], len(rows), *self.kv.shape[3:]))
-        kv[:, :, :, :, : self.slot] = self.kv[:, :, rows, :, : self.slot]
+        kv = []
+        for cache in self.kv:
+            kept = cache.new_empty((cache.shape[0], len(rows), *cache.shape[2:]))
+            kept[:, :, :, : self.slot] = cache[:, rows, :, : self.slot]
+            kv.append(kept)
         return _EngineState(self.engine, self.w, kv, self.keys[rows], self.next_pos[rows], slot=self.slot,
                             padded=self.padded)
 

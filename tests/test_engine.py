@@ -271,6 +271,19 @@ def test_shifted_bf16_head_is_precise_near_the_top():
     top = exact.topk(5, dim=-1).indices
     err = lambda x: (x.gather(1, top) - exact.gather(1, top)).abs().max()
     assert err(shifted) <= err(inputs_only) + 0.01 < err(plain)
+    # the offset from the first 100 ids only: as precise where the top lies among them, better than plain elsewhere
+    probed = _ShiftedHead(weight, None, pack=True, frequent=100)
+    assert probed.probe is not probed.linear
+    hidden = torch.randn(64, 64, generator=g) * 3
+    exact, probed_logits = hidden @ weight.T, probed(hidden)
+    full = _ShiftedHead(weight, None, pack=True)(hidden)
+    plain = (hidden.bfloat16() @ weight.bfloat16().T).float()
+    inside = exact.argmax(-1) < 100
+    assert 0 < int(inside.sum()) < 64
+    top = exact.topk(5, dim=-1).indices
+    row_err = lambda x: (x.gather(1, top) - exact.gather(1, top)).abs().amax(-1)
+    assert torch.allclose(probed_logits[inside].gather(1, top[inside]), full[inside].gather(1, top[inside]), atol=0.01)
+    assert row_err(probed_logits).mean() < row_err(plain).mean()
 
 
 def test_engine_logprobs_are_the_trainers_in_fp32_and_drift_in_bf16():

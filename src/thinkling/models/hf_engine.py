@@ -174,21 +174,30 @@ class _ShiftedHead:
 
     A bf16 GEMM accumulates in fp32 but rounds its output to bf16, whose error
     grows with the magnitude (±0.06 at a logit of 16): that alone adds more
-    divergence from the fp32 policy than all bf16 layers below it. So the head
-    runs twice: once to find each row's top logit c, then with an extra input
-    column -c against a weight column of ones, which yields `logits - c` —
-    small, hence precise, near the top — and c is added back in fp32. Two bf16
-    passes still cost a third of one fp32 pass.
+    divergence from the fp32 policy than all bf16 layers below it. So each row
+    first gets an offset c near its top logit, then the head runs with an extra
+    input column -c against a weight column of ones, which yields `logits - c`
+    — small, hence precise, near the top — and c is added back in fp32.
+
+    c is the row's top logit over the vocabulary's first `frequent` ids only: a
+    BPE vocabulary lists its most frequent tokens first, so that is usually the
+    top itself (SmolLM2-135M: 95 % of rows with 8 192 of 49 152 ids; 99 % within
+    2 of it) and costs a sixth of a full pass instead of a whole one. When the top
+    lies further out, the tokens near it are rounded with an error of (top - c)
+    x 2^-9, still no worse than a plain bf16 head. Small vocabularies take c from
+    a full pass.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, pack: bool):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, pack: bool, frequent: int = 8192):
         ones = torch.ones(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
-        self.linear = _Linear(_cast(torch.cat([weight, ones], dim=1), torch.bfloat16), None, pack)
+        full = _cast(torch.cat([weight, ones], dim=1), torch.bfloat16)
+        self.linear = _Linear(full, None, pack)
+        self.probe = _Linear(full[:frequent].contiguous(), None, pack) if len(full) > 2 * frequent else self.linear
         self.bias = _cast(bias, torch.float32)
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         x = torch.cat([hidden, hidden.new_zeros(hidden.shape[0], 1)], dim=1).to(torch.bfloat16)
-        top = self.linear(x).amax(dim=-1, keepdim=True)
+        top = self.probe(x).amax(dim=-1, keepdim=True)
         x[:, -1:] = -top
         logits = self.linear(x) + top.float()  # promotes to float32 in the same pass
         return logits if self.bias is None else logits + self.bias

@@ -1,6 +1,6 @@
 """One decode step's attention (one query per row over a KV cache) at the shapes of the tiny demo
-model and of SmolLM2-135M: the rollout engine's own `_decode_attention` against the paths it
-replaced.
+model and of SmolLM2-135M: the rollout engine's own (`hf_attention.explicit_attention`) against
+the paths it replaced.
 
     python benchmarks/decode_attention.py
     python benchmarks/decode_attention.py --repeats 15
@@ -10,7 +10,7 @@ Sides (all in this process, their order rotated every repeat):
   folded    one SDPA call with the query heads of each key head folded into the query axis
             (the engine's path until keys were cached in float32)
   matmul    q @ Kᵀ and @ V as plain matmuls in the cache dtype, softmax in float32
-  engine    `hf_engine._decode_attention`: float32 queries and keys (cached in float32),
+  engine    `hf_attention.explicit_attention`: float32 queries and keys (cached in float32),
             float32 scores and softmax, probabilities rounded to the values' dtype for @ V
 In bf16 the first three read bf16 queries and keys (as the engine did before); `engine` reads
 them unrounded. Each row of the output is the median CPU time of one call, its min–max over
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from _common import header, table, time_calls
 
-from thinkling.models.hf_engine import _decode_attention
+from thinkling.models.hf_attention import explicit_attention
 
 CASES = [  # name, rows B, heads H, kv heads, head dim, filled cache slots L, dtype
     ("tiny demo GRPO batch", 128, 4, 4, 24, 150, torch.float32),
@@ -77,7 +77,7 @@ def main(argv=None):
         scale = d**-0.5
         sides = {"sdpa": lambda: sdpa(q, k, v, scale), "folded": lambda: folded(q, k, v, scale),
                  "matmul": lambda: matmul(q, k, v, scale),
-                 "engine": lambda: _decode_attention(q32, k32, v, None, scale)}
+                 "engine": lambda: explicit_attention(q32, k32, v, None, scale)}
         ref = folded(q32, k32, v32, scale).reshape(B, H, d)
         err = {s: (f().float().reshape(B, H, d) - ref).abs().mean().item() for s, f in sides.items()}
         times = {s: [t * 1e6 for t in ts]

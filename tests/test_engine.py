@@ -312,11 +312,12 @@ def test_engine_logprobs_are_the_trainers_in_fp32_and_drift_in_bf16():
 
 
 def test_decode_attention_over_float32_keys():
-    """Grouped query heads over float32 keys with a padding mask: equal to SDPA in float32, and with
-    bf16 values closer to float32 attention than SDPA over a bf16 cache (what it replaced)."""
+    """The engine's decode step (`explicit_attention` with one query per row): grouped query heads
+    over float32 keys with a padding mask equal SDPA in float32, and with bf16 values are closer to
+    float32 attention than SDPA over a bf16 cache (what it replaced)."""
     import torch.nn.functional as F
 
-    from thinkling.models.hf_engine import _decode_attention
+    from thinkling.models.hf_attention import explicit_attention
 
     g = torch.Generator().manual_seed(0)
     B, H, KV, L, d = 5, 6, 2, 9, 16
@@ -324,9 +325,9 @@ def test_decode_attention_over_float32_keys():
     k, v = torch.randn(B, KV, L, d, generator=g), torch.randn(B, KV, L, d, generator=g)
     mask = torch.ones(B, 1, 1, L, dtype=torch.bool)
     mask[1, ..., :4] = False  # a left-padded row
-    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3, enable_gqa=True)[:, :, 0]
-    assert torch.allclose(_decode_attention(q, k, v, mask, 0.3), ref, atol=1e-6)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3, enable_gqa=True)
+    assert torch.allclose(explicit_attention(q, k, v, mask, 0.3), ref, atol=1e-6)
     bf = lambda x: x.bfloat16()
-    ours = _decode_attention(q, k, bf(v), mask, 0.3).float()
-    before = F.scaled_dot_product_attention(bf(q), bf(k), bf(v), attn_mask=mask, scale=0.3, enable_gqa=True)[:, :, 0]
+    ours = explicit_attention(q, k, bf(v), mask, 0.3).float()
+    before = F.scaled_dot_product_attention(bf(q), bf(k), bf(v), attn_mask=mask, scale=0.3, enable_gqa=True)
     assert (ours - ref).abs().mean() < (before.float() - ref).abs().mean()

@@ -45,6 +45,10 @@ def test_causal_without_mask_and_a_query_with_no_key_stays_finite():
                                                               is_causal=True), rtol=1e-5, atol=1e-6)
     mask = torch.zeros(3, 1, 5, 5, dtype=torch.bool)
     assert torch.isfinite(explicit_attention(q, k, v, mask, 0.3)).all()
+    # the last query alone (a decode step): causal means every key
+    torch.testing.assert_close(explicit_attention(q[:, :, -1:], k, v, None, q.shape[-1] ** -0.5),
+                               F.scaled_dot_product_attention(q[:, :, -1:], k.repeat_interleave(3, 1),
+                                                              v.repeat_interleave(3, 1)), rtol=1e-5, atol=1e-6)
 
 
 def test_bf16_values_are_no_further_from_float32_than_sdpa_under_autocast():

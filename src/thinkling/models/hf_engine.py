@@ -40,6 +40,7 @@ from torch import nn
 
 from thinkling.errors import ThinklingError
 from thinkling.models.base import Sample, SamplingParams, pad_batch
+from thinkling.models.hf_attention import explicit_attention
 from thinkling.models.sampling import decode
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -192,7 +193,7 @@ class _ShiftedHead:
         ones = torch.ones(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
         full = _cast(torch.cat([weight, ones], dim=1), torch.bfloat16)
         self.linear = _Linear(full, None, pack)
-        self.probe = _Linear(full[:frequent].contiguous(), None, pack) if len(full) > 2 * frequent else self.linear
+        self.probe = _Linear(full[:frequent], None, pack) if len(full) > 2 * frequent else self.linear
         self.bias = _cast(bias, torch.float32)
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -261,29 +262,6 @@ def _rms(x: torch.Tensor, norm: tuple[torch.Tensor, float]) -> torch.Tensor:
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
-
-
-def _decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
-                      scale: float) -> torch.Tensor:
-    """One query per row `q [B, H, 1, d]` (float32) over `keys [B, KV, L, d]` (float32) and
-    `values [B, KV, L, d]` (the cache dtype), grouped-query when KV < H; returns `[B, H, d]`.
-
-    Query head h reads key head h // (H / KV) (transformers' `repeat_kv` order), so the H / KV
-    query heads of a key head are folded into the query axis and every (row, key head) is one
-    small matrix product. Scores and softmax are float32 (keys are cached in float32, so nothing
-    is rounded before the softmax); the probabilities are rounded to the values' dtype for the
-    second product, as flash attention does. At SmolLM2-135M's shapes in bf16 this is 1.1-1.7x
-    faster than one SDPA call per key head (whose CPU kernel pays a fixed cost per (row, key head))
-    and ~20 % closer to float32 attention (`benchmarks/decode_attention.py`). With one query per
-    row there is nothing causal to mask; `mask [B, 1, 1, L]` hides padding slots from every head.
-    """
-    B, H, _, d = q.shape
-    KV = keys.shape[1]
-    scores = torch.matmul(q.reshape(B, KV, H // KV, d), keys.transpose(-1, -2)).mul_(scale)
-    if mask is not None:
-        scores.masked_fill_(~mask, -float("inf"))
-    probs = torch.softmax(scores, dim=-1).to(values.dtype)
-    return torch.matmul(probs, values).reshape(B, H, d)
 
 
 class RolloutEngine:
@@ -358,8 +336,8 @@ class RolloutEngine:
             key_cache[i, :, :, start:end] = _rotate(k.transpose(1, 2).float(), cos, sin)
             value_cache[i, :, :, start:end] = v.transpose(1, 2)
             keys, values = key_cache[i, :, :, :end], value_cache[i, :, :, :end]
-            if T == 1:  # decode: the query heads that share a key head become its queries (see `_decode_attention`)
-                a = _decode_attention(q, keys, values, mask, w.scale).reshape(B, T, H * hd)
+            if T == 1:  # decode: float32 scores over the float32 keys, the query heads folded onto their key head
+                a = explicit_attention(q, keys, values, mask, w.scale).reshape(B, T, H * hd)
             else:  # prefill, in float32 (the values as cached, so decoding reads the same numbers)
                 a = F.scaled_dot_product_attention(q, keys, values.float(), attn_mask=mask, is_causal=causal,
                                                    scale=w.scale, enable_gqa=KV != H)
@@ -399,7 +377,7 @@ class RolloutEngine:
             causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
             mask = ((causal & valid[:, None, :]) | torch.eye(width, dtype=torch.bool, device=device))[:, None]
         shape = (len(w.layers), len(prompts), w.n_kv, width + steps, w.head_dim)
-        kv = (torch.empty(shape, dtype=torch.float32, device=device),  # keys: scores are float32 (`_decode_attention`)
+        kv = (torch.empty(shape, dtype=torch.float32, device=device),  # keys: scores are float32 (`explicit_attention`)
               torch.empty(shape, dtype=self.dtype, device=device))
         hidden = self._forward(w, ids, positions, kv, 0, mask)
         keys = torch.ones((len(prompts), width + steps), dtype=torch.bool, device=device)

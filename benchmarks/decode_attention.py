@@ -1,22 +1,25 @@
 """One decode step's attention (one query per row over a KV cache) at the shapes of the tiny demo
-model and of SmolLM2-135M: the rollout engine's own (`hf_attention.explicit_attention`) against
-the paths it replaced.
+model and of SmolLM2-135M: the rollout engine's own (the C kernel of `models/cpu_kernels.py` in
+bf16, `hf_attention.explicit_attention` in float32) against the paths they replaced.
 
     python benchmarks/decode_attention.py
-    python benchmarks/decode_attention.py --repeats 15
+    python benchmarks/decode_attention.py --repeats 15 --layers 1
 
 Sides (all in this process, their order rotated every repeat):
   sdpa      F.scaled_dot_product_attention with enable_gqa (transformers' path)
   folded    one SDPA call with the query heads of each key head folded into the query axis
             (the engine's path until keys were cached in float32)
   matmul    q @ Kᵀ and @ V as plain matmuls in the cache dtype, softmax in float32
-  engine    `hf_attention.explicit_attention`: float32 queries and keys (cached in float32),
+  explicit  `hf_attention.explicit_attention`: float32 queries and keys (cached in float32),
             float32 scores and softmax, probabilities rounded to the values' dtype for @ V
-In bf16 the first three read bf16 queries and keys (as the engine did before); `engine` reads
-them unrounded. Each row of the output is the median CPU time of one call, its min–max over
+  c         the same computation in C (`cpu_kernels.decode_attention_kernel`, bf16 values only),
+            reading the slots straight from the whole preallocated cache
+In bf16 the first three read bf16 queries and keys (as the engine did before); `explicit` and `c`
+read them unrounded. Each row of the output is the median CPU time of one call, its min–max over
 repeats, its speed relative to `folded`, and its mean |error| against float32 attention over the
-unrounded inputs. A microbenchmark: the cache stays warm between calls, which a real decode step
-(30 layers' weights streamed in between) does not allow, so end-to-end gains are smaller.
+unrounded inputs. Every call reads the next of `--layers` caches (default 30, SmolLM2's layer
+count), so that, as in a real decode step, the cache comes from memory rather than a CPU cache;
+`--layers 1` keeps it warm.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from _common import header, table, time_calls
 
+from thinkling.models.cpu_kernels import decode_attention_kernel
 from thinkling.models.hf_attention import explicit_attention
 
 CASES = [  # name, rows B, heads H, kv heads, head dim, filled cache slots L, dtype
@@ -63,23 +67,41 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=11)
     ap.add_argument("--calls", type=int, default=10, help="calls per timing")
+    ap.add_argument("--layers", type=int, default=30, help="caches cycled through, one per call (1: a warm cache)")
     args = ap.parse_args(argv)
+    kernel = decode_attention_kernel()
+    if kernel is None:
+        print("the C kernel is not available here (no C compiler?): its rows are left out")
     torch.set_num_threads(1)
     header("decode attention: the engine's vs SDPA and matmuls", ["benchmarks/decode_attention.py", *sys.argv[1:]])
     rows = []
     for name, B, H, KV, d, L, dtype in CASES:
         g = torch.Generator().manual_seed(0)
         rnd = lambda *shape: torch.randn(*shape, generator=g)
-        # views of the filled slots of preallocated caches, as in the engines
-        k_cache, v_cache = rnd(B, KV, L + 40, d), rnd(B, KV, L + 40, d)
-        k32, v32, q32 = k_cache[:, :, :L], v_cache[:, :, :L], rnd(B, H, 1, d)
-        q, k, v = q32.to(dtype), k_cache.to(dtype)[:, :, :L], v_cache.to(dtype)[:, :, :L]
-        scale = d**-0.5
-        sides = {"sdpa": lambda: sdpa(q, k, v, scale), "folded": lambda: folded(q, k, v, scale),
-                 "matmul": lambda: matmul(q, k, v, scale),
-                 "engine": lambda: explicit_attention(q32, k32, v, None, scale)}
-        ref = folded(q32, k32, v32, scale).reshape(B, H, d)
-        err = {s: (f().float().reshape(B, H, d) - ref).abs().mean().item() for s, f in sides.items()}
+        cap, q32 = L + 40, rnd(B, H, 1, d)
+        # preallocated caches as in the engines, one per layer; views of their filled slots
+        k32s, v32s = [rnd(B, KV, cap, d) for _ in range(args.layers)], [rnd(B, KV, cap, d) for _ in range(args.layers)]
+        ks, vs = [k.to(dtype) for k in k32s], [v.to(dtype) for v in v32s]
+        q, scale = q32.to(dtype), d**-0.5
+        layer = iter(range(1 << 62))
+
+        def next_layer():
+            i = next(layer) % args.layers
+            return k32s[i], v32s[i], ks[i], vs[i]
+
+        def run(side, k32, v32, k, v):
+            if side == "c":
+                return kernel(q32.reshape(B, H, d), k32, v, None, L, scale)
+            k32, v32, k, v = k32[:, :, :L], v32[:, :, :L], k[:, :, :L], v[:, :, :L]
+            if side == "explicit":
+                return explicit_attention(q32, k32, v, None, scale)
+            return {"sdpa": sdpa, "folded": folded, "matmul": matmul}[side](q, k, v, scale)
+
+        names = ["sdpa", "folded", "matmul", "explicit"] + (["c"] if kernel and dtype == torch.bfloat16 else [])
+        sides = {side: (lambda side=side: run(side, *next_layer())) for side in names}
+        ref = folded(q32, k32s[0][:, :, :L], v32s[0][:, :, :L], scale).reshape(B, H, d)
+        err = {side: (run(side, k32s[0], v32s[0], ks[0], vs[0]).float().reshape(B, H, d) - ref).abs().mean().item()
+               for side in names}
         times = {s: [t * 1e6 for t in ts]
                  for s, ts in time_calls(sides, args.repeats, args.calls, clock=time.process_time).items()}
         base = statistics.median(times["folded"])
@@ -93,7 +115,7 @@ def main(argv=None):
                 rows))
     import os
 
-    print(f"load after: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"layers cycled: {args.layers}; load after: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ batch x new-tokens tokens. Sides:
   hf           transformers `generate` on the fp32 model (HFPolicy.generate_reference)
   engine       thinkling.models.hf_engine in float32 (what HFPolicy.generate runs by default)
   engine-bf16  the engine with bfloat16 weights and KV cache (rollout_dtype="bfloat16")
+  engine-bf16-torch-attention  the same with decode attention in PyTorch instead of the C kernel
+               of `models/cpu_kernels.py` (--with-torch-attention)
   hf-bf16      `generate` on a bfloat16 copy of the model (--with-hf-bf16; the fair
                baseline for engine-bf16)
   llama.cpp    llama.cpp's `llama-batched-bench` on a BF16 GGUF of the same weights
@@ -42,6 +44,7 @@ from _common import Recorder, decode_args, footer, gemm_rate, header, llama_line
 
 from thinkling.models.base import SamplingParams
 from thinkling.models.hf import HFPolicy
+from thinkling.models.hf_engine import RolloutEngine
 from thinkling.rollout.prompts import prompt_text
 from thinkling.tasks import get_task
 
@@ -99,6 +102,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     decode_args(ap, batches="1,16,64", new_tokens=128)
     ap.add_argument("--with-hf-bf16", action="store_true")
+    ap.add_argument("--with-torch-attention", action="store_true")
     ap.add_argument("--llama-cpp", metavar="BINARY", help="llama-batched-bench, to add llama.cpp as a side")
     ap.add_argument("--gguf", help="BF16 GGUF of the same model, for --llama-cpp")
     ap.add_argument("--openvino", metavar="PYTHON", help="a Python with openvino-genai, to add OpenVINO as a side")
@@ -121,6 +125,11 @@ def main(argv=None):
         "engine": policy.generate,
         "engine-bf16": bf16.generate,
     }
+    if args.with_torch_attention:
+        torch_attention = copy.copy(bf16)
+        torch_attention._engine = RolloutEngine(policy.model, eos_id=policy.eos_id, pad_id=policy.pad_id,
+                                                dtype=torch.bfloat16, c_kernels=False)
+        sides["engine-bf16-torch-attention"] = torch_attention.generate
     if args.with_hf_bf16:
         hf16 = HFPolicy(copy.deepcopy(policy.model).to(torch.bfloat16), policy.tokenizer)
         sides["hf-bf16"] = hf16.generate_reference

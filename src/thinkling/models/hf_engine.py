@@ -9,7 +9,9 @@ sampling call per step); this module is the model side. Why it is faster on a CP
   capacity, head_dim]` (keys in float32, values in the engine's dtype): a
   decode step writes one slot in place (no concatenation) and attends over a
   view of the filled slots; no attention mask is built at all when the prompts
-  have equal lengths.
+  have equal lengths. In bf16 on a CPU, decode attention is a C kernel
+  (`cpu_kernels`, built on first use) that reads the slots straight from the
+  cache; elsewhere `hf_attention.explicit_attention`, the same computation.
 - The forward pass is written here over the model's own weights (in float32
   the parameters themselves, no copy). With `dtype=torch.bfloat16` the weights
   are cast to bf16 and prepacked for oneDNN, while the residual stream, norms,
@@ -40,6 +42,7 @@ from torch import nn
 
 from thinkling.errors import ThinklingError
 from thinkling.models.base import Sample, SamplingParams, pad_batch
+from thinkling.models.cpu_kernels import decode_attention_kernel
 from thinkling.models.hf_attention import explicit_attention
 from thinkling.models.sampling import decode
 
@@ -272,8 +275,9 @@ class RolloutEngine:
     the LM head (default: `dtype`; a bf16 head is offset-compensated, see
     `_ShiftedHead`). The residual stream, norms, RoPE, queries, cached keys,
     attention scores, logits and sampling are float32 whatever the dtype.
-    `share_prefixes=False` prefills every row and `pack=False` uses plain
-    `F.linear` (both for tests and benchmarks).
+    `share_prefixes=False` prefills every row, `pack=False` uses plain
+    `F.linear` and `c_kernels=False` attends in PyTorch instead of `cpu_kernels`
+    while decoding in bf16 (all three for tests and benchmarks).
     """
 
     def __init__(
@@ -286,13 +290,14 @@ class RolloutEngine:
         head_dtype: torch.dtype | None = None,
         share_prefixes: bool = True,
         pack: bool = True,
+        c_kernels: bool = True,
     ):
         reason = unsupported_reason(model)
         if reason is not None:
             raise ThinklingError(f"the rollout engine does not support this model: {reason}")
         self.model, self.eos_id, self.pad_id = model, eos_id, pad_id
         self.dtype, self.head_dtype = dtype, head_dtype or dtype
-        self.share_prefixes, self.pack = share_prefixes, pack
+        self.share_prefixes, self.pack, self.c_kernels = share_prefixes, pack, c_kernels
         self._weights: _Weights | None = None
         self._key: tuple | None = None
 
@@ -327,6 +332,8 @@ class RolloutEngine:
         cos, sin = cos.float()[:, None], sin.float()[:, None]
         end = start + T
         causal = mask is None and T > 1
+        kernel = (decode_attention_kernel() if self.c_kernels and T == 1 and value_cache.dtype == torch.bfloat16
+                  and value_cache.device.type == "cpu" else None)
         for i, layer in enumerate(w.layers):
             h = _rms(x, layer.attn_norm).to(self.dtype)
             q, k, v = layer.q(h).view(B, T, H, hd), layer.k(h).view(B, T, KV, hd), layer.v(h).view(B, T, KV, hd)
@@ -336,7 +343,10 @@ class RolloutEngine:
             key_cache[i, :, :, start:end] = _rotate(k.transpose(1, 2).float(), cos, sin)
             value_cache[i, :, :, start:end] = v.transpose(1, 2)
             keys, values = key_cache[i, :, :, :end], value_cache[i, :, :, :end]
-            if T == 1:  # decode: float32 scores over the float32 keys, the query heads folded onto their key head
+            if kernel is not None:  # decode in C: the same computation as the next branch's
+                allowed = None if mask is None else mask[:, 0, 0]
+                a = kernel(q.reshape(B, H, hd), key_cache[i], value_cache[i], allowed, end, w.scale).reshape(B, T, H * hd)
+            elif T == 1:  # decode: float32 scores over the float32 keys, the query heads folded onto their key head
                 a = explicit_attention(q, keys, values, mask, w.scale).reshape(B, T, H * hd)
             else:  # prefill, in float32 (the values as cached, so decoding reads the same numbers)
                 a = F.scaled_dot_product_attention(q, keys, values.float(), attn_mask=mask, is_causal=causal,

@@ -46,9 +46,13 @@ MODEL_ALIASES: dict[str, ModelAlias] = {
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+def cache_root() -> Path:
+    """Where thinkling keeps downloaded models and compiled kernels."""
+    return Path(os.environ.get("THINKLING_CACHE") or Path.home() / ".cache" / "thinkling")
+
+
 def cache_dir(alias: str) -> Path:
-    root = os.environ.get("THINKLING_CACHE") or Path.home() / ".cache" / "thinkling"
-    return Path(root) / "models" / alias
+    return cache_root() / "models" / alias
 
 
 def _is_cached(alias: str) -> bool:

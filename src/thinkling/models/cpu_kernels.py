@@ -59,11 +59,12 @@ def _build() -> Path | None:
             target.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
                 built = Path(tmp) / target.name
-                done = subprocess.run([cc, *flags, str(SOURCE), "-o", str(built), "-lm"], capture_output=True)
+                done = subprocess.run([cc, *flags, str(SOURCE), "-o", str(built), "-lm"], capture_output=True,
+                                      timeout=300)
                 if done.returncode == 0:
                     os.replace(built, target)  # atomic: a concurrent build never sees half a file
                     return target
-        except OSError:
+        except (OSError, subprocess.SubprocessError):
             return None
     return None
 
@@ -77,7 +78,7 @@ class DecodeAttention:
         fn.argtypes = [ptr, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64, ctypes.c_float, i64, i64]
         fn.restype = ctypes.c_int
         self._fn = fn
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool, self._pool_size = None, 0
 
     def __call__(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor | None,
                  length: int, scale: float) -> torch.Tensor:
@@ -100,8 +101,10 @@ class DecodeAttention:
         if threads <= 1:
             codes = [self._fn(*args, 0, B)]
         else:  # ctypes lets go of the GIL during the call: rows split over threads
-            if self._pool is None or self._pool._max_workers != threads:
-                self._pool = ThreadPoolExecutor(threads)
+            if self._pool_size != threads:
+                if self._pool is not None:
+                    self._pool.shutdown(wait=False)
+                self._pool, self._pool_size = ThreadPoolExecutor(threads), threads
             bounds = [B * t // threads for t in range(threads + 1)]
             codes = list(self._pool.map(lambda t: self._fn(*args, bounds[t], bounds[t + 1]), range(threads)))
         if any(codes):

@@ -1,6 +1,6 @@
 """One decode step's attention (one query per row over a KV cache) at the shapes of the tiny demo
-model and of SmolLM2-135M: the rollout engine's own (the C kernel of `models/cpu_kernels.py` in
-bf16, `hf_attention.explicit_attention` in float32) against the paths they replaced.
+model and of SmolLM2-135M: the rollout engine's own (the C kernel of `models/cpu_kernels.py`;
+`hf_attention.explicit_attention` without a C compiler) against the paths they replaced.
 
     python benchmarks/decode_attention.py
     python benchmarks/decode_attention.py --repeats 15 --layers 1
@@ -12,8 +12,8 @@ Sides (all in this process, their order rotated every repeat):
   matmul    q @ Kᵀ and @ V as plain matmuls in the cache dtype, softmax in float32
   explicit  `hf_attention.explicit_attention`: float32 queries and keys (cached in float32),
             float32 scores and softmax, probabilities rounded to the values' dtype for @ V
-  c         the same computation in C (`cpu_kernels.decode_attention_kernel`, bf16 values only),
-            reading the slots straight from the whole preallocated cache
+  c         the same computation in C (`cpu_kernels.decode_attention_kernel`), reading the
+            slots straight from the whole preallocated cache
 In bf16 the first three read bf16 queries and keys (as the engine did before); `explicit` and `c`
 read them unrounded. Each row of the output is the median CPU time of one call, its min–max over
 repeats, its speed relative to `folded`, and its mean |error| against float32 attention over the
@@ -97,7 +97,7 @@ def main(argv=None):
                 return explicit_attention(q32, k32, v, None, scale)
             return {"sdpa": sdpa, "folded": folded, "matmul": matmul}[side](q, k, v, scale)
 
-        names = ["sdpa", "folded", "matmul", "explicit"] + (["c"] if kernel and dtype == torch.bfloat16 else [])
+        names = ["sdpa", "folded", "matmul", "explicit"] + (["c"] if kernel else [])
         sides = {side: (lambda side=side: run(side, *next_layer())) for side in names}
         ref = folded(q32, k32s[0][:, :, :L], v32s[0][:, :, :L], scale).reshape(B, H, d)
         err = {side: (run(side, k32s[0], v32s[0], ks[0], vs[0]).float().reshape(B, H, d) - ref).abs().mean().item()

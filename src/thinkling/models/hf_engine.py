@@ -9,9 +9,9 @@ sampling call per step); this module is the model side. Why it is faster on a CP
   capacity, head_dim]` (keys in float32, values in the engine's dtype): a
   decode step writes one slot in place (no concatenation) and attends over a
   view of the filled slots; no attention mask is built at all when the prompts
-  have equal lengths. In bf16 on a CPU, decode attention is a C kernel
-  (`cpu_kernels`, built on first use) that reads the slots straight from the
-  cache; elsewhere `hf_attention.explicit_attention`, the same computation.
+  have equal lengths. On a CPU, decode attention is a C kernel (`cpu_kernels`,
+  built on first use) that reads the slots straight from the cache; elsewhere,
+  or without a C compiler, `hf_attention.explicit_attention`, the same computation.
 - The forward pass is written here over the model's own weights (in float32
   the parameters themselves, no copy). With `dtype=torch.bfloat16` the weights
   are cast to bf16 and prepacked for oneDNN, while the residual stream, norms,
@@ -42,7 +42,7 @@ from torch import nn
 
 from thinkling.errors import ThinklingError
 from thinkling.models.base import Sample, SamplingParams, pad_batch
-from thinkling.models.cpu_kernels import decode_attention_kernel
+from thinkling.models.cpu_kernels import VALUE_DTYPES, decode_attention_kernel
 from thinkling.models.hf_attention import explicit_attention
 from thinkling.models.sampling import decode
 
@@ -277,7 +277,7 @@ class RolloutEngine:
     attention scores, logits and sampling are float32 whatever the dtype.
     `share_prefixes=False` prefills every row, `pack=False` uses plain
     `F.linear` and `c_kernels=False` attends in PyTorch instead of `cpu_kernels`
-    while decoding in bf16 (all three for tests and benchmarks).
+    while decoding (all three for tests and benchmarks).
     """
 
     def __init__(
@@ -332,8 +332,8 @@ class RolloutEngine:
         cos, sin = cos.float()[:, None], sin.float()[:, None]
         end = start + T
         causal = mask is None and T > 1
-        kernel = (decode_attention_kernel() if self.c_kernels and T == 1 and value_cache.dtype == torch.bfloat16
-                  and value_cache.device.type == "cpu" else None)
+        kernel = (decode_attention_kernel() if self.c_kernels and T == 1 and value_cache.device.type == "cpu"
+                  and value_cache.dtype in VALUE_DTYPES else None)
         for i, layer in enumerate(w.layers):
             h = _rms(x, layer.attn_norm).to(self.dtype)
             q, k, v = layer.q(h).view(B, T, H, hd), layer.k(h).view(B, T, KV, hd), layer.v(h).view(B, T, KV, hd)

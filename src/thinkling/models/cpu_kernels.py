@@ -35,6 +35,7 @@ from thinkling.models.registry import cache_root
 
 SOURCE = Path(__file__).with_name("decode_attention.c")
 VALUE_DTYPES = (torch.bfloat16, torch.float32)  # the engine's value caches
+MAX_QUERIES_PER_KEY_HEAD, MAX_HEAD_DIM = 16, 256  # MAX_REP and MAX_D of decode_attention.c
 
 
 def _cpu_identity() -> str:
@@ -82,6 +83,10 @@ class DecodeAttention:
         self._fn = fn
         self._pool, self._pool_size = None, 0
 
+    @staticmethod
+    def supports(heads: int, kv_heads: int, head_dim: int) -> bool:
+        return heads % kv_heads == 0 and heads // kv_heads <= MAX_QUERIES_PER_KEY_HEAD and head_dim <= MAX_HEAD_DIM
+
     def __call__(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor | None,
                  length: int, scale: float) -> torch.Tensor:
         """`q [B, H, d]` float32; `keys` float32 and `values` bf16 or float32 `[B, KV, capacity, d]`
@@ -92,7 +97,7 @@ class DecodeAttention:
         KV, cap = keys.shape[1], keys.shape[2]
         if not (q.dtype == keys.dtype == torch.float32 and values.dtype in VALUE_DTYPES and q.is_contiguous()
                 and keys.is_contiguous() and values.is_contiguous() and keys.shape == values.shape
-                and keys.shape[0] == B and keys.shape[3] == d and H % KV == 0 and 0 < length <= cap):
+                and keys.shape[0] == B and keys.shape[3] == d and self.supports(H, KV, d) and 0 < length <= cap):
             raise ValueError("decode_attention: unexpected shapes, dtypes or layouts")
         if allowed is not None and (allowed.dtype != torch.bool or allowed.stride(1) != 1 or allowed.shape[0] != B):
             raise ValueError("decode_attention: `allowed` must be bool [B, slots] with contiguous slots")

@@ -334,6 +334,8 @@ class RolloutEngine:
         causal = mask is None and T > 1
         kernel = (decode_attention_kernel() if self.c_kernels and T == 1 and value_cache.device.type == "cpu"
                   and value_cache.dtype in VALUE_DTYPES else None)
+        if kernel is not None and not kernel.supports(H, KV, hd):
+            kernel = None
         for i, layer in enumerate(w.layers):
             h = _rms(x, layer.attn_norm).to(self.dtype)
             q, k, v = layer.q(h).view(B, T, H, hd), layer.k(h).view(B, T, KV, hd), layer.v(h).view(B, T, KV, hd)

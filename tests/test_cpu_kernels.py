@@ -68,7 +68,8 @@ def test_kernel_refuses_layouts_it_cannot_read():
         KERNEL(q, keys, values.half(), allowed, 8, 0.1)
     with pytest.raises(ValueError):
         KERNEL(q, keys, values, allowed, 9, 0.1)  # longer than the cache
-    assert not KERNEL.supports(34, 2, 64) and not KERNEL.supports(4, 2, 512)  # beyond its limits: the engine uses PyTorch
+    assert KERNEL.supports(4, 2, 64, values) and not KERNEL.supports(4, 2, 64, values.half())
+    assert not KERNEL.supports(34, 2, 64, values) and not KERNEL.supports(4, 2, 512, values)  # beyond its limits: the engine uses PyTorch
     with pytest.raises(ValueError):
         KERNEL(torch.randn(2, 34, 64), torch.randn(2, 2, 8, 64), torch.randn(2, 2, 8, 64), None, 8, 0.1)
 

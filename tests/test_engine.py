@@ -312,7 +312,8 @@ def test_engine_logprobs_are_the_trainers_in_fp32_and_drift_in_bf16():
 
 
 def test_decode_attention_over_float32_keys():
-    """The engine's decode step (`explicit_attention` with one query per row): grouped query heads
+    """The engine's decode step in PyTorch (`explicit_attention` with one query per row, where the C
+    kernel of `cpu_kernels` does not apply): grouped query heads
     over float32 keys with a padding mask equal SDPA in float32, and with bf16 values are closer to
     float32 attention than SDPA over a bf16 cache (what it replaced)."""
     import torch.nn.functional as F

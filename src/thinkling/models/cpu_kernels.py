@@ -84,8 +84,11 @@ class DecodeAttention:
         self._pool, self._pool_size = None, 0
 
     @staticmethod
-    def supports(heads: int, kv_heads: int, head_dim: int) -> bool:
-        return heads % kv_heads == 0 and heads // kv_heads <= MAX_QUERIES_PER_KEY_HEAD and head_dim <= MAX_HEAD_DIM
+    def supports(heads: int, kv_heads: int, head_dim: int, values: torch.Tensor) -> bool:
+        """Whether the kernel takes this attention: values cached on the CPU in bf16 or float32, at
+        most 16 query heads per key head, head dim at most 256 (the C side's MAX_REP and MAX_D)."""
+        return (values.device.type == "cpu" and values.dtype in VALUE_DTYPES and heads % kv_heads == 0
+                and heads // kv_heads <= MAX_QUERIES_PER_KEY_HEAD and head_dim <= MAX_HEAD_DIM)
 
     def __call__(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor | None,
                  length: int, scale: float) -> torch.Tensor:
@@ -95,9 +98,10 @@ class DecodeAttention:
         values' dtype."""
         B, H, d = q.shape
         KV, cap = keys.shape[1], keys.shape[2]
-        if not (q.dtype == keys.dtype == torch.float32 and values.dtype in VALUE_DTYPES and q.is_contiguous()
-                and keys.is_contiguous() and values.is_contiguous() and keys.shape == values.shape
-                and keys.shape[0] == B and keys.shape[3] == d and self.supports(H, KV, d) and 0 < length <= cap):
+        if not (self.supports(H, KV, d, values) and q.device == keys.device == values.device
+                and q.dtype == keys.dtype == torch.float32 and q.is_contiguous() and keys.is_contiguous()
+                and values.is_contiguous() and keys.shape == values.shape and keys.shape[0] == B
+                and keys.shape[3] == d and 0 < length <= cap):
             raise ValueError("decode_attention: unexpected shapes, dtypes or layouts")
         if allowed is not None and (allowed.dtype != torch.bool or allowed.stride(1) != 1 or allowed.shape[0] != B):
             raise ValueError("decode_attention: `allowed` must be bool [B, slots] with contiguous slots")

@@ -42,7 +42,7 @@ from torch import nn
 
 from thinkling.errors import ThinklingError
 from thinkling.models.base import Sample, SamplingParams, pad_batch
-from thinkling.models.cpu_kernels import VALUE_DTYPES, decode_attention_kernel
+from thinkling.models.cpu_kernels import decode_attention_kernel
 from thinkling.models.hf_attention import explicit_attention
 from thinkling.models.sampling import decode
 
@@ -332,9 +332,8 @@ class RolloutEngine:
         cos, sin = cos.float()[:, None], sin.float()[:, None]
         end = start + T
         causal = mask is None and T > 1
-        kernel = (decode_attention_kernel() if self.c_kernels and T == 1 and value_cache.device.type == "cpu"
-                  and value_cache.dtype in VALUE_DTYPES else None)
-        if kernel is not None and not kernel.supports(H, KV, hd):
+        kernel = decode_attention_kernel() if self.c_kernels and T == 1 else None
+        if kernel is not None and not kernel.supports(H, KV, hd, value_cache):
             kernel = None
         for i, layer in enumerate(w.layers):
             h = _rms(x, layer.attn_norm).to(self.dtype)
